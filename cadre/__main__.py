@@ -1,0 +1,5 @@
+import sys
+
+from cadre.cli import main
+
+sys.exit(main())

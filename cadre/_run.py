@@ -1,0 +1,321 @@
+"""Experiment and Run: submitting, following and reading a run (Azure ML's names and semantics)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import queue
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import msgspec
+from nats.js import api as js_api
+
+from cadre import _snapshot
+from cadre._estimator import Estimator
+from cadre._workspace import Workspace, http_put
+from shared import schemas, subjects
+from shared.errors import RunFailedError, ValidationError
+from shared.runs import validate_spec
+from shared.states import RunState
+
+if TYPE_CHECKING:
+    from cadre._model import Model
+
+LOG_DRAIN_TIMEOUT = 15.0
+
+
+class Experiment:
+    """A named group of runs."""
+
+    def __init__(self, workspace: Workspace, name: str) -> None:
+        if not subjects.NAME_RE.match(name):
+            raise ValidationError(f"experiment name {name!r} is invalid: use letters, digits, '_' or '-' (at most 128)")
+        self.workspace = workspace
+        self.name = name
+
+    def submit(self, config: Estimator) -> Run:
+        """Snapshot ``config.source_directory``, upload it, and queue the run. Returns at once."""
+        if not isinstance(config, Estimator):
+            raise ValidationError(f"submit expects an Estimator, not {type(config).__name__}")
+        ws = self.workspace
+        snap = _snapshot.pack(config.source_directory)
+        spec = config.to_spec(self.name, snap.ref, _snapshot.git_info(config.source_directory))
+        validate_spec(spec)  # fail here, before any byte is uploaded
+        prep = ws._request(
+            subjects.Api.SNAPSHOT_PREPARE,
+            schemas.SnapshotPrepareRequest(snapshot=snap.ref),
+            schemas.SnapshotPrepareReply,
+        )
+        if not prep.exists:
+            assert prep.upload_url is not None
+            http_put(prep.upload_url, snap.data)
+        reply = ws._request(subjects.Api.SUBMIT, schemas.SubmitRequest(spec=spec), schemas.SubmitReply)
+        return Run(self, reply.run_id)
+
+    def get_runs(self) -> list[Run]:
+        runs = self.workspace._request(
+            subjects.Api.RUN_LIST, schemas.RunListRequest(experiment=self.name), schemas.RunList
+        ).runs
+        return [Run(self, r.run_id) for r in runs]
+
+    def __repr__(self) -> str:
+        return f"Experiment(name={self.name!r})"
+
+
+class Run:
+    """One submitted run."""
+
+    def __init__(self, experiment: Experiment, run_id: str) -> None:
+        self.experiment = experiment
+        self.id = run_id
+        self._ws = experiment.workspace
+
+    @classmethod
+    def get(cls, workspace: Workspace, run_id: str) -> Run:
+        details = workspace._request(subjects.Api.RUN_GET, schemas.RunRef(run_id=run_id), schemas.RunDetails)
+        return cls(Experiment(workspace, details.experiment), run_id)
+
+    def __repr__(self) -> str:
+        return f"Run(id={self.id!r}, experiment={self.experiment.name!r})"
+
+    # --- state ---------------------------------------------------------------------------------------
+    def _details(self) -> schemas.RunDetails:
+        return self._ws._request(subjects.Api.RUN_GET, schemas.RunRef(run_id=self.id), schemas.RunDetails)
+
+    def get_status(self) -> str:
+        return self._details().state.value
+
+    def get_details(self) -> dict[str, Any]:
+        return details_dict(self._details())
+
+    def cancel(self) -> str:
+        return self._ws._request(
+            subjects.Api.RUN_CANCEL, schemas.RunRef(run_id=self.id), schemas.RunSummary
+        ).state.value
+
+    # --- following ----------------------------------------------------------------------------------
+    def wait_for_completion(
+        self,
+        show_output: bool = False,
+        raise_on_error: bool = True,
+        timeout: float | None = None,
+        output: IO[str] | None = None,
+    ) -> dict[str, Any]:
+        """Block until the run ends; with ``show_output`` print every log line as it arrives.
+
+        Returns the run's details; raises :class:`RunFailedError` if it failed and ``raise_on_error``.
+        """
+        out = output or sys.stdout
+        if show_output:
+            print(f"RunId: {self.id}", file=out, flush=True)
+        self.stream_logs(follow=True, output=out if show_output else None, timeout=timeout)
+        details = self._details()
+        if show_output:
+            print(f"\nExecution summary\n  RunId: {self.id}\n  Status: {details.state.value}", file=out, flush=True)
+        if raise_on_error and details.state is RunState.FAILED:
+            err = details.error.message if details.error else "no error recorded"
+            raise RunFailedError(f"run {self.id} failed: {err}")
+        return details_dict(details)
+
+    def stream_logs(self, follow: bool = True, output: IO[str] | None = None, timeout: float | None = None) -> int:
+        """Print the run's log lines (all ranks, in order per rank). ``follow``: until the run ends.
+
+        Lines are printed by the calling thread as they arrive. Returns how many lines were printed.
+        """
+        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        stop = self._ws._loop.call(self._start_follow(items, follow))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        printed = 0
+        multi_rank: bool | None = None
+        try:
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    kind, value = items.get(timeout=wait)
+                except queue.Empty:
+                    raise TimeoutError(f"run {self.id} did not finish within {timeout}s") from None
+                if kind == "end":
+                    return printed
+                if kind == "error":
+                    raise value
+                if kind == "multi":
+                    multi_rank = value
+                    continue
+                rank, line = value
+                if output is not None:
+                    prefix = f"[rank {rank}] " if multi_rank else ""
+                    output.write(f"{prefix}{line.text}\n")
+                    output.flush()
+                printed += 1
+        finally:
+            self._ws._loop.call(stop())
+
+    async def _start_follow(self, items: queue.Queue[tuple[str, Any]], follow: bool):
+        js = self._ws._js
+        received: dict[int, int] = {}
+        expected: dict[int, int] = {}
+        ended = asyncio.Event()
+        caught_up = asyncio.Event()
+        subs = []
+        targets: dict[int, int] = {}
+
+        def check_done() -> None:
+            if all(received.get(r, 0) >= n for r, n in expected.items()):
+                if ended.is_set() or (not follow and all(received.get(r, 0) >= n for r, n in targets.items())):
+                    caught_up.set()
+
+        async def on_event(msg) -> None:
+            ev = schemas.run_event_decoder.decode(msg.data)
+            if isinstance(ev, schemas.Assigned):
+                items.put(("multi", len(ev.placement) > 1))
+            if isinstance(ev, schemas.Finalizing):
+                expected.update(ev.log_lines)
+            if ev.state.is_terminal():
+                ended.set()
+            check_done()
+
+        async def on_log(msg) -> None:
+            batch = schemas.log_batch_decoder.decode(msg.data)
+            have = received.get(batch.rank, 0)
+            for i, line in enumerate(batch.lines):
+                if batch.first_line + i >= have:  # a re-published batch repeats lines we printed
+                    items.put(("line", (batch.rank, line)))
+            received[batch.rank] = max(have, batch.first_line + len(batch.lines))
+            check_done()
+
+        if not follow:
+            details = await self._ws._js.stream_info(subjects.LOGS_STREAM)  # ensures the stream exists
+            del details
+            for slot in await self._placement():
+                try:
+                    last = await js.get_last_msg(subjects.LOGS_STREAM, subjects.run_logs(self.id, slot.rank))
+                    batch = schemas.log_batch_decoder.decode(last.data or b"")
+                    targets[slot.rank] = batch.first_line + len(batch.lines)
+                except Exception:  # no lines from this rank yet
+                    continue
+        subs.append(
+            await js.subscribe(
+                subjects.run_logs_all_ranks(self.id),
+                stream=subjects.LOGS_STREAM,
+                ordered_consumer=True,
+                deliver_policy=js_api.DeliverPolicy.ALL,
+                cb=on_log,
+            )
+        )
+        subs.append(
+            await js.subscribe(
+                subjects.run_events(self.id),
+                stream=subjects.EVENTS_STREAM,
+                ordered_consumer=True,
+                deliver_policy=js_api.DeliverPolicy.ALL,
+                cb=on_event,
+            )
+        )
+        check_done()
+
+        async def finish() -> None:
+            waiter = asyncio.ensure_future(caught_up.wait())
+            if not follow:
+                await asyncio.wait([waiter], timeout=LOG_DRAIN_TIMEOUT)
+            else:
+                await ended.wait()
+                # Every line was stored before the run could end; give delivery a bounded moment to catch up.
+                await asyncio.wait([waiter], timeout=LOG_DRAIN_TIMEOUT)
+            items.put(("end", None))
+
+        task = asyncio.ensure_future(finish())
+
+        async def stop() -> None:
+            task.cancel()
+            for sub in subs:
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # the connection may be closing already
+                    pass
+
+        return stop
+
+    async def _placement(self) -> list[schemas.RankSlot]:
+        from shared import bus
+
+        details = await bus.request(
+            self._ws._nc, subjects.Api.RUN_GET, schemas.RunRef(run_id=self.id), schemas.RunDetails
+        )
+        return details.placement
+
+    # --- files ---------------------------------------------------------------------------------------
+    def _files(self, prefix: str = "") -> list[schemas.FileEntry]:
+        return self._ws._request(
+            subjects.Api.FILES_LIST, schemas.FilesListRequest(run_id=self.id, prefix=prefix), schemas.FilesList
+        ).files
+
+    def get_file_names(self) -> list[str]:
+        return [f.name for f in self._files()]
+
+    def download_file(self, name: str, output_file_path: str | Path | None = None) -> Path:
+        """Download one run file (e.g. ``outputs/model.pkl``); verifies it against the stored checksum."""
+        info = self._ws._request(
+            subjects.Api.FILE_URL, schemas.FileUrlRequest(run_id=self.id, name=name), schemas.FileUrl
+        )
+        dest = Path(output_file_path) if output_file_path else Path(name.rsplit("/", 1)[-1])
+        if dest.is_dir():
+            dest = dest / name.rsplit("/", 1)[-1]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        md5 = hashlib.md5(usedforsecurity=False)
+        with urllib.request.urlopen(info.url, timeout=300) as resp, open(tmp, "wb") as fh:
+            while chunk := resp.read(1 << 20):
+                md5.update(chunk)
+                fh.write(chunk)
+        if len(info.md5) == 32 and md5.hexdigest() != info.md5:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"download of {name} is corrupt (checksum mismatch); try again")
+        tmp.replace(dest)
+        return dest
+
+    def download_files(
+        self, prefix: str = "outputs", output_directory: str | Path | None = None, append_prefix: bool = True
+    ) -> list[Path]:
+        root = Path(output_directory or ".")
+        out = []
+        for f in self._files(prefix):
+            rel = f.name if append_prefix else f.name[len(prefix) :].lstrip("/")
+            out.append(self.download_file(f.name, root / rel))
+        return out
+
+    def register_model(
+        self, model_name: str, model_path: str, tags: dict[str, str] | None = None, description: str | None = None
+    ) -> Model:
+        from cadre._model import Model
+
+        version = self._ws._request(
+            subjects.Api.MODEL_REGISTER,
+            schemas.ModelRegisterRequest(
+                model_name=model_name, run_id=self.id, model_path=model_path, tags=tags or {}, description=description
+            ),
+            schemas.ModelVersion,
+        )
+        return Model._from_version(self._ws, version)
+
+
+def details_dict(d: schemas.RunDetails) -> dict[str, Any]:
+    """Run details with Azure ML's key names."""
+    return {
+        "runId": d.run_id,
+        "experiment": d.experiment,
+        "status": d.state.value,
+        "target": d.spec.compute_target,
+        "submittedAt": d.submitted_at,
+        "startTimeUtc": d.started_at,
+        "endTimeUtc": d.ended_at,
+        "queueReason": d.queue_reason,
+        "placement": msgspec.to_builtins(d.placement),
+        "exitCodes": dict(d.exit_codes),
+        "error": msgspec.to_builtins(d.error) if d.error else None,
+        "runDefinition": msgspec.to_builtins(d.spec),
+        "history": msgspec.to_builtins(d.history),
+    }

@@ -1,0 +1,187 @@
+"""The ``cadre`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from shared.errors import CadreError
+
+
+def _ws():
+    from cadre import Workspace
+
+    return Workspace.from_config()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cadre import _local
+
+    started = time.monotonic()
+    _local.up(agents=args.agents, gpus_per_agent=args.gpus_per_agent, timeout=args.timeout, echo=print)
+    print(f"cadre cluster up ({args.agents} agent(s)) in {time.monotonic() - started:.1f}s; stop it with `cadre down`")
+    return 0
+
+
+def cmd_down(_: argparse.Namespace) -> int:
+    from cadre import _local
+
+    print("cadre cluster stopped" if _local.down() else "no cadre cluster was running")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cadre import Estimator, Experiment
+
+    params: dict[str, str] = {}
+    rest = list(args.args)
+    # Arguments after "--" go to the script: "--flag value" pairs, or a bare "--flag".
+    while rest:
+        key = rest.pop(0)
+        if rest and not rest[0].startswith("-"):
+            params[key] = rest.pop(0)
+        else:
+            params[key] = ""
+    with _ws() as ws:
+        est = Estimator(
+            source_directory=args.directory,
+            entry_script=args.entry,
+            script_params=params,
+            compute_target=args.target,
+            node_count=args.nodes,
+            process_count_per_node=args.processes,
+        )
+        run = Experiment(ws, args.experiment).submit(est)
+        print(run.id)
+        if args.detach:
+            return 0
+        details = run.wait_for_completion(show_output=True, raise_on_error=False)
+        return 0 if details["status"] == "Completed" else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from cadre import Run
+
+    with _ws() as ws:
+        Run.get(ws, args.run_id).stream_logs(follow=args.follow, output=sys.stdout)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from shared import schemas, subjects
+
+    with _ws() as ws:
+        runs = ws._request(
+            subjects.Api.RUN_LIST, schemas.RunListRequest(experiment=args.experiment, limit=args.limit), schemas.RunList
+        ).runs
+    print(f"{'RUN ID':<44} {'EXPERIMENT':<20} {'STATUS':<16} UPDATED")
+    for r in runs:
+        print(f"{r.run_id:<44} {r.experiment:<20} {r.state.value:<16} {time.strftime('%F %T', time.localtime(r.at))}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cadre import Run
+
+    with _ws() as ws:
+        d = Run.get(ws, args.run_id).get_details()
+    print(f"run:        {d['runId']}\nexperiment: {d['experiment']}\nstatus:     {d['status']}")
+    if d["queueReason"]:
+        print(f"waiting:    {d['queueReason']}")
+    for slot in d["placement"]:
+        print(f"rank {slot['rank']}:     node {slot['node_id']} local rank {slot['local_rank']}")
+    if d["exitCodes"]:
+        print("exit codes: " + ", ".join(f"rank {r}: {c}" for r, c in sorted(d["exitCodes"].items())))
+    if d["error"]:
+        print(f"error:      [{d['error']['code']}] {d['error']['message']}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from cadre import Run
+
+    with _ws() as ws:
+        path = Run.get(ws, args.run_id).download_file(args.name, args.dest)
+    print(path)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from cadre import Model
+
+    with _ws() as ws:
+        models = Model.list(ws, args.name)
+    print(f"{'NAME':<30} {'VERSION':>7}  RUN")
+    for m in models:
+        print(f"{m.name:<30} {m.version:>7}  {m.run_id}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cadre", description="Train models on a cadre cluster.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the embedded local cluster in the background")
+    up.add_argument("--agents", type=int, default=1)
+    up.add_argument("--gpus-per-agent", type=int, default=0)
+    up.add_argument("--timeout", type=float, default=90.0)
+    up.set_defaults(fn=cmd_up)
+
+    sub.add_parser("down", help="stop the embedded local cluster").set_defaults(fn=cmd_down)
+
+    s = sub.add_parser("submit", help="submit a training script folder")
+    s.add_argument("directory", type=Path)
+    s.add_argument("--entry", required=True, help="script inside DIRECTORY")
+    s.add_argument("--experiment", default="default")
+    s.add_argument("--target", default="local")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--processes", type=int, default=1, help="processes per node")
+    s.add_argument("--detach", action="store_true", help="print the run id and return")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="-- then the script's arguments")
+    s.set_defaults(fn=cmd_submit)
+
+    lg = sub.add_parser("logs", help="print a run's logs")
+    lg.add_argument("run_id")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep following until the run ends")
+    lg.set_defaults(fn=cmd_logs)
+
+    r = sub.add_parser("runs", help="list runs")
+    r.add_argument("--experiment")
+    r.add_argument("--limit", type=int, default=50)
+    r.set_defaults(fn=cmd_runs)
+
+    st = sub.add_parser("status", help="a run's state, placement and error")
+    st.add_argument("run_id")
+    st.set_defaults(fn=cmd_status)
+
+    d = sub.add_parser("download", help="download a run file")
+    d.add_argument("run_id")
+    d.add_argument("name")
+    d.add_argument("dest", nargs="?")
+    d.set_defaults(fn=cmd_download)
+
+    m = sub.add_parser("models", help="registered models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list")
+    ml.add_argument("name", nargs="?")
+    ml.set_defaults(fn=cmd_models_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "args", None) and args.args[0] == "--":
+        args.args = args.args[1:]
+    try:
+        return args.fn(args)
+    except CadreError as exc:
+        print(f"cadre: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

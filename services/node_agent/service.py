@@ -1,0 +1,143 @@
+"""Node agent: advertises capacity and heartbeats, takes the assignments addressed to its node."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api as js_api
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from services.node_agent import capacity
+from services.node_agent.execution import Execution
+from services.node_agent.runtime import ProcessRuntime, Runtime
+from shared import bus, schemas, subjects
+from shared.errors import ValidationError
+from shared.service import Service
+from shared.settings import BusSettings
+from shared.states import RunState
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_id: str
+    work_dir: Path
+    compute_target: str = "local"
+    declared_gpus: int | None = None
+    slots: int | None = None
+    heartbeat_interval: float = 2.0
+    kill_grace: float = 10.0
+
+
+class NodeAgentService(Service):
+    name = "node_agent"
+
+    def __init__(self, bus_settings: BusSettings, config: AgentConfig, runtime: Runtime | None = None) -> None:
+        if not subjects.NAME_RE.match(config.node_id):
+            raise ValidationError(f"node id {config.node_id!r} is invalid: use letters, digits, '_' or '-'")
+        super().__init__(bus_settings)
+        self.config = config
+        self.runtime = runtime or ProcessRuntime()
+        self.python = sys.executable
+        self.log = self.log.bind(node_id=config.node_id)
+        gpus = capacity.gpus_for(config.declared_gpus)
+        cpus = capacity.cpu_count()
+        self.started_at = time.time()
+        self.base_advert = dict(
+            node_id=config.node_id,
+            compute_target=config.compute_target,
+            hostname=socket.gethostname(),
+            cpus=cpus,
+            memory_bytes=capacity.memory_bytes(),
+            gpus=gpus,
+            slots=config.slots or (len(gpus) if gpus else cpus),
+            runtime="process",
+            started_at=self.started_at,
+            heartbeat_interval=config.heartbeat_interval,
+        )
+        self.executions: dict[str, asyncio.Task[None]] = {}
+        self.nodes_kv: KeyValue
+        self.events: bus.RunEventLog
+
+    async def setup(self) -> None:
+        self.config.work_dir.mkdir(parents=True, exist_ok=True)
+        self.events = bus.RunEventLog(self.js)
+        # The services create the topology; an agent started first waits for it.
+        self.nodes_kv = await bus.retry(lambda: self.js.key_value(subjects.NODES_BUCKET))
+        targets = await bus.retry(lambda: self.js.key_value(subjects.TARGETS_BUCKET))
+        info = schemas.ComputeTargetInfo(name=self.config.compute_target, first_seen_at=time.time())
+        try:
+            await targets.create(self.config.compute_target, schemas.encode(info))
+        except KeyWrongLastSequenceError:
+            pass  # the target is known already
+        await self._heartbeat_once()
+        psub = await bus.retry(
+            lambda: self.js.pull_subscribe(
+                subjects.node_assignments(self.config.node_id),
+                durable=subjects.agent_consumer(self.config.node_id),
+                stream=subjects.ASSIGNMENTS_STREAM,
+                config=js_api.ConsumerConfig(ack_wait=60, max_deliver=20),
+            )
+        )
+        self.spawn(self._heartbeat_loop(), "heartbeat")
+        self.spawn(self._take_assignments(psub), "assignments")
+        self.log.info("agent_ready", slots=self.base_advert["slots"], gpus=len(self.base_advert["gpus"]))
+
+    async def _heartbeat_once(self) -> None:
+        advert = schemas.NodeAdvert(heartbeat_at=time.time(), **self.base_advert)  # type: ignore[arg-type]
+        await self.nodes_kv.put(self.config.node_id, schemas.encode(advert))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                await self._heartbeat_once()
+            except Exception as exc:  # the bus reconnects by itself; the next beat tries again
+                self.log.warning("heartbeat_failed", error=str(exc))
+
+    async def _take_assignments(self, psub) -> None:
+        while True:
+            try:
+                msgs = await psub.fetch(1, timeout=30)
+            except NatsTimeout:
+                continue
+            for msg in msgs:
+                assignment = schemas.assignment_decoder.decode(msg.data)
+                await self._accept(assignment)
+                await msg.ack()
+
+    async def _accept(self, assignment: schemas.Assignment) -> None:
+        run_id = assignment.run_id
+        if run_id in self.executions:
+            return  # a redelivery of a run we already run
+        last, _ = await self.events.last(run_id)
+        if last is None or last.state not in (RunState.PREPARING, RunState.CANCEL_REQUESTED):
+            self.log.info("assignment_stale", run_id=run_id, state=last.state.value if last else None)
+            return
+        self.log.info("assignment_taken", run_id=run_id)
+        task = asyncio.create_task(self._execute(assignment), name=f"run-{run_id}")
+        self.executions[run_id] = task
+
+    async def _execute(self, assignment: schemas.Assignment) -> None:
+        try:
+            await Execution(self, assignment, self.runtime).run()
+        except Exception:
+            self.log.exception("execution_crashed", run_id=assignment.run_id)
+        finally:
+            self.executions.pop(assignment.run_id, None)
+
+    async def teardown(self) -> None:
+        # Leaving on purpose: say so at once instead of letting the heartbeat time out.
+        for task in self.executions.values():
+            task.cancel()
+        await asyncio.gather(*self.executions.values(), return_exceptions=True)
+        try:
+            await self.nodes_kv.delete(self.config.node_id)
+        except Exception as exc:
+            self.log.warning("deregister_failed", error=str(exc))

@@ -1,0 +1,1 @@
+"""The registry: the only writer of model versions."""

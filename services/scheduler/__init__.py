@@ -1,0 +1,1 @@
+"""The scheduler: the only writer of placements."""

@@ -1,0 +1,4 @@
+from services.scheduler.service import SchedulerService
+from shared.service import main
+
+main(SchedulerService.from_env)

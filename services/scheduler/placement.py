@@ -1,0 +1,84 @@
+"""Pure placement logic: which slots of which nodes a run gets, or why it cannot have them yet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared import schemas
+
+
+@dataclass
+class NodeState:
+    advert: schemas.NodeAdvert
+    used_slots: int = 0
+    used_gpus: set[int] = field(default_factory=set)
+
+    @property
+    def free_slots(self) -> int:
+        return self.advert.slots - self.used_slots
+
+    def free_gpus(self) -> list[int]:
+        return [g.index for g in self.advert.gpus if g.index not in self.used_gpus]
+
+    def fits(self, processes: int) -> bool:
+        if self.free_slots < processes:
+            return False
+        return not self.advert.gpus or len(self.free_gpus()) >= processes
+
+    def can_ever_fit(self, processes: int) -> bool:
+        return self.advert.slots >= processes and (not self.advert.gpus or len(self.advert.gpus) >= processes)
+
+
+@dataclass(frozen=True)
+class Decision:
+    placement: list[schemas.RankSlot] | None = None
+    reason: str | None = None  # why it waits
+    impossible: str | None = None  # why it can never run
+
+
+def place(spec: schemas.RunSpec, nodes: list[NodeState], multi_node_supported: bool = False) -> Decision:
+    """Gang placement: all node_count x process_count_per_node slots on distinct nodes, or none. Packs by default."""
+    ppn, want = spec.process_count_per_node, spec.node_count
+    target = spec.compute_target
+    if not nodes:
+        return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
+    capable = [n for n in nodes if n.can_ever_fit(ppn)]
+    if len(capable) < want:
+        largest = max(n.advert.slots for n in nodes)
+        return Decision(
+            impossible=(
+                f"needs {want} node(s) with {ppn} slot(s) each, but compute target {target!r} has "
+                f"{len(capable)} such node(s) (largest node: {largest} slot(s))"
+            )
+        )
+    if want > 1 and not multi_node_supported:
+        return Decision(reason=f"needs {want} nodes: multi-node launch is not available yet (issue #3); waiting")
+    free = [n for n in nodes if n.fits(ppn)]
+    if len(free) < want:
+        return Decision(
+            reason=(
+                f"needs {want} node(s) with {ppn} free slot(s) on compute target {target!r}; "
+                f"{len(free)} of {len(nodes)} live node(s) have them"
+            )
+        )
+    # Pack: prefer the nodes with the fewest free slots that still fit, to keep whole nodes free for big runs.
+    chosen = sorted(free, key=lambda n: (n.free_slots, n.advert.node_id))[:want]
+    placement: list[schemas.RankSlot] = []
+    rank = 0
+    for node in chosen:
+        gpus = node.free_gpus()
+        for local_rank in range(ppn):
+            gpu_ids = [gpus[local_rank]] if node.advert.gpus else []
+            placement.append(
+                schemas.RankSlot(rank=rank, node_id=node.advert.node_id, local_rank=local_rank, gpu_ids=gpu_ids)
+            )
+            rank += 1
+    return Decision(placement=placement)
+
+
+def allocate(nodes: dict[str, NodeState], placement: list[schemas.RankSlot]) -> None:
+    for slot in placement:
+        node = nodes.get(slot.node_id)
+        if node is not None:
+            node.used_slots += 1
+            node.used_gpus.update(slot.gpu_ids)

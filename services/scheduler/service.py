@@ -1,0 +1,223 @@
+"""Scheduler: learns capacity from node adverts, queues runs per compute target, gang-assigns rank slots.
+
+State is rebuilt from the bus on start: the node table from the ``cadre_nodes`` KV watch, queued and active
+runs from the last event of every run (an ordered consumer with deliver-last-per-subject, which then goes on
+delivering new events live). Nothing is polled except the heartbeat clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+
+from nats.js import api as js_api
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from services.scheduler.placement import NodeState, allocate, place
+from shared import bus, schemas, subjects
+from shared.errors import ConflictError
+from shared.service import Service
+from shared.settings import BusSettings
+from shared.states import RunState
+
+ACTIVE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
+
+
+class SchedulerService(Service):
+    name = "scheduler"
+
+    def __init__(self, bus_settings: BusSettings, multi_node: bool = False) -> None:
+        super().__init__(bus_settings)
+        self.multi_node = multi_node
+        self.nodes: dict[str, schemas.NodeAdvert] = {}
+        self.queues: dict[str, OrderedDict[str, schemas.RunRecord]] = {}
+        self.reasons: dict[str, str] = {}
+        self.allocations: dict[str, list[schemas.RankSlot]] = {}
+        self._wake = asyncio.Event()
+        self.runs_kv: KeyValue
+        self.nodes_kv: KeyValue
+        self.events: bus.RunEventLog
+
+    @classmethod
+    def from_env(cls) -> SchedulerService:
+        return cls(BusSettings.from_env(cls.name))
+
+    async def setup(self) -> None:
+        await bus.ensure_topology(self.js)
+        self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
+        self.nodes_kv = await self.js.key_value(subjects.NODES_BUCKET)
+        self.events = bus.RunEventLog(self.js)
+        watcher = await self.nodes_kv.watchall()
+        self.spawn(self._watch_nodes(watcher), "watch_nodes")
+        sub = await self.js.subscribe(
+            subjects.all_run_events(),
+            stream=subjects.EVENTS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+        )
+        self.spawn(self._consume_events(sub), "consume_events")
+        self.spawn(self._schedule_loop(), "schedule_loop")
+        self.spawn(self._liveness_loop(), "liveness_loop")
+
+    # --- inputs ------------------------------------------------------------------------------------------
+    async def _watch_nodes(self, watcher) -> None:
+        async for entry in watcher:
+            if entry is None:  # end of the initial values
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                if self.nodes.pop(entry.key, None) is not None:
+                    self.log.info("node_left", node_id=entry.key)
+            else:
+                advert = schemas.node_decoder.decode(entry.value)
+                if advert.node_id not in self.nodes:
+                    self.log.info("node_joined", node_id=advert.node_id, slots=advert.slots, gpus=len(advert.gpus))
+                self.nodes[advert.node_id] = advert
+            self._wake.set()
+
+    async def _consume_events(self, sub) -> None:
+        async for msg in sub.messages:
+            event = schemas.run_event_decoder.decode(msg.data)
+            await self._on_event(event)
+
+    async def _on_event(self, event: schemas.RunEvent) -> None:
+        run_id, state = event.run_id, event.state
+        if state is RunState.QUEUED:
+            if not any(run_id in q for q in self.queues.values()):
+                record = await self._record(run_id)
+                if record is not None:
+                    self.queues.setdefault(record.spec.compute_target, OrderedDict())[run_id] = record
+                    if isinstance(event, schemas.Queued) and event.reason:
+                        self.reasons[run_id] = event.reason
+                    self._wake.set()
+            return
+        for queue in self.queues.values():
+            queue.pop(run_id, None)
+        self.reasons.pop(run_id, None)
+        if state in ACTIVE:
+            if run_id not in self.allocations:
+                placement = await self._placement_of(run_id, event)
+                if placement:
+                    self.allocations[run_id] = placement
+                    if state is RunState.PREPARING:
+                        # Restart recovery: the assignment may not have reached the agent. Re-sending is safe:
+                        # it is deduplicated by message id, and agents ignore runs they already took.
+                        record = await self._record(run_id)
+                        if record is not None:
+                            await self._send_assignments(record, placement)
+        elif self.allocations.pop(run_id, None) is not None:
+            self._wake.set()
+
+    async def _placement_of(self, run_id: str, event: schemas.RunEvent) -> list[schemas.RankSlot]:
+        if isinstance(event, schemas.Assigned):
+            return list(event.placement)
+        for ev in reversed(await self.events.history(run_id)):
+            if isinstance(ev, schemas.Assigned):
+                return list(ev.placement)
+        return []
+
+    async def _record(self, run_id: str) -> schemas.RunRecord | None:
+        try:
+            entry = await self.runs_kv.get(run_id)
+        except KeyNotFoundError:
+            self.log.warning("run_record_missing", run_id=run_id)
+            return None
+        assert entry.value is not None
+        return schemas.record_decoder.decode(entry.value)
+
+    # --- decisions ---------------------------------------------------------------------------------------
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.schedule_pass()
+
+    def _node_table(self, now: float) -> dict[str, NodeState]:
+        table = {nid: NodeState(advert) for nid, advert in self.nodes.items() if advert.alive(now)}
+        for placement in self.allocations.values():
+            allocate(table, placement)
+        return table
+
+    async def schedule_pass(self) -> None:
+        table = self._node_table(time.time())
+        for target, queue in self.queues.items():
+            nodes = [n for n in table.values() if n.advert.compute_target == target]
+            for run_id, record in list(queue.items()):
+                decision = place(record.spec, nodes, multi_node_supported=self.multi_node)
+                if decision.placement is not None:
+                    if await self._assign(record, decision.placement):
+                        allocate(table, decision.placement)
+                    queue.pop(run_id, None)
+                elif decision.impossible is not None:
+                    queue.pop(run_id, None)
+                    await self._fail(run_id, "unschedulable", decision.impossible)
+                elif decision.reason != self.reasons.get(run_id):
+                    self.reasons[run_id] = decision.reason or ""
+                    await self._annotate(run_id, decision.reason or "")
+
+    async def _assign(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> bool:
+        run_id = record.run_id
+
+        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            if last is None or last.state is not RunState.QUEUED:
+                return None  # canceled or already placed meanwhile
+            return bus.make_event(schemas.Assigned, run_id, RunState.PREPARING, placement=placement)
+
+        try:
+            event = await self.events.append(run_id, build)
+        except ConflictError:
+            return False
+        if event is None:
+            return False
+        self.allocations[run_id] = placement
+        self.reasons.pop(run_id, None)
+        await self._send_assignments(record, placement)
+        self.log.info("run_assigned", run_id=run_id, nodes=sorted({s.node_id for s in placement}))
+        return True
+
+    async def _send_assignments(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> None:
+        for node_id in sorted({s.node_id for s in placement}):
+            msg = schemas.Assignment(run_id=record.run_id, node_id=node_id, spec=record.spec, placement=placement)
+            await self.js.publish(
+                subjects.node_assignments(node_id),
+                schemas.encode(msg),
+                headers={"Nats-Msg-Id": f"{record.run_id}:{node_id}"},
+            )
+
+    async def _annotate(self, run_id: str, reason: str) -> None:
+        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            if last is None or last.state is not RunState.QUEUED:
+                return None
+            return bus.make_event(schemas.Queued, run_id, RunState.QUEUED, reason=reason)
+
+        await self.events.append(run_id, build)
+        self.log.info("run_waiting", run_id=run_id, reason=reason)
+
+    async def _fail(self, run_id: str, code: str, message: str) -> None:
+        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+                return None
+            return bus.make_event(
+                schemas.Failed, run_id, RunState.FAILED, error=schemas.ErrorInfo(code=code, message=message)
+            )
+
+        await self.events.append(run_id, build)
+        self.log.warning("run_failed", run_id=run_id, reason=message)
+
+    async def _liveness_loop(self) -> None:
+        """A node that stops heartbeating takes its runs down with it, and frees nothing twice."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            dead = {nid for nid, advert in self.nodes.items() if not advert.alive(now)}
+            if not dead:
+                continue
+            for nid in dead:
+                self.log.warning("node_lost", node_id=nid)
+                del self.nodes[nid]
+            for run_id, placement in list(self.allocations.items()):
+                lost = sorted({s.node_id for s in placement} & dead)
+                if lost:
+                    await self._fail(run_id, "node_lost", f"node {', '.join(lost)} stopped heartbeating")
+            self._wake.set()

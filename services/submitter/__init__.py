@@ -1,0 +1,1 @@
+"""The submitter: validates submissions, stores snapshots, records runs, answers run queries."""

@@ -1,0 +1,4 @@
+from services.submitter.service import SubmitterService
+from shared.service import main
+
+main(SubmitterService.from_env)

@@ -1,0 +1,184 @@
+"""Submitter: the front door for runs.
+
+It owns the run records (KV ``cadre_runs``) and the first events of each run; it hands out upload URLs for
+snapshots (bytes go to the object store, never over the bus).
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+
+from shared import bus, runs, schemas, subjects
+from shared.errors import NotFoundError, ValidationError
+from shared.service import Service
+from shared.settings import BusSettings, Limits, StoreSettings
+from shared.states import RunState
+from shared.storage import ObjectStore
+
+
+class SubmitterService(Service):
+    name = "submitter"
+
+    def __init__(self, bus_settings: BusSettings, store: ObjectStore, limits: Limits) -> None:
+        super().__init__(bus_settings)
+        self.store = store
+        self.limits = limits
+        self.runs_kv: KeyValue
+        self.targets_kv: KeyValue
+        self.nodes_kv: KeyValue
+        self.events: bus.RunEventLog
+
+    @classmethod
+    def from_env(cls) -> SubmitterService:
+        return cls(BusSettings.from_env(cls.name), ObjectStore(StoreSettings.from_env()), Limits.from_env())
+
+    async def setup(self) -> None:
+        await bus.ensure_topology(self.js)
+        await self.store.ensure_bucket()
+        self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
+        self.targets_kv = await self.js.key_value(subjects.TARGETS_BUCKET)
+        self.nodes_kv = await self.js.key_value(subjects.NODES_BUCKET)
+        self.events = bus.RunEventLog(self.js)
+        await self.endpoint(subjects.Api.SNAPSHOT_PREPARE, schemas.SnapshotPrepareRequest, self.prepare_snapshot)
+        await self.endpoint(subjects.Api.SUBMIT, schemas.SubmitRequest, self.submit)
+        await self.endpoint(subjects.Api.RUN_GET, schemas.RunRef, self.get_run)
+        await self.endpoint(subjects.Api.RUN_LIST, schemas.RunListRequest, self.list_runs)
+        await self.endpoint(subjects.Api.RUN_CANCEL, schemas.RunRef, self.cancel)
+        await self.endpoint(subjects.Api.TARGETS_LIST, schemas.Empty, self.list_targets)
+
+    def _check_snapshot_limits(self, snap: schemas.SnapshotRef) -> None:
+        if snap.size > self.limits.snapshot_max_bytes:
+            raise ValidationError(
+                f"snapshot is {snap.size / 1e6:.1f} MB, over the {self.limits.snapshot_max_bytes / 1e6:.0f} MB limit: "
+                "move data out of source_directory (use a dataset) or list it in .cadreignore"
+            )
+        if snap.file_count > self.limits.snapshot_max_files:
+            raise ValidationError(
+                f"snapshot has {snap.file_count} files, over the {self.limits.snapshot_max_files}-file limit: "
+                "list generated or data files in .cadreignore"
+            )
+
+    async def prepare_snapshot(self, req: schemas.SnapshotPrepareRequest) -> schemas.SnapshotPrepareReply:
+        snap = req.snapshot
+        if not runs.HASH_RE.match(snap.content_hash):
+            raise ValidationError("snapshot content hash must be a sha256 hex digest")
+        self._check_snapshot_limits(snap)
+        key = subjects.snapshot_key(snap.content_hash)
+        stat = await self.store.stat(key)
+        if stat is not None and stat[0] == snap.size:
+            return schemas.SnapshotPrepareReply(exists=True)
+        return schemas.SnapshotPrepareReply(exists=False, upload_url=await self.store.presign_put(key))
+
+    async def submit(self, req: schemas.SubmitRequest) -> schemas.SubmitReply:
+        spec = req.spec
+        runs.validate_spec(spec)
+        self._check_snapshot_limits(spec.snapshot)
+        try:
+            await self.targets_kv.get(spec.compute_target)
+        except KeyNotFoundError:
+            known = sorted(await self._target_names())
+            raise ValidationError(
+                f"unknown compute target {spec.compute_target!r}; known targets: {', '.join(known) or 'none'}"
+            ) from None
+        stat = await self.store.stat(subjects.snapshot_key(spec.snapshot.content_hash))
+        if stat is None:
+            raise ValidationError("the snapshot was not uploaded; submit again")
+        if stat[0] != spec.snapshot.size or (stat[1] and stat[1] != spec.snapshot.md5):
+            raise ValidationError("the stored snapshot does not match its description (size or checksum); submit again")
+        run_id = runs.new_run_id(spec.experiment)
+        record = schemas.RunRecord(run_id=run_id, spec=spec, submitted_at=time.time())
+        await self.runs_kv.create(run_id, schemas.encode(record))
+        await self.events.append(
+            run_id,
+            lambda _: bus.make_event(
+                schemas.Submitted,
+                run_id,
+                RunState.NOT_STARTED,
+                experiment=spec.experiment,
+                compute_target=spec.compute_target,
+                entry_script=spec.entry_script,
+            ),
+        )
+        await self.events.append(run_id, lambda _: bus.make_event(schemas.Queued, run_id, RunState.QUEUED))
+        self.log.info("run_submitted", run_id=run_id, experiment=spec.experiment, target=spec.compute_target)
+        return schemas.SubmitReply(run_id=run_id, state=RunState.QUEUED)
+
+    async def _target_names(self) -> list[str]:
+        try:
+            return list(await self.targets_kv.keys())
+        except NoKeysError:
+            return []
+
+    async def _record(self, run_id: str) -> schemas.RunRecord:
+        if not subjects.RUN_ID_RE.match(run_id):
+            raise ValidationError(f"{run_id!r} is not a run id")
+        try:
+            entry = await self.runs_kv.get(run_id)
+        except KeyNotFoundError:
+            raise NotFoundError(f"run {run_id} not found") from None
+        assert entry.value is not None
+        return schemas.record_decoder.decode(entry.value)
+
+    async def get_run(self, req: schemas.RunRef) -> schemas.RunDetails:
+        record = await self._record(req.run_id)
+        return runs.fold(record, await self.events.history(req.run_id))
+
+    async def list_runs(self, req: schemas.RunListRequest) -> schemas.RunList:
+        latest = sorted(await self.events.latest_per_run(), key=lambda e: e.at, reverse=True)
+        out: list[schemas.RunSummary] = []
+        for ev in latest:
+            if len(out) >= req.limit:
+                break
+            try:
+                record = await self._record(ev.run_id)
+            except NotFoundError:
+                continue
+            if req.experiment and record.spec.experiment != req.experiment:
+                continue
+            out.append(
+                schemas.RunSummary(run_id=ev.run_id, experiment=record.spec.experiment, state=ev.state, at=ev.at)
+            )
+        return schemas.RunList(runs=out)
+
+    async def cancel(self, req: schemas.RunRef) -> schemas.RunSummary:
+        record = await self._record(req.run_id)
+
+        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            state = last.state if last else RunState.NOT_STARTED
+            if state.is_terminal() or state in (RunState.CANCEL_REQUESTED, RunState.FINALIZING):
+                return None  # already ending: cancelling twice is not an error
+            if state in (RunState.NOT_STARTED, RunState.QUEUED):
+                return bus.make_event(schemas.Canceled, req.run_id, RunState.CANCELED)
+            return bus.make_event(schemas.CancelRequested, req.run_id, RunState.CANCEL_REQUESTED)
+
+        await self.events.append(req.run_id, build)
+        last, _ = await self.events.last(req.run_id)
+        assert last is not None
+        self.log.info("run_cancel_requested", run_id=req.run_id, state=last.state.value)
+        return schemas.RunSummary(run_id=req.run_id, experiment=record.spec.experiment, state=last.state, at=last.at)
+
+    async def list_targets(self, _: schemas.Empty) -> schemas.TargetList:
+        targets = []
+        for name in await self._target_names():
+            entry = await self.targets_kv.get(name)
+            assert entry.value is not None
+            targets.append(msgspec.json.decode(entry.value, type=schemas.ComputeTargetInfo))
+        nodes = []
+        try:
+            keys = await self.nodes_kv.keys()
+        except NoKeysError:
+            keys = []
+        for key in keys:
+            try:
+                entry = await self.nodes_kv.get(key)
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                node = schemas.node_decoder.decode(entry.value)
+                if node.alive(time.time()):
+                    nodes.append(node)
+        return schemas.TargetList(targets=targets, nodes=nodes)

@@ -1,0 +1,82 @@
+"""Per-role bus permissions. The local cluster and the deploy config render these into nats-server users.
+
+Roles: ``service`` (the five services), ``agent`` (one user per node: it may only publish as itself) and
+``client`` (submit and follow runs; no write access to streams, KV or other nodes' subjects).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared import subjects as s
+
+JS = "$JS.API"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+
+
+def service_permissions() -> Permissions:
+    # Services own the topology (streams, consumers, KV); they get the whole account.
+    return Permissions(publish=[">"], subscribe=[">"])
+
+
+def _read_stream(stream: str) -> list[str]:
+    """What an ordered consumer needs to replay a stream (create, info, delete its own consumer, flow control)."""
+    return [
+        f"{JS}.STREAM.INFO.{stream}",
+        f"{JS}.STREAM.MSG.GET.{stream}",
+        f"{JS}.DIRECT.GET.{stream}",
+        f"{JS}.DIRECT.GET.{stream}.>",
+        f"{JS}.CONSUMER.CREATE.{stream}",
+        f"{JS}.CONSUMER.CREATE.{stream}.>",
+        f"{JS}.CONSUMER.INFO.{stream}.>",
+        f"{JS}.CONSUMER.DELETE.{stream}.>",
+    ]
+
+
+def client_permissions() -> Permissions:
+    return Permissions(
+        publish=[
+            f"{s.PREFIX}.api.>",
+            "$JS.FC.>",
+            f"{JS}.INFO",
+            *_read_stream(s.EVENTS_STREAM),
+            *_read_stream(s.LOGS_STREAM),
+            *_read_stream(s.MODELS_STREAM),
+        ],
+        subscribe=["_INBOX.>"],
+    )
+
+
+def agent_permissions(node_id: str) -> Permissions:
+    consumer = s.agent_consumer(node_id)
+    kv_nodes = f"KV_{s.NODES_BUCKET}"
+    kv_targets = f"KV_{s.TARGETS_BUCKET}"
+    return Permissions(
+        publish=[
+            f"{s.PREFIX}.agent.>",
+            s.all_run_events(),
+            s.all_run_logs(),
+            f"$KV.{s.NODES_BUCKET}.{node_id}",
+            f"$KV.{s.TARGETS_BUCKET}.>",
+            "$JS.FC.>",
+            f"$JS.ACK.{s.ASSIGNMENTS_STREAM}.{consumer}.>",
+            f"{JS}.INFO",
+            f"{JS}.STREAM.INFO.{kv_nodes}",
+            f"{JS}.STREAM.INFO.{kv_targets}",
+            f"{JS}.DIRECT.GET.{kv_targets}.>",
+            f"{JS}.STREAM.MSG.GET.{kv_targets}",
+            f"{JS}.STREAM.INFO.{s.ASSIGNMENTS_STREAM}",
+            f"{JS}.CONSUMER.INFO.{s.ASSIGNMENTS_STREAM}.{consumer}",
+            f"{JS}.CONSUMER.CREATE.{s.ASSIGNMENTS_STREAM}.{consumer}",
+            f"{JS}.CONSUMER.CREATE.{s.ASSIGNMENTS_STREAM}.{consumer}.>",
+            f"{JS}.CONSUMER.DURABLE.CREATE.{s.ASSIGNMENTS_STREAM}.{consumer}",
+            f"{JS}.CONSUMER.MSG.NEXT.{s.ASSIGNMENTS_STREAM}.{consumer}",
+            *_read_stream(s.EVENTS_STREAM),
+        ],
+        subscribe=["_INBOX.>", s.all_run_events()],
+    )

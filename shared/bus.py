@@ -1,0 +1,231 @@
+"""NATS plumbing: connecting, the JetStream topology, typed request/reply and the run event log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError, NoServersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import APIError, BadRequestError
+from nats.js.errors import NotFoundError as JsNotFound
+
+from shared import schemas, subjects
+from shared.errors import (
+    ClusterNotRunningError,
+    ConflictError,
+    ServiceUnavailableError,
+    error_class,
+)
+from shared.settings import BusSettings
+from shared.states import RunState, check_transition
+
+T = TypeVar("T")
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream's answer when an expected-last-subject-sequence check fails
+
+
+async def connect(settings: BusSettings, **kwargs: object) -> NATS:
+    """Connect with the role's credentials; a cluster that is not there is a clear error, not a hang."""
+
+    async def _quiet(_: Exception) -> None:
+        return None
+
+    options: dict[str, object] = {
+        "servers": [settings.url],
+        "user": settings.user,
+        "password": settings.password,
+        "name": settings.name,
+        "connect_timeout": 2,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "error_cb": _quiet,
+    }
+    options.update(kwargs)
+    try:
+        return await nats.connect(**options)  # type: ignore[arg-type]
+    except (TimeoutError, NoServersError, OSError) as exc:
+        raise ClusterNotRunningError(
+            f"cannot reach the cadre bus at {settings.url} ({exc.__class__.__name__}); "
+            "start a local cluster with `cadre up` or check the connection profile"
+        ) from exc
+
+
+async def ensure_topology(js: JetStreamContext) -> None:
+    """Create (or update) every stream and KV bucket. Idempotent; services call it at start."""
+    streams = [
+        js_api.StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[subjects.all_run_events()],
+            storage=js_api.StorageType.FILE,
+            duplicate_window=120,
+        ),
+        js_api.StreamConfig(
+            name=subjects.LOGS_STREAM,
+            subjects=[subjects.all_run_logs()],
+            storage=js_api.StorageType.FILE,
+            max_age=30 * 24 * 3600,
+        ),
+        js_api.StreamConfig(
+            name=subjects.ASSIGNMENTS_STREAM,
+            subjects=[subjects.all_node_assignments()],
+            storage=js_api.StorageType.FILE,
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            duplicate_window=120,
+        ),
+        js_api.StreamConfig(
+            name=subjects.MODELS_STREAM,
+            subjects=[subjects.all_model_events()],
+            storage=js_api.StorageType.FILE,
+        ),
+    ]
+    for cfg in streams:
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:
+            await js.update_stream(cfg)
+    for bucket, history in (
+        (subjects.NODES_BUCKET, 1),
+        (subjects.TARGETS_BUCKET, 1),
+        (subjects.RUNS_BUCKET, 1),
+        (subjects.MODELS_BUCKET, 1),
+    ):
+        await js.create_key_value(
+            js_api.KeyValueConfig(bucket=bucket, history=history, storage=js_api.StorageType.FILE)
+        )
+
+
+async def request(nc: NATS, subject: str, payload: msgspec.Struct, reply_type: type[T], timeout: float = 10.0) -> T:
+    """Typed request/reply: returns the reply's value or raises the error it carries."""
+    try:
+        msg = await nc.request(subject, schemas.encode(payload), timeout=timeout)
+    except NoRespondersError as exc:
+        raise ServiceUnavailableError(f"no service answers {subject}; is the cluster fully started?") from exc
+    except NatsTimeout as exc:
+        raise ServiceUnavailableError(
+            f"no answer on {subject} within {timeout:.0f}s (service down, or not permitted for this role)"
+        ) from exc
+    reply = msgspec.json.decode(msg.data, type=schemas.Reply[reply_type])  # type: ignore[valid-type]
+    if reply.error is not None:
+        raise error_class(reply.error.code)(reply.error.message)
+    assert reply.ok is not None
+    return reply.ok
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+EventBuilder = Callable[[schemas.RunEvent | None], "schemas.RunEvent | None"]
+
+
+class RunEventLog:
+    """The run event stream as the source of truth for run state.
+
+    Appends are compare-and-set on the run's subject (``Nats-Expected-Last-Subject-Sequence``), so two
+    writers racing on one run can never both move it, and no illegal transition is ever stored.
+    """
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def last(self, run_id: str) -> tuple[schemas.RunEvent | None, int]:
+        try:
+            raw = await self._js.get_last_msg(subjects.EVENTS_STREAM, subjects.run_events(run_id))
+        except JsNotFound:
+            return None, 0
+        assert raw.data is not None and raw.seq is not None
+        return schemas.run_event_decoder.decode(raw.data), raw.seq
+
+    async def append(self, run_id: str, build: EventBuilder, attempts: int = 20) -> schemas.RunEvent | None:
+        """Append the event ``build(last_event)`` returns; ``None`` from build means nothing to do.
+
+        Raises ConflictError when the event would be an illegal transition.
+        """
+        for _ in range(attempts):
+            last, seq = await self.last(run_id)
+            event = build(last)
+            if event is None:
+                return None
+            check_transition(last.state if last else None, event.state)
+            try:
+                await self._js.publish(
+                    subjects.run_events(run_id),
+                    schemas.encode(event),
+                    headers={
+                        "Nats-Expected-Last-Subject-Sequence": str(seq),
+                        "Nats-Msg-Id": event.event_id,
+                    },
+                )
+                return event
+            except APIError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+        raise ConflictError(f"run {run_id}: too much contention appending an event")
+
+    async def history(self, run_id: str) -> list[schemas.RunEvent]:
+        _, last_seq = await self.last(run_id)
+        if last_seq == 0:
+            return []
+        events: list[schemas.RunEvent] = []
+        sub = await self._js.subscribe(
+            subjects.run_events(run_id),
+            stream=subjects.EVENTS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=5)
+                events.append(schemas.run_event_decoder.decode(msg.data))
+                if msg.metadata.sequence.stream >= last_seq:
+                    return events
+        finally:
+            await sub.unsubscribe()
+
+    async def latest_per_run(self) -> list[schemas.RunEvent]:
+        """The newest event of every run (one pass over the stream's last-per-subject index)."""
+        info = await self._js.stream_info(subjects.EVENTS_STREAM)
+        if info.state.messages == 0:
+            return []
+        last_seq = info.state.last_seq
+        out: list[schemas.RunEvent] = []
+        sub = await self._js.subscribe(
+            subjects.all_run_events(),
+            stream=subjects.EVENTS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=5)
+                out.append(schemas.run_event_decoder.decode(msg.data))
+                if msg.metadata.num_pending == 0 or msg.metadata.sequence.stream >= last_seq:
+                    return out
+        finally:
+            await sub.unsubscribe()
+
+
+def make_event(cls: type[schemas.RunEventBase], run_id: str, state: RunState, **fields: object) -> schemas.RunEvent:
+    return cls(event_id=new_event_id(), run_id=run_id, state=state, at=time.time(), **fields)  # type: ignore[return-value]
+
+
+async def retry(fn: Callable[[], Awaitable[T]], attempts: int = 50, delay: float = 0.1) -> T:
+    """Retry ``fn`` while the bus topology is still being created by a starting service."""
+    for i in range(attempts):
+        try:
+            return await fn()
+        except (JsNotFound, NatsTimeout, APIError):
+            if i == attempts - 1:
+                raise
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,111 @@
+"""Run-level logic shared by services and the client: ids, spec validation, folding events into details."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+from shared import schemas, subjects
+from shared.errors import NotSupportedError, ValidationError
+from shared.states import RunState
+
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_PROCESSES_PER_NODE = 1024
+MAX_NODES = 4096
+# Variables the system sets for every process; a user may not override them.
+RESERVED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "CADRE_")
+
+
+def new_run_id(experiment: str) -> str:
+    return f"{experiment.lower()}_{int(time.time())}_{secrets.token_hex(4)}"
+
+
+def validate_spec(spec: schemas.RunSpec) -> None:
+    """Everything that can be checked without the cluster; raises with a message a person can act on."""
+    if not subjects.NAME_RE.match(spec.experiment):
+        raise ValidationError(
+            f"experiment name {spec.experiment!r} is invalid: use letters, digits, '_' or '-' (at most 128)"
+        )
+    if not subjects.NAME_RE.match(spec.compute_target):
+        raise ValidationError(f"compute target name {spec.compute_target!r} is invalid")
+    entry = spec.entry_script
+    if not entry or entry.startswith("/") or ".." in entry.split("/"):
+        raise ValidationError(f"entry_script {entry!r} must be a path relative to source_directory, inside it")
+    if not 1 <= spec.node_count <= MAX_NODES:
+        raise ValidationError(f"node_count must be between 1 and {MAX_NODES}, not {spec.node_count}")
+    if not 1 <= spec.process_count_per_node <= MAX_PROCESSES_PER_NODE:
+        raise ValidationError(
+            f"process_count_per_node must be between 1 and {MAX_PROCESSES_PER_NODE}, not {spec.process_count_per_node}"
+        )
+    if spec.max_run_duration_seconds is not None and spec.max_run_duration_seconds <= 0:
+        raise ValidationError("max_run_duration_seconds must be a positive number of seconds")
+    for key in spec.environment_variables:
+        if not ENV_NAME_RE.match(key):
+            raise ValidationError(f"environment variable name {key!r} is invalid")
+        if key in RESERVED_ENV or key.startswith("CADRE_"):
+            raise ValidationError(f"environment variable {key} is set by cadre for every process; choose another")
+    if not HASH_RE.match(spec.snapshot.content_hash) or not MD5_RE.match(spec.snapshot.md5):
+        raise ValidationError("snapshot reference is malformed (expected a sha256 content hash and an md5)")
+    if spec.distributed != "none":
+        raise NotSupportedError(
+            "distributed_training (MpiConfiguration / PyTorchConfiguration) is not yet supported: "
+            "it arrives with multi-node launch (issue #3)"
+        )
+    if spec.pip_packages or spec.conda_packages:
+        raise NotSupportedError(
+            "pip_packages / conda_packages are not yet supported: job environments arrive with the container "
+            "runtime (issue #6); the job runs with the agent's Python"
+        )
+    if spec.custom_docker_image:
+        raise NotSupportedError("custom_docker_image is not yet supported: the Docker runtime arrives with issue #6")
+
+
+def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.RunDetails:
+    """Replay a run's events into its details (the projection every reader sees)."""
+    state = RunState.NOT_STARTED
+    started_at = ended_at = None
+    queue_reason: str | None = None
+    placement: list[schemas.RankSlot] = []
+    exit_codes: dict[int, int] = {}
+    log_lines: dict[int, int] = {}
+    error: schemas.ErrorInfo | None = None
+    history: list[schemas.StateChange] = []
+    for ev in events:
+        if ev.state is not state or not history:
+            history.append(schemas.StateChange(state=ev.state, at=ev.at, kind=type(ev).__name__))
+        state = ev.state
+        match ev:
+            case schemas.Queued(reason=reason):
+                queue_reason = reason
+            case schemas.Assigned(placement=p):
+                placement, queue_reason = list(p), None
+            case schemas.Running():
+                started_at = started_at or ev.at
+            case schemas.RankExited(rank=rank, exit_code=code):
+                exit_codes[rank] = code
+            case schemas.Finalizing(exit_codes=codes, log_lines=lines, error=err):
+                exit_codes.update(codes)
+                log_lines.update(lines)
+                error = err or error
+            case schemas.Failed(error=err):
+                error = err
+        if state.is_terminal():
+            ended_at = ev.at
+    return schemas.RunDetails(
+        run_id=record.run_id,
+        experiment=record.spec.experiment,
+        state=state,
+        spec=record.spec,
+        submitted_at=record.submitted_at,
+        started_at=started_at,
+        ended_at=ended_at,
+        queue_reason=queue_reason if state is RunState.QUEUED else None,
+        placement=placement,
+        exit_codes=exit_codes,
+        log_lines=log_lines,
+        error=error,
+        history=history,
+    )

@@ -1,0 +1,391 @@
+"""Every message that crosses the bus, as msgspec Structs, with module-level encoders/decoders.
+
+Messages are JSON so that an operator can read a stream with any NATS tool. Every top-level message carries
+``schema`` so that a later version can be told apart from this one.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Literal, TypeVar
+
+import msgspec
+
+from shared.states import RunState
+
+SCHEMA_VERSION = 1
+
+ScalarParam = str | int | float | bool
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    schema: int = SCHEMA_VERSION
+
+
+# --- run specification -----------------------------------------------------------------------------------
+class SnapshotRef(msgspec.Struct, frozen=True, kw_only=True):
+    content_hash: str  # sha256 of the archive bytes; the archive is built deterministically
+    size: int
+    file_count: int
+    md5: str  # lets the store verify the upload (S3 ETag of a single PUT)
+
+
+class GitInfo(msgspec.Struct, frozen=True, kw_only=True):
+    repository: str | None = None
+    branch: str | None = None
+    commit: str | None = None
+    dirty: bool = False
+
+
+class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
+    experiment: str
+    entry_script: str
+    script_params: dict[str, ScalarParam] = {}
+    arguments: list[str] = []  # script_params rendered as the command line, in order
+    compute_target: str = "local"
+    node_count: int = 1
+    process_count_per_node: int = 1
+    distributed: Literal["none", "mpi", "pytorch"] = "none"
+    environment_variables: dict[str, str] = {}
+    max_run_duration_seconds: int | None = None
+    snapshot: SnapshotRef
+    git: GitInfo | None = None
+    pip_packages: list[str] = []
+    conda_packages: list[str] = []
+    custom_docker_image: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.node_count * self.process_count_per_node
+
+
+class RunRecord(Message, frozen=True, kw_only=True):
+    run_id: str
+    spec: RunSpec
+    submitted_at: float
+
+
+class RankSlot(msgspec.Struct, frozen=True, kw_only=True):
+    rank: int
+    node_id: str
+    local_rank: int
+    gpu_ids: list[int] = []
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    code: str
+    message: str
+
+
+# --- run events (the tagged union stored in CADRE_EVENTS) -------------------------------------------------
+class RunEventBase(Message, frozen=True, kw_only=True, tag_field="kind"):
+    event_id: str
+    run_id: str
+    state: RunState  # the run's state once this event is applied
+    at: float
+
+
+class Submitted(RunEventBase, frozen=True, kw_only=True, tag="submitted"):
+    experiment: str
+    compute_target: str
+    entry_script: str
+
+
+class Queued(RunEventBase, frozen=True, kw_only=True, tag="queued"):
+    reason: str | None = None
+
+
+class Assigned(RunEventBase, frozen=True, kw_only=True, tag="assigned"):
+    placement: list[RankSlot]
+
+
+class Starting(RunEventBase, frozen=True, kw_only=True, tag="starting"):
+    node_id: str
+
+
+class Running(RunEventBase, frozen=True, kw_only=True, tag="running"):
+    node_id: str
+
+
+class RankExited(RunEventBase, frozen=True, kw_only=True, tag="rank_exited"):
+    node_id: str
+    rank: int
+    exit_code: int
+
+
+class Finalizing(RunEventBase, frozen=True, kw_only=True, tag="finalizing"):
+    node_id: str
+    outcome: Literal["succeeded", "failed", "canceled"]
+    exit_codes: dict[int, int] = {}
+    log_lines: dict[int, int] = {}  # rank -> number of log lines published, so followers know they have all
+    error: ErrorInfo | None = None
+
+
+class CancelRequested(RunEventBase, frozen=True, kw_only=True, tag="cancel_requested"):
+    pass
+
+
+class Completed(RunEventBase, frozen=True, kw_only=True, tag="completed"):
+    file_count: int = 0
+    total_bytes: int = 0
+
+
+class Failed(RunEventBase, frozen=True, kw_only=True, tag="failed"):
+    error: ErrorInfo
+
+
+class Canceled(RunEventBase, frozen=True, kw_only=True, tag="canceled"):
+    pass
+
+
+RunEvent = (
+    Submitted
+    | Queued
+    | Assigned
+    | Starting
+    | Running
+    | RankExited
+    | Finalizing
+    | CancelRequested
+    | Completed
+    | Failed
+    | Canceled
+)
+
+
+# --- nodes and scheduling ---------------------------------------------------------------------------------
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    name: str = "declared"
+    memory_bytes: int = 0
+
+
+class NodeAdvert(Message, frozen=True, kw_only=True):
+    node_id: str
+    compute_target: str
+    hostname: str
+    cpus: int
+    memory_bytes: int
+    gpus: list[GpuInfo] = []
+    slots: int  # processes it runs at once
+    runtime: str = "process"
+    started_at: float
+    heartbeat_at: float
+    heartbeat_interval: float
+
+    def alive(self, now: float, missed: int = 3) -> bool:
+        """A node that missed ``missed`` heartbeats in a row is gone."""
+        return now - self.heartbeat_at <= missed * self.heartbeat_interval
+
+
+class ComputeTargetInfo(Message, frozen=True, kw_only=True):
+    name: str
+    first_seen_at: float
+
+
+class Assignment(Message, frozen=True, kw_only=True):
+    run_id: str
+    node_id: str
+    spec: RunSpec
+    placement: list[RankSlot]  # the whole rank map; the agent starts the ranks whose node_id is its own
+
+
+# --- logs --------------------------------------------------------------------------------------------------
+class LogLine(msgspec.Struct, frozen=True, array_like=True):
+    t: float
+    stream: Literal["o", "e"]
+    text: str
+
+
+class LogBatch(Message, frozen=True, kw_only=True):
+    run_id: str
+    rank: int
+    node_id: str
+    first_line: int  # 0-based number of the first line in this batch, per rank
+    lines: list[LogLine]
+
+
+# --- request / reply -----------------------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+class Reply(msgspec.Struct, Generic[T], frozen=True, kw_only=True, omit_defaults=True):
+    ok: T | None = None
+    error: ErrorInfo | None = None
+
+
+class Empty(Message, frozen=True, kw_only=True):
+    pass
+
+
+class Ping(Message, frozen=True, kw_only=True):
+    service: str
+    instance: str
+
+
+class SnapshotPrepareRequest(Message, frozen=True, kw_only=True):
+    snapshot: SnapshotRef
+
+
+class SnapshotPrepareReply(Message, frozen=True, kw_only=True):
+    exists: bool
+    upload_url: str | None = None
+
+
+class SubmitRequest(Message, frozen=True, kw_only=True):
+    spec: RunSpec
+
+
+class SubmitReply(Message, frozen=True, kw_only=True):
+    run_id: str
+    state: RunState
+
+
+class RunRef(Message, frozen=True, kw_only=True):
+    run_id: str
+
+
+class StateChange(msgspec.Struct, frozen=True, kw_only=True):
+    state: RunState
+    at: float
+    kind: str
+
+
+class RunDetails(Message, frozen=True, kw_only=True):
+    run_id: str
+    experiment: str
+    state: RunState
+    spec: RunSpec
+    submitted_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    queue_reason: str | None = None
+    placement: list[RankSlot] = []
+    exit_codes: dict[int, int] = {}
+    log_lines: dict[int, int] = {}
+    error: ErrorInfo | None = None
+    history: list[StateChange] = []
+
+
+class RunSummary(Message, frozen=True, kw_only=True):
+    run_id: str
+    experiment: str
+    state: RunState
+    at: float
+
+
+class RunListRequest(Message, frozen=True, kw_only=True):
+    experiment: str | None = None
+    limit: int = 100
+
+
+class RunList(Message, frozen=True, kw_only=True):
+    runs: list[RunSummary]
+
+
+class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    size: int
+    md5: str
+
+
+class FilesListRequest(Message, frozen=True, kw_only=True):
+    run_id: str
+    prefix: str = ""
+
+
+class FilesList(Message, frozen=True, kw_only=True):
+    files: list[FileEntry]
+
+
+class FileUrlRequest(Message, frozen=True, kw_only=True):
+    run_id: str
+    name: str
+
+
+class FileUrl(Message, frozen=True, kw_only=True):
+    url: str
+    size: int
+    md5: str
+
+
+class UploadUrlsRequest(Message, frozen=True, kw_only=True):
+    run_id: str
+    node_id: str
+    files: list[FileEntry]
+
+
+class UploadUrls(Message, frozen=True, kw_only=True):
+    urls: dict[str, str]
+
+
+class CommitRequest(Message, frozen=True, kw_only=True):
+    run_id: str
+    node_id: str
+    files: list[FileEntry]
+
+
+class SnapshotUrl(Message, frozen=True, kw_only=True):
+    url: str
+    snapshot: SnapshotRef
+
+
+class ModelVersion(Message, frozen=True, kw_only=True):
+    name: str
+    version: int
+    run_id: str
+    experiment: str
+    source_path: str  # the run file it came from
+    files: list[FileEntry]
+    registered_at: float
+    tags: dict[str, str] = {}
+    description: str | None = None
+
+
+class ModelRegisterRequest(Message, frozen=True, kw_only=True):
+    model_name: str
+    run_id: str
+    model_path: str
+    tags: dict[str, str] = {}
+    description: str | None = None
+
+
+class ModelGetRequest(Message, frozen=True, kw_only=True):
+    name: str
+    version: int | None = None  # None: the latest
+
+
+class ModelListRequest(Message, frozen=True, kw_only=True):
+    name: str | None = None
+
+
+class ModelList(Message, frozen=True, kw_only=True):
+    models: list[ModelVersion]
+
+
+class ModelRegistered(Message, frozen=True, kw_only=True):
+    """Published on the model's event subject after a version is stored."""
+
+    model: ModelVersion
+
+
+class TargetList(Message, frozen=True, kw_only=True):
+    targets: list[ComputeTargetInfo]
+    nodes: list[NodeAdvert]
+
+
+# --- codecs ---------------------------------------------------------------------------------------------------
+encoder = msgspec.json.Encoder()
+run_event_decoder = msgspec.json.Decoder(RunEvent)
+log_batch_decoder = msgspec.json.Decoder(LogBatch)
+node_decoder = msgspec.json.Decoder(NodeAdvert)
+assignment_decoder = msgspec.json.Decoder(Assignment)
+record_decoder = msgspec.json.Decoder(RunRecord)
+model_decoder = msgspec.json.Decoder(ModelVersion)
+
+
+def encode(msg: object) -> bytes:
+    return encoder.encode(msg)
+
+
+def decode(data: bytes, type_: type[T]) -> T:
+    return msgspec.json.decode(data, type=type_)

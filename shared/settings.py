@@ -1,0 +1,84 @@
+"""Settings every process reads from its environment (``CADRE_*``), one struct per concern.
+
+Secrets come from the environment or from ``*_FILE`` variables naming a file (docker secrets style);
+they are never logged: ``__repr__`` masks them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from shared.errors import ValidationError
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    file_var = os.environ.get(f"{name}_FILE")
+    if file_var:
+        with open(file_var, encoding="utf-8") as fh:
+            return fh.read().strip()
+    return os.environ.get(name, default)
+
+
+def _require(name: str) -> str:
+    value = _env(name)
+    if not value:
+        raise ValidationError(f"environment variable {name} (or {name}_FILE) must be set")
+    return value
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    url: str
+    user: str
+    password: str = field(repr=False)
+    name: str = "cadre"
+
+    @classmethod
+    def from_env(cls, name: str) -> BusSettings:
+        return cls(
+            url=_env("CADRE_NATS_URL", "nats://127.0.0.1:4222") or "",
+            user=_require("CADRE_NATS_USER"),
+            password=_require("CADRE_NATS_PASSWORD"),
+            name=name,
+        )
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    endpoint: str  # host:port
+    access_key: str
+    secret_key: str = field(repr=False)
+    bucket: str = "cadre"
+    secure: bool = False
+    region: str = "us-east-1"
+
+    @classmethod
+    def from_env(cls) -> StoreSettings:
+        return cls(
+            endpoint=_require("CADRE_S3_ENDPOINT"),
+            access_key=_require("CADRE_S3_ACCESS_KEY"),
+            secret_key=_require("CADRE_S3_SECRET_KEY"),
+            bucket=_env("CADRE_S3_BUCKET", "cadre") or "cadre",
+            secure=(_env("CADRE_S3_SECURE", "false") or "").lower() in ("1", "true", "yes"),
+            region=_env("CADRE_S3_REGION", "us-east-1") or "us-east-1",
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits the submitter enforces (Azure ML's defaults)."""
+
+    snapshot_max_bytes: int = 300 * 1024 * 1024
+    snapshot_max_files: int = 2000
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(
+            snapshot_max_bytes=int(_env("CADRE_SNAPSHOT_MAX_BYTES", str(cls.snapshot_max_bytes)) or 0),
+            snapshot_max_files=int(_env("CADRE_SNAPSHOT_MAX_FILES", str(cls.snapshot_max_files)) or 0),
+        )
+
+
+def log_level() -> str:
+    return (_env("CADRE_LOG_LEVEL", "info") or "info").lower()

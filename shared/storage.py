@@ -1,0 +1,89 @@
+"""The object store (any S3 server: MinIO in production, SeaweedFS locally) through the minio client.
+
+Only the services that own buckets hold these credentials; everyone else gets presigned URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from datetime import timedelta
+
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.error import S3Error
+
+from shared.errors import NotFoundError, StorageError
+from shared.settings import StoreSettings
+
+URL_TTL = timedelta(hours=6)
+
+
+class ObjectStore:
+    """Async facade over the (blocking) minio client; calls run in worker threads."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.bucket = settings.bucket
+        self._client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+            region=settings.region,
+        )
+
+    async def _call(self, fn, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
+                raise NotFoundError(f"object {exc.resource or ''} not found") from exc
+            raise StorageError(f"object store error {exc.code}: {exc.message}") from exc
+
+    async def ensure_bucket(self) -> None:
+        if not await self._call(self._client.bucket_exists, self.bucket):
+            try:
+                await self._call(self._client.make_bucket, self.bucket)
+            except StorageError:
+                if not await self._call(self._client.bucket_exists, self.bucket):
+                    raise
+
+    async def stat(self, key: str) -> tuple[int, str] | None:
+        """(size, etag) of an object, or None when it does not exist."""
+        try:
+            st = await self._call(self._client.stat_object, self.bucket, key)
+        except NotFoundError:
+            return None
+        return int(st.size or 0), (st.etag or "").strip('"')
+
+    async def presign_put(self, key: str) -> str:
+        return await self._call(self._client.presigned_put_object, self.bucket, key, expires=URL_TTL)
+
+    async def presign_get(self, key: str) -> str:
+        return await self._call(self._client.presigned_get_object, self.bucket, key, expires=URL_TTL)
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        await self._call(self._client.put_object, self.bucket, key, io.BytesIO(data), len(data), content_type)
+
+    async def get_bytes(self, key: str) -> bytes:
+        def _get() -> bytes:
+            resp = self._client.get_object(self.bucket, key)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return await self._call(_get)
+
+    async def copy(self, src_key: str, dst_key: str) -> None:
+        await self._call(self._client.copy_object, self.bucket, dst_key, CopySource(self.bucket, src_key))
+
+    async def list(self, prefix: str) -> list[tuple[str, int, str]]:
+        def _list() -> list[tuple[str, int, str]]:
+            return [
+                (o.object_name or "", int(o.size or 0), (o.etag or "").strip('"'))
+                for o in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            ]
+
+        return await self._call(_list)

@@ -1,0 +1,126 @@
+"""Every NATS subject, JetStream stream and consumer, KV bucket and object-store key, built in one place.
+
+Services never spell a subject themselves: they call these builders, so the table in the README and the
+permissions in :mod:`shared.auth` stay true.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "cadre"
+
+# --- streams (JetStream) -------------------------------------------------------------------------------
+EVENTS_STREAM = "CADRE_EVENTS"  # every run's lifecycle events; the source of truth for run state
+LOGS_STREAM = "CADRE_LOGS"  # batched stdout/stderr lines per run and rank
+ASSIGNMENTS_STREAM = "CADRE_ASSIGNMENTS"  # work handed to one node agent (work-queue retention)
+MODELS_STREAM = "CADRE_MODELS"  # registry changes
+
+# --- KV buckets ----------------------------------------------------------------------------------------
+NODES_BUCKET = "cadre_nodes"  # node_id -> NodeAdvert (capacity + heartbeat)
+TARGETS_BUCKET = "cadre_targets"  # compute target name -> ComputeTargetInfo
+RUNS_BUCKET = "cadre_runs"  # run_id -> RunRecord (immutable spec of a run)
+MODELS_BUCKET = "cadre_models"  # "<name>.latest" and "<name>.v<version>" -> ModelVersion
+
+# --- object store --------------------------------------------------------------------------------------
+DEFAULT_BUCKET = "cadre"
+
+# Names users choose that end up inside subjects or keys are checked against this.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+RUN_ID_RE = re.compile(r"^[a-z0-9_-]{1,128}$")
+
+
+def run_events(run_id: str) -> str:
+    return f"{PREFIX}.runs.{run_id}.events"
+
+
+def all_run_events() -> str:
+    return f"{PREFIX}.runs.*.events"
+
+
+def run_logs(run_id: str, rank: int) -> str:
+    return f"{PREFIX}.runs.{run_id}.logs.{rank}"
+
+
+def run_logs_all_ranks(run_id: str) -> str:
+    return f"{PREFIX}.runs.{run_id}.logs.*"
+
+
+def all_run_logs() -> str:
+    return f"{PREFIX}.runs.*.logs.*"
+
+
+def node_assignments(node_id: str) -> str:
+    return f"{PREFIX}.nodes.{node_id}.assignments"
+
+
+def all_node_assignments() -> str:
+    return f"{PREFIX}.nodes.*.assignments"
+
+
+def agent_consumer(node_id: str) -> str:
+    return f"agent-{node_id}"
+
+
+def model_events(name: str) -> str:
+    return f"{PREFIX}.models.{name}.events"
+
+
+def all_model_events() -> str:
+    return f"{PREFIX}.models.*.events"
+
+
+# --- request/reply endpoints ---------------------------------------------------------------------------
+# Client-facing endpoints live under cadre.api.>, agent-facing ones under cadre.agent.>, so that
+# permissions can be granted per role with one wildcard each.
+class Api:
+    SNAPSHOT_PREPARE = f"{PREFIX}.api.snapshots.prepare"
+    SUBMIT = f"{PREFIX}.api.runs.submit"
+    RUN_GET = f"{PREFIX}.api.runs.get"
+    RUN_LIST = f"{PREFIX}.api.runs.list"
+    RUN_CANCEL = f"{PREFIX}.api.runs.cancel"
+    FILES_LIST = f"{PREFIX}.api.artifacts.list"
+    FILE_URL = f"{PREFIX}.api.artifacts.download"
+    MODEL_REGISTER = f"{PREFIX}.api.models.register"
+    MODEL_GET = f"{PREFIX}.api.models.get"
+    MODEL_LIST = f"{PREFIX}.api.models.list"
+    TARGETS_LIST = f"{PREFIX}.api.targets.list"
+
+
+class AgentApi:
+    SNAPSHOT_URL = f"{PREFIX}.agent.artifacts.snapshot"
+    UPLOAD_URLS = f"{PREFIX}.agent.artifacts.upload"
+    COMMIT = f"{PREFIX}.agent.artifacts.commit"
+
+
+def service_ping(service: str) -> str:
+    return f"{PREFIX}.api.ping.{service}"
+
+
+# --- object keys ---------------------------------------------------------------------------------------
+def snapshot_key(content_hash: str) -> str:
+    return f"snapshots/{content_hash}.tar.gz"
+
+
+def run_file_prefix(run_id: str) -> str:
+    return f"runs/{run_id}/files/"
+
+
+def run_file_key(run_id: str, name: str) -> str:
+    return f"{run_file_prefix(run_id)}{name}"
+
+
+def run_manifest_key(run_id: str) -> str:
+    return f"runs/{run_id}/manifest.json"
+
+
+def model_file_key(name: str, version: int, path: str) -> str:
+    return f"models/{name}/{version}/{path}"
+
+
+def model_latest_key(name: str) -> str:
+    return f"{name}.latest"
+
+
+def model_version_key(name: str, version: int) -> str:
+    return f"{name}.v{version}"

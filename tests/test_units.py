@@ -1,0 +1,216 @@
+"""Pure logic: the state table, placement, script_params, snapshots. No servers."""
+
+from __future__ import annotations
+
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cadre._estimator import Estimator, render_params
+from cadre._snapshot import collect, pack
+from services.scheduler.placement import NodeState, place
+from shared import schemas
+from shared.errors import ConflictError, NotSupportedError, ValidationError
+from shared.runs import fold, validate_spec
+from shared.settings import Limits
+from shared.states import TRANSITIONS, RunState, can_transition, check_transition
+
+SNAP = schemas.SnapshotRef(content_hash="a" * 64, size=10, file_count=1, md5="b" * 32)
+
+
+def spec(**kw: object) -> schemas.RunSpec:
+    base: dict[str, object] = {"experiment": "e", "entry_script": "train.py", "snapshot": SNAP}
+    base.update(kw)
+    return schemas.RunSpec(**base)  # type: ignore[arg-type]
+
+
+def node(node_id: str, slots: int, gpus: int = 0, target: str = "local") -> NodeState:
+    return NodeState(
+        schemas.NodeAdvert(
+            node_id=node_id,
+            compute_target=target,
+            hostname="h",
+            cpus=slots,
+            memory_bytes=0,
+            gpus=[schemas.GpuInfo(index=i) for i in range(gpus)],
+            slots=slots,
+            started_at=0,
+            heartbeat_at=time.time(),
+            heartbeat_interval=2,
+        )
+    )
+
+
+class TestStates:
+    def test_terminal_states_go_nowhere(self) -> None:
+        for state in (RunState.COMPLETED, RunState.FAILED, RunState.CANCELED):
+            assert state.is_terminal()
+            for other in RunState:
+                assert not can_transition(state, other)
+
+    def test_happy_path_is_legal(self) -> None:
+        path = [None, RunState.NOT_STARTED, RunState.QUEUED, RunState.PREPARING, RunState.STARTING,
+                RunState.RUNNING, RunState.FINALIZING, RunState.COMPLETED]
+        for cur, nxt in zip(path, path[1:], strict=False):
+            check_transition(cur, nxt)  # type: ignore[arg-type]
+
+    def test_illegal_moves_are_refused(self) -> None:
+        with pytest.raises(ConflictError):
+            check_transition(RunState.QUEUED, RunState.RUNNING)
+        with pytest.raises(ConflictError):
+            check_transition(RunState.COMPLETED, RunState.RUNNING)
+        with pytest.raises(ConflictError):
+            check_transition(None, RunState.QUEUED)
+
+    def test_every_state_has_a_row(self) -> None:
+        assert set(TRANSITIONS) == set(RunState)
+
+
+class TestPlacement:
+    def test_packs_onto_the_fullest_node_that_fits(self) -> None:
+        a, b = node("a", 4), node("b", 4)
+        a.used_slots = 2
+        decision = place(spec(process_count_per_node=2), [a, b])
+        assert decision.placement is not None
+        assert {s.node_id for s in decision.placement} == {"a"}
+        assert [s.rank for s in decision.placement] == [0, 1]
+        assert [s.local_rank for s in decision.placement] == [0, 1]
+
+    def test_gpus_are_one_per_process_and_never_shared(self) -> None:
+        n = node("g", 4, gpus=4)
+        n.used_gpus = {0}
+        n.used_slots = 1
+        decision = place(spec(process_count_per_node=2), [n])
+        assert decision.placement is not None
+        assert [s.gpu_ids for s in decision.placement] == [[1], [2]]
+
+    def test_waits_with_a_reason_when_busy(self) -> None:
+        n = node("a", 2)
+        n.used_slots = 2
+        decision = place(spec(), [n])
+        assert decision.placement is None and decision.impossible is None
+        assert "1 free slot" in (decision.reason or "") and "0 of 1" in (decision.reason or "")
+
+    def test_waits_when_no_node_is_live(self) -> None:
+        assert "no live node" in (place(spec(), []).reason or "")
+
+    def test_too_big_for_any_node_is_impossible(self) -> None:
+        decision = place(spec(process_count_per_node=8), [node("a", 2)])
+        assert decision.impossible and "largest node: 2" in decision.impossible
+
+    def test_multi_node_waits_until_launch_exists(self) -> None:
+        decision = place(spec(node_count=2), [node("a", 2), node("b", 2)])
+        assert decision.placement is None and "multi-node" in (decision.reason or "")
+        decision = place(spec(node_count=2), [node("a", 2), node("b", 2)], multi_node_supported=True)
+        assert decision.placement is not None and {s.node_id for s in decision.placement} == {"a", "b"}
+
+
+class TestParams:
+    def test_render_in_order_with_bare_flags(self) -> None:
+        params, argv = render_params({"--regularization": 0.8, "--verbose": "", "--epochs": 3})
+        assert argv == ["--regularization", "0.8", "--verbose", "--epochs", "3"]
+        assert params["--verbose"] == ""
+
+    @pytest.mark.parametrize("bad", [["--a", 1], {"--a": [1, 2]}, {"--a": None}, {1: "x"}])
+    def test_bad_params_are_refused(self, bad: object) -> None:
+        with pytest.raises(ValidationError):
+            render_params(bad)  # type: ignore[arg-type]
+
+
+class TestEstimator:
+    def test_missing_source_directory(self, tmp_path: Path) -> None:
+        with pytest.raises(ValidationError, match="does not exist"):
+            Estimator(source_directory=tmp_path / "nope", entry_script="train.py")
+
+    def test_entry_script_missing_or_outside(self, tmp_path: Path) -> None:
+        (tmp_path / "src").mkdir()
+        (tmp_path / "outside.py").write_text("")
+        with pytest.raises(ValidationError, match="not found"):
+            Estimator(source_directory=tmp_path / "src", entry_script="train.py")
+        with pytest.raises(ValidationError, match="inside"):
+            Estimator(source_directory=tmp_path / "src", entry_script="../outside.py")
+
+    def test_later_features_say_not_yet_supported(self, tmp_path: Path) -> None:
+        (tmp_path / "t.py").write_text("")
+        with pytest.raises(NotSupportedError, match="issue #6"):
+            Estimator(source_directory=tmp_path, entry_script="t.py", pip_packages=["scikit-learn"])
+        with pytest.raises(NotSupportedError, match="issue #6"):
+            Estimator(source_directory=tmp_path, entry_script="t.py", custom_docker_image="x:1")
+        with pytest.raises(NotSupportedError, match="issue #3"):
+            validate_spec(spec(distributed="mpi"))
+
+    def test_reserved_environment_is_refused(self) -> None:
+        with pytest.raises(ValidationError, match="RANK"):
+            validate_spec(spec(environment_variables={"RANK": "3"}))
+
+
+class TestSnapshot:
+    def test_ignore_files_and_git_are_honoured(self, tmp_path: Path) -> None:
+        (tmp_path / ".git").mkdir()
+        (tmp_path / ".git" / "config").write_text("x")
+        (tmp_path / "train.py").write_text("print(1)")
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "big.bin").write_bytes(b"0" * 100)
+        (tmp_path / "notes.tmp").write_text("x")
+        (tmp_path / "keep.tmp").write_text("x")
+        (tmp_path / ".gitignore").write_text("*.tmp\n!keep.tmp\n")
+        (tmp_path / ".cadreignore").write_text("data/\n")
+        names = [rel for rel, _ in collect(tmp_path)]
+        assert names == [".cadreignore", ".gitignore", "keep.tmp", "train.py"]
+
+    def test_archive_is_deterministic(self, tmp_path: Path) -> None:
+        (tmp_path / "a.py").write_text("a")
+        first = pack(tmp_path)
+        (tmp_path / "a.py").touch()
+        assert pack(tmp_path).ref == first.ref
+        (tmp_path / "a.py").write_text("b")
+        assert pack(tmp_path).ref.content_hash != first.ref.content_hash
+
+    def test_archive_round_trips(self, tmp_path: Path) -> None:
+        (tmp_path / "pkg").mkdir()
+        (tmp_path / "pkg" / "m.py").write_text("x = 1")
+        out = tmp_path.parent / "snap.tar.gz"
+        out.write_bytes(pack(tmp_path).data)
+        with tarfile.open(out) as tar:
+            assert tar.getnames() == ["pkg/m.py"]
+
+    def test_limits_fail_before_packing(self, tmp_path: Path) -> None:
+        for i in range(5):
+            (tmp_path / f"f{i}.py").write_text("x" * 100)
+        with pytest.raises(ValidationError, match="5 files"):
+            pack(tmp_path, Limits(snapshot_max_files=4))
+        with pytest.raises(ValidationError, match="MB"):
+            pack(tmp_path, Limits(snapshot_max_bytes=200))
+
+
+def test_fold_gives_state_reason_and_error() -> None:
+    record = schemas.RunRecord(run_id="r", spec=spec(), submitted_at=1.0)
+
+    def ev(cls: type, state: RunState, at: float, **kw: object) -> schemas.RunEvent:
+        return cls(event_id=str(at), run_id="r", state=state, at=at, **kw)
+
+    events = [
+        ev(schemas.Submitted, RunState.NOT_STARTED, 1, experiment="e", compute_target="local", entry_script="t.py"),
+        ev(schemas.Queued, RunState.QUEUED, 2),
+        ev(schemas.Queued, RunState.QUEUED, 3, reason="busy"),
+    ]
+    d = fold(record, events)
+    assert d.state is RunState.QUEUED and d.queue_reason == "busy"
+    slot = schemas.RankSlot(rank=0, node_id="n", local_rank=0)
+    events += [
+        ev(schemas.Assigned, RunState.PREPARING, 4, placement=[slot]),
+        ev(schemas.Running, RunState.RUNNING, 5, node_id="n"),
+        ev(schemas.Finalizing, RunState.FINALIZING, 6, node_id="n", outcome="failed", exit_codes={0: 3},
+           error=schemas.ErrorInfo(code="nonzero_exit", message="rank 0 exited with code 3")),
+        ev(schemas.Failed, RunState.FAILED, 7, error=schemas.ErrorInfo(code="nonzero_exit", message="boom")),
+    ]
+    d = fold(record, events)
+    assert d.state is RunState.FAILED and d.queue_reason is None
+    assert d.exit_codes == {0: 3} and d.error and d.error.message == "boom"
+    assert d.started_at == 5 and d.ended_at == 7
+    assert [h.state for h in d.history] == [
+        RunState.NOT_STARTED, RunState.QUEUED, RunState.PREPARING, RunState.RUNNING, RunState.FINALIZING,
+        RunState.FAILED,
+    ]
