@@ -98,7 +98,9 @@ class ServiceSpec:
     s3: bool = False
 
 
-def _service_commands(cluster: Path, agents: int, gpus_per_agent: int) -> list[ServiceSpec]:
+def _service_commands(
+    cluster: Path, agents: int, gpus_per_agent: int | None, slots_per_agent: int | None = None
+) -> list[ServiceSpec]:
     """Every service and agent `up` starts, in start order (a seam tests patch to run the bare infrastructure)."""
     specs = [
         ServiceSpec(
@@ -116,9 +118,14 @@ def _service_commands(cluster: Path, agents: int, gpus_per_agent: int) -> list[S
             sys.executable, "-m", "services.node_agent",
             "--node-id", node_id,
             "--compute-target", "local",
-            "--gpus", str(gpus_per_agent),
             "--work-dir", str(cluster / "agents" / node_id),
         ]  # fmt: skip
+        # Several local agents share one host: unless told otherwise, only a lone agent detects the GPUs.
+        gpus = gpus_per_agent if gpus_per_agent is not None else (None if agents == 1 else 0)
+        if gpus is not None:
+            argv += ["--gpus", str(gpus)]
+        if slots_per_agent is not None:
+            argv += ["--slots", str(slots_per_agent)]
         specs.append(ServiceSpec(name=node_id, role="agent", argv=argv, permissions=agent_permissions(node_id)))
     return specs
 
@@ -127,17 +134,18 @@ def _service_commands(cluster: Path, agents: int, gpus_per_agent: int) -> list[S
 def up(
     home: Path | None = None,
     agents: int = 1,
-    gpus_per_agent: int = 0,
+    gpus_per_agent: int | None = None,
     timeout: float = 60.0,
     echo: Callable[[str], None] | None = None,
+    slots_per_agent: int | None = None,
 ) -> Profile:
     """Start a local cluster under ``home/cluster`` and write ``home/profile.json``; returns the client profile.
 
     Raises ConflictError when this home's cluster is already running, CadreError (naming the process and
     quoting its log) when anything fails to start within ``timeout`` seconds; nothing is left running then.
     """
-    if agents < 0 or gpus_per_agent < 0:
-        raise ValidationError("agents and gpus_per_agent must be >= 0")
+    if agents < 0 or (gpus_per_agent or 0) < 0 or (slots_per_agent is not None and slots_per_agent < 1):
+        raise ValidationError("agents and gpus_per_agent must be >= 0, slots_per_agent >= 1")
     home = Path(home or cadre_home()).expanduser().absolute()
     cluster = home / "cluster"
     _mkdir(cluster)
@@ -147,7 +155,7 @@ def up(
 
     with _up_lock(cluster):
         _refuse_if_running(state_path)
-        specs = _service_commands(cluster, agents, gpus_per_agent)
+        specs = _service_commands(cluster, agents, gpus_per_agent, slots_per_agent)
         nats_bin, weed_bin = _binary("nats-server"), _binary("weed")
         nats_port, mon_port, *weed_ports = _free_ports(plain=2, with_grpc=5)
         s3_port = weed_ports[0]
@@ -205,11 +213,15 @@ def up(
                 "CADRE_S3_BUCKET": DEFAULT_BUCKET,
             }
             recs: list[ProcessRecord] = []
+            envs: dict[str, dict[str, str]] = {}
             for spec in specs:
                 env = {**bus_env, "CADRE_NATS_USER": spec.name, "CADRE_NATS_PASSWORD": passwords[spec.name]}
                 if spec.s3:
                     env.update(s3_env)
+                envs[spec.name] = env
                 recs.append(spawn(spec.name, spec.role, spec.argv, _child_env(env), REPO_ROOT))
+            # Kept (0600) so that one process can be restarted with its own credentials: see restart().
+            _write_private(cluster / "process-env.json", msgspec.json.encode(envs).decode())
             if recs:
                 _run_async(
                     _await_bus_processes(
@@ -250,6 +262,31 @@ def down(home: Path | None = None, timeout: float = 40.0) -> bool:
     _unlink(state_path)
     _remove_profile_of(home / "profile.json", state)
     return running
+
+
+def restart(name: str, home: Path | None = None, crash: bool = False, timeout: float = 20.0) -> None:
+    """Stop one service or agent of the running cluster (SIGKILL when ``crash``) and start it again.
+
+    For operators replacing a wedged process, and for tests that prove nothing is lost across a restart.
+    """
+    home = Path(home or cadre_home()).expanduser().absolute()
+    cluster = home / "cluster"
+    state_path = cluster / "state.json"
+    state = _read_state(state_path)
+    rec = next((r for r in state.processes if r.name == name), None) if state else None
+    if state is None or rec is None or rec.role == "infra":
+        names = [r.name for r in state.processes if r.role != "infra"] if state else []
+        raise ValidationError(f"no service or agent named {name!r} in this cluster; it has: {', '.join(names)}")
+    envs = msgspec.json.decode((cluster / "process-env.json").read_bytes(), type=dict[str, dict[str, str]])
+    if _is_ours(rec):
+        _signal_group(rec, signal.SIGKILL if crash else signal.SIGTERM)
+        left = _wait_exit([rec], time.monotonic() + timeout)
+        for r in left:
+            _signal_group(r, signal.SIGKILL)
+        _wait_exit(left, time.monotonic() + 5.0)
+    new, _ = _spawn(rec.name, rec.role, rec.argv, _child_env(envs[name]), REPO_ROOT, Path(rec.log))
+    state.processes = [new if r.name == name else r for r in state.processes]
+    _write_state(state_path, state)
 
 
 def is_running(home: Path | None = None) -> bool:

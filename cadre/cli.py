@@ -20,7 +20,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cadre import _local
 
     started = time.monotonic()
-    _local.up(agents=args.agents, gpus_per_agent=args.gpus_per_agent, timeout=args.timeout, echo=print)
+    _local.up(
+        agents=args.agents,
+        gpus_per_agent=args.gpus_per_agent,
+        slots_per_agent=args.slots_per_agent,
+        timeout=args.timeout,
+        echo=print,
+    )
     print(f"cadre cluster up ({args.agents} agent(s)) in {time.monotonic() - started:.1f}s; stop it with `cadre down`")
     return 0
 
@@ -125,7 +131,10 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the embedded local cluster in the background")
     up.add_argument("--agents", type=int, default=1)
-    up.add_argument("--gpus-per-agent", type=int, default=0)
+    up.add_argument(
+        "--gpus-per-agent", type=int, default=None, help="GPUs each agent declares (default: detect, one agent only)"
+    )
+    up.add_argument("--slots-per-agent", type=int, default=None, help="processes each agent runs at once")
     up.add_argument("--timeout", type=float, default=90.0)
     up.set_defaults(fn=cmd_up)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -20,6 +21,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 
 from shared import schemas, subjects
 from shared.errors import (
+    AuthenticationError,
     ClusterNotRunningError,
     ConflictError,
     ServiceUnavailableError,
@@ -33,13 +35,19 @@ T = TypeVar("T")
 WRONG_LAST_SEQUENCE = 10071  # JetStream's answer when an expected-last-subject-sequence check fails
 
 
-async def connect(settings: BusSettings, **kwargs: object) -> NATS:
-    """Connect with the role's credentials; a cluster that is not there is a clear error, not a hang."""
+async def connect(settings: BusSettings, **kwargs: Any) -> NATS:
+    """Connect with the role's credentials; a cluster that is not there, or refused credentials, is a clear
+    error at once, not an endless retry. Once connected, reconnects are unlimited."""
+    user_cb = kwargs.pop("error_cb", None)
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
-    async def _quiet(_: Exception) -> None:
-        return None
+    async def on_error(exc: Exception) -> None:
+        if "authorization" in str(exc).lower() and not refused.done():
+            refused.set_result(exc)
+        if user_cb is not None:
+            await user_cb(exc)
 
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "servers": [settings.url],
         "user": settings.user,
         "password": settings.password,
@@ -48,16 +56,37 @@ async def connect(settings: BusSettings, **kwargs: object) -> NATS:
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
-        "error_cb": _quiet,
+        "error_cb": on_error,
+        **kwargs,
     }
-    options.update(kwargs)
     try:
-        return await nats.connect(**options)  # type: ignore[arg-type]
-    except (TimeoutError, NoServersError, OSError) as exc:
+        # nats-py retries a first connection forever when reconnects are unlimited: probe once first.
+        await _probe(settings.url)
+    except (TimeoutError, OSError) as exc:
         raise ClusterNotRunningError(
             f"cannot reach the cadre bus at {settings.url} ({exc.__class__.__name__}); "
             "start a local cluster with `cadre up` or check the connection profile"
         ) from exc
+    attempt = asyncio.ensure_future(nats.connect(**options))
+    await asyncio.wait([attempt, refused], return_when=asyncio.FIRST_COMPLETED)
+    if attempt.done():
+        try:
+            return attempt.result()
+        except (TimeoutError, NoServersError, OSError) as exc:
+            raise ClusterNotRunningError(f"cannot connect to the cadre bus at {settings.url}: {exc}") from exc
+    attempt.cancel()
+    raise AuthenticationError(
+        f"the cadre bus at {settings.url} refused user {settings.user!r} (Authorization Violation): "
+        "check the credentials in the connection profile"
+    )
+
+
+async def _probe(url: str, timeout: float = 2.0) -> None:
+    parsed = urllib.parse.urlparse(url)
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout
+    )
+    writer.close()
 
 
 async def ensure_topology(js: JetStreamContext) -> None:

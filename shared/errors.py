@@ -45,6 +45,12 @@ class ClusterNotRunningError(CadreError):
     code = "cluster_not_running"
 
 
+class AuthenticationError(CadreError):
+    """The bus refused these credentials."""
+
+    code = "unauthorized"
+
+
 class ServiceUnavailableError(CadreError):
     """No service answered in time (down, overloaded, or this role may not call it)."""
 
@@ -68,6 +74,7 @@ _BY_CODE: dict[str, type[CadreError]] = {
         ConflictError,
         NotSupportedError,
         ClusterNotRunningError,
+        AuthenticationError,
         ServiceUnavailableError,
         RunFailedError,
         StorageError,

