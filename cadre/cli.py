@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--processes", type=int, default=1, help="processes per node")
     s.add_argument("--detach", action="store_true", help="print the run id and return")
-    s.add_argument("args", nargs=argparse.REMAINDER, help="-- then the script's arguments")
+    s.epilog = "Arguments after `--` go to the script: cadre submit proj --entry train.py -- --lr 0.1 --verbose"
     s.set_defaults(fn=cmd_submit)
 
     lg = sub.add_parser("logs", help="print a run's logs")
@@ -180,9 +180,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1 :]
     args = parser().parse_args(argv)
-    if getattr(args, "args", None) and args.args[0] == "--":
-        args.args = args.args[1:]
+    args.args = script_args
     try:
         return args.fn(args)
     except CadreError as exc:

@@ -59,7 +59,7 @@ def all_node_assignments() -> str:
 
 
 def agent_consumer(node_id: str) -> str:
-    return f"agent-{node_id}"
+    return f"assignments-{node_id}"
 
 
 def model_events(name: str) -> str:

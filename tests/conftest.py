@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import os
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from helpers import AGENT_SLOTS
 
 from cadre import Workspace, _local
-
-T = TypeVar("T")
-AGENT_SLOTS = 2
 
 
 @pytest.fixture(scope="session")
@@ -53,15 +49,3 @@ def make_project(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
-
-
-def eventually(fn: Callable[[], T], timeout: float = 20.0, interval: float = 0.05) -> T:
-    """Return fn()'s first truthy value, or fail after ``timeout`` with its last result."""
-    deadline = time.monotonic() + timeout
-    last: T = fn()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
-        time.sleep(interval)
-        last = fn()
-    return last

@@ -1,0 +1,134 @@
+"""Queueing with reasons, restarts that lose nothing, cancellation and time limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import AGENT_SLOTS, eventually
+
+from cadre import Estimator, Experiment, Run, RunFailedError, Workspace, _local
+
+# Holds its slots until the test creates the release file; writes its pid so the test can check it is gone.
+HOLD = """
+import os, sys, time
+open(os.environ["PID_FILE"] + os.environ["RANK"], "w").write(str(os.getpid()))
+print("holding", flush=True)
+while not os.path.exists(os.environ["RELEASE"]):
+    time.sleep(0.05)
+print("released")
+"""
+
+
+def hold(ws: Workspace, make_project: Callable[..., Path], tmp_path: Path, processes: int = AGENT_SLOTS) -> Run:
+    env = {"RELEASE": str(tmp_path / "release"), "PID_FILE": str(tmp_path / "pid")}
+    est = Estimator(
+        source_directory=make_project(**{"hold.py": HOLD}),
+        entry_script="hold.py",
+        process_count_per_node=processes,
+        environment_variables=env,
+    )
+    run = Experiment(ws, "hold").submit(est)
+    eventually(lambda: run.get_status() == "Running")
+    return run
+
+
+def quick(ws: Workspace, make_project: Callable[..., Path], name: str = "quick") -> Run:
+    est = Estimator(source_directory=make_project(**{"q.py": "print('quick done')"}), entry_script="q.py")
+    return Experiment(ws, name).submit(est)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+
+
+def test_busy_node_queues_with_reason_and_a_scheduler_crash_loses_nothing(
+    ws: Workspace, make_project: Callable[..., Path], tmp_path: Path, cluster_home: Path
+) -> None:
+    holder = hold(ws, make_project, tmp_path)
+    waiting = quick(ws, make_project)
+    reason = eventually(lambda: waiting.get_details()["queueReason"])
+    assert reason == "needs 1 node(s) with 1 free slot(s) on compute target 'local'; 0 of 1 live node(s) have them"
+    assert waiting.get_status() == "Queued"
+
+    # The scheduler dies; a run is submitted while it is down; it comes back.
+    state = json.loads((cluster_home / "cluster" / "state.json").read_text())
+    pid = next(p["pid"] for p in state["processes"] if p["name"] == "scheduler")
+    os.killpg(pid, signal.SIGKILL)
+    eventually(lambda: not alive(pid))
+    submitted_while_down = quick(ws, make_project, "while-down")
+    _local.restart("scheduler", home=cluster_home)
+    time.sleep(0.5)  # the restarted scheduler rebuilds its view; the holder still holds every slot
+    assert waiting.get_status() == "Queued" and submitted_while_down.get_status() == "Queued"
+
+    (tmp_path / "release").touch()
+    assert holder.wait_for_completion(timeout=30)["status"] == "Completed"
+    assert waiting.wait_for_completion(timeout=30)["status"] == "Completed"
+    assert submitted_while_down.wait_for_completion(timeout=30)["status"] == "Completed"
+
+
+def test_run_bigger_than_any_node_fails_fast(ws: Workspace, make_project: Callable[..., Path]) -> None:
+    est = Estimator(
+        source_directory=make_project(**{"q.py": ""}), entry_script="q.py", process_count_per_node=AGENT_SLOTS + 1
+    )
+    run = Experiment(ws, "too-big").submit(est)
+    with pytest.raises(RunFailedError, match=r"needs 1 node\(s\) with 3 slot\(s\) each.*largest node: 2"):
+        run.wait_for_completion(timeout=20)
+    assert run.get_details()["error"]["code"] == "unschedulable"
+
+
+def test_multi_node_run_beyond_the_pool_fails_fast(ws: Workspace, make_project: Callable[..., Path]) -> None:
+    est = Estimator(source_directory=make_project(**{"q.py": ""}), entry_script="q.py", node_count=2)
+    run = Experiment(ws, "multi").submit(est)
+    # One agent: a 2-node run can never fit, which is reported before the multi-node limitation.
+    with pytest.raises(RunFailedError, match=r"needs 2 node\(s\).*has 1 such node"):
+        run.wait_for_completion(timeout=20)
+
+
+def test_cancel_a_queued_run(ws: Workspace, make_project: Callable[..., Path], tmp_path: Path) -> None:
+    holder = hold(ws, make_project, tmp_path)
+    waiting = quick(ws, make_project)
+    eventually(lambda: waiting.get_details()["queueReason"])
+    assert waiting.cancel() == "Canceled"
+    assert waiting.cancel() == "Canceled"  # idempotent
+    (tmp_path / "release").touch()
+    holder.wait_for_completion(timeout=30)
+    assert waiting.get_status() == "Canceled"
+    assert [h["state"] for h in waiting.get_details()["history"]] == ["NotStarted", "Queued", "Canceled"]
+
+
+def test_cancel_a_running_run_stops_its_processes(
+    ws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    run = hold(ws, make_project, tmp_path, processes=2)
+    pids = [int(eventually(lambda r=r: (tmp_path / f"pid{r}").exists() and (tmp_path / f"pid{r}").read_text()))
+            for r in (0, 1)]  # fmt: skip
+    assert all(alive(p) for p in pids)
+    assert run.cancel() == "CancelRequested"
+    details = run.wait_for_completion(timeout=30)
+    assert details["status"] == "Canceled"
+    assert not any(alive(p) for p in pids)
+    assert {"driver_logs/rank_0.log", "driver_logs/rank_1.log"} <= set(run.get_file_names())
+
+
+def test_max_run_duration_is_enforced(ws: Workspace, make_project: Callable[..., Path]) -> None:
+    est = Estimator(
+        source_directory=make_project(**{"s.py": "import time\nprint('sleeping')\ntime.sleep(60)"}),
+        entry_script="s.py",
+        max_run_duration_seconds=1,
+    )
+    started = time.monotonic()
+    run = Experiment(ws, "slow").submit(est)
+    with pytest.raises(RunFailedError, match="max_run_duration_seconds=1"):
+        run.wait_for_completion(timeout=30)
+    assert time.monotonic() - started < 20
+    assert run.get_details()["error"]["code"] == "timeout"
