@@ -12,14 +12,18 @@ from shared.errors import NotSupportedError, ValidationError
 
 @dataclass(frozen=True)
 class MpiConfiguration:
-    """Run ``node_count`` x ``process_count_per_node`` processes as one MPI job (arrives with issue #3)."""
+    """Run ``node_count`` x ``process_count_per_node`` processes as one MPI job (MPICH, wired up through PMI-1).
+
+    ``process_count_per_node`` here overrides the Estimator's, as in Azure ML.
+    """
 
     process_count_per_node: int | None = None
 
 
 @dataclass(frozen=True)
 class PyTorchConfiguration:
-    """torch.distributed (env://) wiring without MPI (arrives with issue #3)."""
+    """torch.distributed wiring only: every process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK,
+    MASTER_ADDR and MASTER_PORT, so ``init_process_group(init_method="env://")`` works; no MPI."""
 
     communication_backend: str = "gloo"
 
@@ -69,6 +73,7 @@ class Estimator:
         custom_docker_image: str | None = None,
         environment_variables: dict[str, str] | None = None,
         max_run_duration_seconds: int | None = None,
+        placement_policy: str = "pack",
     ) -> None:
         source = Path(source_directory).expanduser()
         if not source.is_dir():
@@ -86,9 +91,15 @@ class Estimator:
         for name, value in (("node_count", node_count), ("process_count_per_node", process_count_per_node)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValidationError(f"{name} must be a positive integer, not {value!r}")
+        if isinstance(distributed_training, MpiConfiguration) and distributed_training.process_count_per_node:
+            process_count_per_node = distributed_training.process_count_per_node
         self.node_count = node_count
         self.process_count_per_node = process_count_per_node
         self.distributed_training = distributed_training
+        if placement_policy not in ("pack", "spread"):
+            raise ValidationError(f"placement_policy must be 'pack' or 'spread', not {placement_policy!r}")
+        self.placement_policy = placement_policy
+        self._distributed()  # an unknown configuration fails here, not at submit
         if pip_packages or conda_packages:
             raise NotSupportedError(
                 "pip_packages / conda_packages are not yet supported: job environments arrive with the "
@@ -131,6 +142,7 @@ class Estimator:
             node_count=self.node_count,
             process_count_per_node=self.process_count_per_node,
             distributed=self._distributed(),  # type: ignore[arg-type]
+            placement=self.placement_policy,  # type: ignore[arg-type]
             environment_variables=self.environment_variables,
             max_run_duration_seconds=self.max_run_duration_seconds,
             snapshot=snapshot,

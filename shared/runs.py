@@ -49,11 +49,6 @@ def validate_spec(spec: schemas.RunSpec) -> None:
             raise ValidationError(f"environment variable {key} is set by cadre for every process; choose another")
     if not HASH_RE.match(spec.snapshot.content_hash) or not MD5_RE.match(spec.snapshot.md5):
         raise ValidationError("snapshot reference is malformed (expected a sha256 content hash and an md5)")
-    if spec.distributed != "none":
-        raise NotSupportedError(
-            "distributed_training (MpiConfiguration / PyTorchConfiguration) is not yet supported: "
-            "it arrives with multi-node launch (issue #3)"
-        )
     if spec.pip_packages or spec.conda_packages:
         raise NotSupportedError(
             "pip_packages / conda_packages are not yet supported: job environments arrive with the container "
@@ -86,6 +81,9 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
                 started_at = started_at or ev.at
             case schemas.RankExited(rank=rank, exit_code=code):
                 exit_codes[rank] = code
+            case schemas.NodeFinished(exit_codes=codes, log_lines=lines):
+                exit_codes.update(codes)
+                log_lines.update(lines)
             case schemas.Finalizing(exit_codes=codes, log_lines=lines, error=err):
                 exit_codes.update(codes)
                 log_lines.update(lines)

@@ -45,6 +45,7 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     node_count: int = 1
     process_count_per_node: int = 1
     distributed: Literal["none", "mpi", "pytorch"] = "none"
+    placement: Literal["pack", "spread"] = "pack"
     environment_variables: dict[str, str] = {}
     max_run_duration_seconds: int | None = None
     snapshot: SnapshotRef
@@ -69,6 +70,12 @@ class RankSlot(msgspec.Struct, frozen=True, kw_only=True):
     node_id: str
     local_rank: int
     gpu_ids: list[int] = []
+
+
+class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    size: int
+    md5: str
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,11 +119,47 @@ class RankExited(RunEventBase, frozen=True, kw_only=True, tag="rank_exited"):
     exit_code: int
 
 
-class Finalizing(RunEventBase, frozen=True, kw_only=True, tag="finalizing"):
+Outcome = Literal["succeeded", "failed", "canceled"]
+
+
+class Rendezvous(RunEventBase, frozen=True, kw_only=True, tag="rendezvous"):
+    """The master node (rank 0's) is ready: where the other ranks meet it (torch env://, and MPI's PMI-1 server)."""
+
     node_id: str
-    outcome: Literal["succeeded", "failed", "canceled"]
+    master_addr: str
+    master_port: int
+    pmi_port: int | None = None
+
+
+class NodeFinished(RunEventBase, frozen=True, kw_only=True, tag="node_finished"):
+    """One node's ranks have all ended and their log lines are stored."""
+
+    node_id: str
+    outcome: Outcome
     exit_codes: dict[int, int] = {}
     log_lines: dict[int, int] = {}  # rank -> number of log lines published, so followers know they have all
+    error: ErrorInfo | None = None
+    aborted: bool = False  # stopped because of another node's failure (not a cause of its own)
+
+
+class NodeLost(RunEventBase, frozen=True, kw_only=True, tag="node_lost"):
+    node_id: str
+
+
+class NodeCommitted(RunEventBase, frozen=True, kw_only=True, tag="node_committed"):
+    """The artifact service verified one node's uploaded files."""
+
+    node_id: str
+    files: list[FileEntry] = []
+    error: ErrorInfo | None = None  # files that failed verification or could not be uploaded
+
+
+class Finalizing(RunEventBase, frozen=True, kw_only=True, tag="finalizing"):
+    """Every node is done: the run's outcome, decided from all of them, while logs and the manifest are stored."""
+
+    outcome: Outcome
+    exit_codes: dict[int, int] = {}
+    log_lines: dict[int, int] = {}
     error: ErrorInfo | None = None
 
 
@@ -144,6 +187,10 @@ RunEvent = (
     | Starting
     | Running
     | RankExited
+    | Rendezvous
+    | NodeFinished
+    | NodeLost
+    | NodeCommitted
     | Finalizing
     | CancelRequested
     | Completed
@@ -163,6 +210,7 @@ class NodeAdvert(Message, frozen=True, kw_only=True):
     node_id: str
     compute_target: str
     hostname: str
+    address: str = "127.0.0.1"  # where ranks on other nodes reach this one (MASTER_ADDR, the PMI server)
     cpus: int
     memory_bytes: int
     gpus: list[GpuInfo] = []
@@ -282,12 +330,6 @@ class RunList(Message, frozen=True, kw_only=True):
     runs: list[RunSummary]
 
 
-class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    size: int
-    md5: str
-
-
 class FilesListRequest(Message, frozen=True, kw_only=True):
     run_id: str
     prefix: str = ""
@@ -322,6 +364,7 @@ class CommitRequest(Message, frozen=True, kw_only=True):
     run_id: str
     node_id: str
     files: list[FileEntry]
+    error: ErrorInfo | None = None  # the node could not upload everything
 
 
 class SnapshotUrl(Message, frozen=True, kw_only=True):

@@ -31,6 +31,7 @@ class Service:
     """
 
     name = "service"
+    answers_ping = True  # node agents show liveness by heartbeats instead (and may not subscribe to api subjects)
 
     def __init__(self, bus_settings: BusSettings) -> None:
         self.bus_settings = bus_settings
@@ -101,7 +102,8 @@ class Service:
     async def run(self) -> None:
         await self.connect()
         await self.setup()
-        await self.endpoint(subjects.service_ping(self.name), schemas.Empty, self._ping, queue=f"{self.name}-ping")
+        if self.answers_ping:
+            await self.endpoint(subjects.service_ping(self.name), schemas.Empty, self._ping, queue=f"{self.name}-ping")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

@@ -12,7 +12,6 @@ from cadre import (
     ClusterNotRunningError,
     Estimator,
     Experiment,
-    NotSupportedError,
     ValidationError,
     Workspace,
 )
@@ -38,14 +37,9 @@ def test_bad_names_fail_before_anything_is_sent(ws: Workspace) -> None:
         Experiment(ws, "no spaces please")
 
 
-def test_distributed_training_is_not_yet_supported(ws: Workspace, make_project: Callable[..., Path]) -> None:
-    from cadre import MpiConfiguration
-
-    est = Estimator(
-        source_directory=make_project(**{"t.py": ""}), entry_script="t.py", distributed_training=MpiConfiguration()
-    )
-    with pytest.raises(NotSupportedError, match="issue #3"):
-        Experiment(ws, "mpi").submit(est)
+def test_unknown_distributed_configuration_is_refused(make_project: Callable[..., Path]) -> None:
+    with pytest.raises(ValidationError, match="MpiConfiguration"):
+        Estimator(source_directory=make_project(**{"t.py": ""}), entry_script="t.py", distributed_training="mpi")
 
 
 def test_submitter_enforces_limits_and_checks_the_upload(ws: Workspace) -> None:

@@ -109,11 +109,28 @@ class TestPlacement:
         decision = place(spec(process_count_per_node=8), [node("a", 2)])
         assert decision.impossible and "largest node: 2" in decision.impossible
 
-    def test_multi_node_waits_until_launch_exists(self) -> None:
-        decision = place(spec(node_count=2), [node("a", 2), node("b", 2)])
-        assert decision.placement is None and "multi-node" in (decision.reason or "")
-        decision = place(spec(node_count=2), [node("a", 2), node("b", 2)], multi_node_supported=True)
-        assert decision.placement is not None and {s.node_id for s in decision.placement} == {"a", "b"}
+    def test_gang_gets_distinct_nodes_or_nothing(self) -> None:
+        a, b, c = node("a", 2), node("b", 2), node("c", 2)
+        c.used_slots = 1
+        decision = place(spec(node_count=2, process_count_per_node=2), [a, b, c])
+        assert decision.placement is not None
+        assert [(s.rank, s.node_id, s.local_rank) for s in decision.placement] == [
+            (0, "a", 0), (1, "a", 1), (2, "b", 0), (3, "b", 1),
+        ]  # fmt: skip
+        b.used_slots = 1
+        decision = place(spec(node_count=2, process_count_per_node=2), [a, b, c])
+        assert decision.placement is None and "1 of 3 live node(s)" in (decision.reason or "")
+
+    def test_spread_prefers_the_emptiest_nodes(self) -> None:
+        a, b = node("a", 4), node("b", 4)
+        a.used_slots = 1
+        assert {s.node_id for s in place(spec(), [a, b]).placement or []} == {"a"}
+        assert {s.node_id for s in place(spec(placement="spread"), [a, b]).placement or []} == {"b"}
+
+    def test_gpu_wording_in_reasons(self) -> None:
+        n = node("g", 2, gpus=2)
+        n.used_gpus = {0, 1}
+        assert "2 free GPU(s)" in (place(spec(process_count_per_node=2), [n]).reason or "")
 
 
 class TestParams:
@@ -147,8 +164,6 @@ class TestEstimator:
             Estimator(source_directory=tmp_path, entry_script="t.py", pip_packages=["scikit-learn"])
         with pytest.raises(NotSupportedError, match="issue #6"):
             Estimator(source_directory=tmp_path, entry_script="t.py", custom_docker_image="x:1")
-        with pytest.raises(NotSupportedError, match="issue #3"):
-            validate_spec(spec(distributed="mpi"))
 
     def test_reserved_environment_is_refused(self) -> None:
         with pytest.raises(ValidationError, match="RANK"):
@@ -215,7 +230,6 @@ def test_fold_gives_state_reason_and_error() -> None:
             schemas.Finalizing,
             RunState.FINALIZING,
             6,
-            node_id="n",
             outcome="failed",
             exit_codes={0: 3},
             error=schemas.ErrorInfo(code="nonzero_exit", message="rank 0 exited with code 3"),

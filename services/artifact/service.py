@@ -11,6 +11,7 @@ import hashlib
 import posixpath
 
 import msgspec
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api as js_api
 from nats.js.errors import KeyNotFoundError
 from nats.js.errors import NotFoundError as JsNotFound
@@ -24,6 +25,7 @@ from shared.states import RunState
 from shared.storage import ObjectStore
 
 USER_DIRS = ("outputs/", "logs/")
+UPLOADABLE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
 DRIVER_LOGS = "driver_logs/"
 
 
@@ -31,6 +33,42 @@ def check_file_name(name: str) -> None:
     norm = posixpath.normpath(name)
     if norm != name or not name.startswith(USER_DIRS) or name.startswith("/") or ".." in name.split("/"):
         raise ValidationError(f"file name {name!r} must be a clean relative path under outputs/ or logs/")
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    outcome: schemas.Outcome
+    exit_codes: dict[int, int]
+    log_lines: dict[int, int]
+    error: schemas.ErrorInfo | None = None
+
+
+def decide(events: list[schemas.RunEvent], lost: list[str]) -> Decision:
+    """The run's outcome from every node's report: a cancel wins, then a lost node, then the first real failure
+    (the node whose rank failed first, not the nodes stopped because of it), then upload problems."""
+    finished = {ev.node_id: ev for ev in events if isinstance(ev, schemas.NodeFinished)}
+    exit_codes = {r: c for ev in finished.values() for r, c in ev.exit_codes.items()}
+    log_lines = {r: n for ev in finished.values() for r, n in ev.log_lines.items()}
+
+    def result(outcome: schemas.Outcome, error: schemas.ErrorInfo | None = None) -> Decision:
+        return Decision(outcome=outcome, exit_codes=exit_codes, log_lines=log_lines, error=error)
+
+    if any(isinstance(ev, schemas.CancelRequested) for ev in events):
+        return result("canceled")
+    if lost:
+        message = f"node {', '.join(sorted(lost))} left or stopped heartbeating (node lost)"
+        return result("failed", schemas.ErrorInfo(code="node_lost", message=message))
+    causes = [ev for ev in finished.values() if ev.error is not None and not ev.aborted]
+    if causes:
+        first_bad = [ev.node_id for ev in events if isinstance(ev, schemas.RankExited) and ev.exit_code != 0]
+        causes.sort(key=lambda ev: first_bad.index(ev.node_id) if ev.node_id in first_bad else len(first_bad))
+        return result("failed", causes[0].error)
+    aborted = [ev for ev in finished.values() if ev.error is not None]
+    if aborted:
+        return result("failed", aborted[0].error)
+    upload = [ev.error for ev in events if isinstance(ev, schemas.NodeCommitted) and ev.error is not None]
+    if upload:
+        return result("failed", upload[0])
+    return result("succeeded")
 
 
 class ArtifactService(Service):
@@ -51,6 +89,13 @@ class ArtifactService(Service):
         await self.store.ensure_bucket()
         self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
         self.events = bus.RunEventLog(self.js)
+        psub = await self.js.pull_subscribe(
+            subjects.all_run_events(),
+            durable="artifact",
+            stream=subjects.EVENTS_STREAM,
+            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW, ack_wait=60),
+        )
+        self.spawn(self._watch_lost_nodes(psub), "watch_lost_nodes")
         await self.endpoint(subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef, self.snapshot_url)
         await self.endpoint(subjects.AgentApi.UPLOAD_URLS, schemas.UploadUrlsRequest, self.upload_urls)
         await self.endpoint(subjects.AgentApi.COMMIT, schemas.CommitRequest, self.commit)
@@ -73,11 +118,20 @@ class ArtifactService(Service):
         url = await self.store.presign_get(subjects.snapshot_key(record.spec.snapshot.content_hash))
         return schemas.SnapshotUrl(url=url, snapshot=record.spec.snapshot)
 
+    async def _placement_nodes(self, run_id: str) -> set[str]:
+        for ev in reversed(await self.events.history(run_id)):
+            if isinstance(ev, schemas.Assigned):
+                return {slot.node_id for slot in ev.placement}
+        return set()
+
     async def upload_urls(self, req: schemas.UploadUrlsRequest) -> schemas.UploadUrls:
         await self._record(req.run_id)
         last, _ = await self.events.last(req.run_id)
-        if last is None or last.state is not RunState.FINALIZING:
-            raise ConflictError(f"run {req.run_id} is not finalizing; files are uploaded once its processes end")
+        if last is None or last.state not in UPLOADABLE:
+            state = last.state.value if last else "unknown"
+            raise ConflictError(f"run {req.run_id} is {state}: its files can no longer be uploaded")
+        if req.node_id not in await self._placement_nodes(req.run_id):
+            raise ConflictError(f"node {req.node_id} has no ranks of run {req.run_id}")
         urls = {}
         for f in req.files:
             check_file_name(f.name)
@@ -85,14 +139,8 @@ class ArtifactService(Service):
         return schemas.UploadUrls(urls=urls)
 
     async def commit(self, req: schemas.CommitRequest) -> schemas.RunSummary:
+        """Verify one node's files and record them; the last node's commit finalizes the run."""
         record = await self._record(req.run_id)
-        events = await self.events.history(req.run_id)
-        finalizing = next((e for e in reversed(events) if isinstance(e, schemas.Finalizing)), None)
-        last = events[-1] if events else None
-        if last is None or finalizing is None or last.state is not RunState.FINALIZING:
-            if last is not None and last.state.is_terminal():
-                return self._summary(record, last)  # a retried commit: already done
-            raise ConflictError(f"run {req.run_id} is not finalizing")
         problems = []
         for f in req.files:
             check_file_name(f.name)
@@ -100,43 +148,92 @@ class ArtifactService(Service):
             if stat is None:
                 problems.append(f"{f.name} is missing")
             elif stat[0] != f.size or (stat[1] and "-" not in stat[1] and stat[1] != f.md5):
-                problems.append(f"{f.name} does not match (size {stat[0]} vs {f.size})")
-        files = list(req.files) + await self._persist_logs(req.run_id, finalizing.log_lines)
-        manifest = schemas.FilesList(files=sorted(files, key=lambda f: f.name))
-        await self.store.put_bytes(
-            subjects.run_manifest_key(req.run_id), schemas.encode(manifest), content_type="application/json"
-        )
+                problems.append(f"{f.name} does not match what {req.node_id} uploaded")
+        error = req.error
         if problems:
-            end: schemas.RunEvent = bus.make_event(
-                schemas.Failed,
-                req.run_id,
-                RunState.FAILED,
-                error=schemas.ErrorInfo(
-                    code="upload_failed", message="run files failed verification: " + "; ".join(problems)
-                ),
+            error = schemas.ErrorInfo(
+                code="upload_failed", message=f"files from {req.node_id} failed verification: " + "; ".join(problems)
             )
-        elif finalizing.outcome == "succeeded":
-            end = bus.make_event(
-                schemas.Completed,
-                req.run_id,
-                RunState.COMPLETED,
-                file_count=len(files),
-                total_bytes=sum(f.size for f in files),
-            )
-        elif finalizing.outcome == "canceled":
-            end = bus.make_event(schemas.Canceled, req.run_id, RunState.CANCELED)
-        else:
-            error = finalizing.error or schemas.ErrorInfo(code="failed", message="the run failed")
-            end = bus.make_event(schemas.Failed, req.run_id, RunState.FAILED, error=error)
 
-        def build(current: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            return None if current is None or current.state.is_terminal() else end
+        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+                return None
+            return bus.make_event(
+                schemas.NodeCommitted, req.run_id, last.state, node_id=req.node_id, files=list(req.files), error=error
+            )
 
         await self.events.append(req.run_id, build)
+        await self.finalize(req.run_id)
         final, _ = await self.events.last(req.run_id)
         assert final is not None
-        self.log.info("run_committed", run_id=req.run_id, files=len(files), state=final.state.value)
         return self._summary(record, final)
+
+    async def finalize(self, run_id: str) -> None:
+        """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run."""
+        events = await self.events.history(run_id)
+        nodes = next((
+            {s.node_id for s in ev.placement} for ev in reversed(events) if isinstance(ev, schemas.Assigned)
+        ), set())  # fmt: skip
+        committed = {ev.node_id: ev for ev in events if isinstance(ev, schemas.NodeCommitted)}
+        lost = [ev.node_id for ev in events if isinstance(ev, schemas.NodeLost)]
+        if not nodes or not nodes <= set(committed) | set(lost):
+            return
+        decided = decide(events, lost)
+
+        def to_finalizing(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+                return None
+            return bus.make_event(
+                schemas.Finalizing,
+                run_id,
+                RunState.FINALIZING,
+                outcome=decided.outcome,
+                exit_codes=decided.exit_codes,
+                log_lines=decided.log_lines,
+                error=decided.error,
+            )
+
+        if await self.events.append(run_id, to_finalizing) is None:
+            return  # another commit (or instance) is finalizing this run
+        files = [f for ev in committed.values() for f in ev.files]
+        files += await self._persist_logs(run_id, decided.log_lines)
+        unique = {f.name: f for f in files}  # several nodes may write the same name: the last commit wins
+        manifest = schemas.FilesList(files=sorted(unique.values(), key=lambda f: f.name))
+        await self.store.put_bytes(
+            subjects.run_manifest_key(run_id), schemas.encode(manifest), content_type="application/json"
+        )
+        if decided.outcome == "succeeded":
+            end: schemas.RunEvent = bus.make_event(
+                schemas.Completed,
+                run_id,
+                RunState.COMPLETED,
+                file_count=len(manifest.files),
+                total_bytes=sum(f.size for f in manifest.files),
+            )
+        elif decided.outcome == "canceled":
+            end = bus.make_event(schemas.Canceled, run_id, RunState.CANCELED)
+        else:
+            error = decided.error or schemas.ErrorInfo(code="failed", message="the run failed")
+            end = bus.make_event(schemas.Failed, run_id, RunState.FAILED, error=error)
+
+        def to_end(current: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            return None if current is None or current.state.is_terminal() else end
+
+        await self.events.append(run_id, to_end)
+        self.log.info("run_finalized", run_id=run_id, files=len(manifest.files), state=end.state.value)
+
+    async def _watch_lost_nodes(self, psub) -> None:
+        """A lost node never commits: when it was the last one missing, its loss is what finalizes the run."""
+        while True:
+            try:
+                msgs = await psub.fetch(64, timeout=30)
+            except NatsTimeout:
+                continue
+            for msg in msgs:
+                event = schemas.run_event_decoder.decode(msg.data)
+                if isinstance(event, schemas.NodeLost):
+                    await self.finalize(event.run_id)
+                await msg.ack()
 
     @staticmethod
     def _summary(record: schemas.RunRecord, ev: schemas.RunEvent) -> schemas.RunSummary:

@@ -16,6 +16,7 @@ def parse() -> AgentConfig:
     p.add_argument("--work-dir", type=Path, required=True, help="where snapshots and run directories live")
     p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
     p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--address", default="127.0.0.1", help="address other nodes' ranks reach this host at")
     a = p.parse_args()
     return AgentConfig(
         node_id=a.node_id,
@@ -25,6 +26,7 @@ def parse() -> AgentConfig:
         work_dir=a.work_dir,
         heartbeat_interval=a.heartbeat,
         kill_grace=a.grace,
+        address=a.address,
     )
 
 

@@ -1,12 +1,21 @@
-"""One run on this node: fetch the snapshot, start the node's ranks, watch them, ship logs and files."""
+"""One run on this node: fetch the snapshot, meet the other nodes, start this node's ranks, watch every rank,
+ship logs and files.
+
+A run spans one or more nodes. Each node's agent starts, watches and stops only its own ranks; the node of
+rank 0 (the master) publishes a ``Rendezvous`` event with ``MASTER_ADDR``/``MASTER_PORT`` and, for MPI jobs, the
+address of its PMI-1 server. Every agent follows the run's events, so that a failure anywhere (a rank's non-zero
+exit, a node lost, a cancel, the time limit) stops the ranks everywhere within moments.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import hashlib
+import json
 import os
 import shutil
+import socket
 import tarfile
 import urllib.request
 from dataclasses import dataclass
@@ -16,6 +25,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from services.node_agent.logship import LogShipper
+from services.node_agent.pmi import PmiServer
 from services.node_agent.runtime import ProcessHandle, ProcessSpec, Runtime
 from shared import bus, schemas, subjects
 from shared.errors import CadreError, ConflictError, StorageError
@@ -28,6 +38,8 @@ if TYPE_CHECKING:
 PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM")
 UPLOAD_DIRS = ("outputs", "logs")
 UPLOAD_WORKERS = 4
+RENDEZVOUS_TIMEOUT = 120.0
+FORWARD = {RunState.PREPARING: 0, RunState.STARTING: 1, RunState.RUNNING: 2}
 
 
 @dataclass
@@ -35,50 +47,89 @@ class Outcome:
     outcome: str  # succeeded | failed | canceled
     exit_codes: dict[int, int]
     error: schemas.ErrorInfo | None = None
+    aborted: bool = False
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 class Execution:
     def __init__(self, agent: NodeAgentService, assignment: schemas.Assignment, runtime: Runtime) -> None:
         self.agent = agent
+        self.node_id = agent.config.node_id
         self.a = assignment
         self.spec = assignment.spec
         self.run_id = assignment.run_id
         self.runtime = runtime
-        self.my_slots = [s for s in assignment.placement if s.node_id == agent.config.node_id]
+        self.my_slots = [s for s in assignment.placement if s.node_id == self.node_id]
+        first_rank: dict[str, int] = {}
+        for slot in assignment.placement:
+            first_rank[slot.node_id] = min(first_rank.get(slot.node_id, slot.rank), slot.rank)
+        self.nodes = sorted(first_rank, key=first_rank.__getitem__)  # NODE_RANK order; nodes[0] is the master
+        self.is_master = self.nodes[0] == self.node_id
         self.run_dir = agent.config.work_dir / "runs" / self.run_id
+        self.pid_file = agent.config.work_dir / "runs" / f"{self.run_id}.pids"
         self.handles: dict[int, ProcessHandle] = {}
         self.cancel_requested = asyncio.Event()
+        self.abort = asyncio.Event()  # another node failed, was lost, or the run ended
+        self.abort_reason: str | None = None
+        self.rendezvous: asyncio.Future[schemas.Rendezvous] = asyncio.get_running_loop().create_future()
+        self.pmi: PmiServer | None = None
+        self.mpi_abort: tuple[int, int] | None = None
+        self.mpi_aborted = asyncio.Event()
         self.timed_out = False
-        self.log = structlog.get_logger().bind(run_id=self.run_id, node_id=agent.config.node_id)
+        self.log = structlog.get_logger().bind(run_id=self.run_id, node_id=self.node_id)
 
     # --- the whole life of the run on this node ------------------------------------------------------
     async def run(self) -> None:
-        events = self.agent.events
-        sub = await self.agent.nc.subscribe(subjects.run_events(self.run_id), cb=self._on_event)
+        sub = await self.agent.nc.subscribe(subjects.run_events(self.run_id), cb=self._on_msg)
         try:
-            last, _ = await events.last(self.run_id)
-            if last is not None and last.state is RunState.CANCEL_REQUESTED:
-                self.cancel_requested.set()
+            for event in await self.agent.events.history(self.run_id):  # what happened before we listened
+                self._observe(event)
             try:
                 await self._prepare()
-            except CadreError as exc:
-                await self._finish(Outcome("failed", {}, schemas.ErrorInfo(code=exc.code, message=exc.message)), {})
+            except (CadreError, OSError) as exc:
+                code = exc.code if isinstance(exc, CadreError) else "prepare_failed"
+                await self._report(Outcome("failed", {}, schemas.ErrorInfo(code=code, message=str(exc))), {})
                 return
             outcome, line_counts = await self._execute()
-            await self._finish(outcome, line_counts)
+            await self._report(outcome, line_counts)
         except asyncio.CancelledError:
-            # The agent is stopping: the ranks must not outlive it, and the run must not look alive.
+            # The agent is stopping: the ranks must not outlive it.
             await asyncio.gather(*(h.terminate(1.0) for h in self.handles.values()), return_exceptions=True)
-            await self._fail(schemas.ErrorInfo(code="agent_stopped", message="the node agent was stopped"))
             raise
         finally:
             await sub.unsubscribe()
+            if self.pmi is not None:
+                await self.pmi.close()
+            self.pid_file.unlink(missing_ok=True)
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    async def _on_event(self, msg) -> None:
-        event = schemas.run_event_decoder.decode(msg.data)
+    async def _on_msg(self, msg) -> None:
+        self._observe(schemas.run_event_decoder.decode(msg.data))
+
+    def _observe(self, event: schemas.RunEvent) -> None:
+        if isinstance(event, schemas.Rendezvous) and not self.rendezvous.done():
+            self.rendezvous.set_result(event)
         if event.state is RunState.CANCEL_REQUESTED:
             self.cancel_requested.set()
+        reason = None
+        if event.state.is_terminal():
+            reason = f"the run ended ({event.state.value})"
+        elif isinstance(event, schemas.NodeLost):
+            reason = f"node {event.node_id} was lost"
+        elif getattr(event, "node_id", None) == self.node_id:
+            return
+        elif isinstance(event, schemas.RankExited) and event.exit_code != 0:
+            reason = f"rank {event.rank} on node {event.node_id} exited with code {event.exit_code}"
+        elif isinstance(event, schemas.NodeFinished) and event.error is not None and not event.aborted:
+            reason = f"node {event.node_id} failed: {event.error.message.splitlines()[0]}"
+        if reason and not self.abort.is_set():
+            self.abort_reason = reason
+            self.abort.set()
 
     async def _prepare(self) -> None:
         snap = await bus.request(
@@ -97,7 +148,7 @@ class Execution:
         path = cache_dir / f"{snap.snapshot.content_hash}.tar.gz"
         if path.exists():
             return path
-        tmp = path.with_suffix(f".{os.getpid()}.part")
+        tmp = path.with_suffix(f".{os.getpid()}.{self.run_id}.part")
         digest = hashlib.sha256()
         with urllib.request.urlopen(snap.url, timeout=60) as resp, open(tmp, "wb") as out:
             while chunk := resp.read(1 << 20):
@@ -117,22 +168,20 @@ class Execution:
         for name in UPLOAD_DIRS:
             (self.run_dir / name).mkdir(exist_ok=True)
 
-    def _env(self, slot: schemas.RankSlot) -> dict[str, str]:
+    def _env(self, slot: schemas.RankSlot, rdv: schemas.Rendezvous) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k in PASSTHROUGH_ENV}
         env.update(self.spec.environment_variables)
-        nodes = sorted(
-            {s.node_id for s in self.a.placement}, key=lambda n: min(s.rank for s in self.a.placement if s.node_id == n)
-        )
+        world = len(self.a.placement)
         env.update(
             {
                 "PYTHONUNBUFFERED": "1",  # lines must reach the log stream as they are printed
                 "RANK": str(slot.rank),
-                "WORLD_SIZE": str(len(self.a.placement)),
+                "WORLD_SIZE": str(world),
                 "LOCAL_RANK": str(slot.local_rank),
                 "LOCAL_WORLD_SIZE": str(len(self.my_slots)),
-                "NODE_RANK": str(nodes.index(slot.node_id)),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(29500 + int(hashlib.sha256(self.run_id.encode()).hexdigest()[:6], 16) % 1000),
+                "NODE_RANK": str(self.nodes.index(self.node_id)),
+                "MASTER_ADDR": rdv.master_addr,
+                "MASTER_PORT": str(rdv.master_port),
                 "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in slot.gpu_ids),
                 "CADRE_RUN_ID": self.run_id,
                 "CADRE_EXPERIMENT": self.spec.experiment,
@@ -140,30 +189,94 @@ class Execution:
                 "CADRE_LOGS_DIR": str(self.run_dir / "logs"),
             }
         )
+        if self.spec.distributed == "mpi" and rdv.pmi_port is not None:
+            # PMI-1 "simple" wire-up: MPICH ranks find the job through the master agent's PMI server.
+            env.update(
+                {
+                    "PMI_PORT": f"{rdv.master_addr}:{rdv.pmi_port}",
+                    "PMI_ID": str(slot.rank),
+                    "PMI_RANK": str(slot.rank),
+                    "PMI_SIZE": str(world),
+                }
+            )
         return env
 
+    async def _meet(self) -> schemas.Rendezvous | None:
+        """The master publishes where to meet; the others wait for it (or for a reason to give up)."""
+        if self.is_master:
+            address = self.agent.config.address
+            pmi_port = None
+            if self.spec.distributed == "mpi":
+                per_node = [sum(1 for s in self.a.placement if s.node_id == n) for n in self.nodes]
+                self.pmi = PmiServer(len(self.a.placement), per_node, self._on_mpi_abort)
+                pmi_port = await self.pmi.start(address)
+            master_port = free_port(address)
+
+            def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+                if last is None or last.state.is_terminal():
+                    return None
+                return bus.make_event(
+                    schemas.Rendezvous,
+                    self.run_id,
+                    last.state,
+                    node_id=self.node_id,
+                    master_addr=address,
+                    master_port=master_port,
+                    pmi_port=pmi_port,
+                )
+
+            event = await self.agent.events.append(self.run_id, build)
+            return event if isinstance(event, schemas.Rendezvous) else None
+        stop = asyncio.ensure_future(self._stopped())
+        try:
+            done, _ = await asyncio.wait([self.rendezvous, stop], timeout=RENDEZVOUS_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            stop.cancel()
+        if self.rendezvous.done():
+            return self.rendezvous.result()
+        if not done:
+            self.abort_reason = f"the master node {self.nodes[0]} did not start within {RENDEZVOUS_TIMEOUT:.0f}s"
+            self.abort.set()
+        return None
+
+    async def _stopped(self) -> None:
+        await asyncio.wait(
+            [asyncio.ensure_future(self.cancel_requested.wait()), asyncio.ensure_future(self.abort.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+
+    def _on_mpi_abort(self, rank: int, code: int) -> None:
+        if self.mpi_abort is None:
+            self.mpi_abort = (rank, code)
+            self.mpi_aborted.set()
+
     async def _execute(self) -> tuple[Outcome, dict[int, int]]:
-        if self.cancel_requested.is_set():
-            return Outcome("canceled", {}), {}
+        if self.cancel_requested.is_set() or self.abort.is_set():
+            return self._outcome({}, {}), {}
         await self._move(schemas.Starting, RunState.STARTING)
+        rdv = await self._meet()
+        if rdv is None:
+            return self._outcome({}, {}), {}
         shippers: dict[int, LogShipper] = {}
         argv = [self.agent.python, self.spec.entry_script, *self.spec.arguments]
         try:
             for slot in self.my_slots:
-                shippers[slot.rank] = LogShipper(self.agent.js, self.run_id, slot.rank, self.agent.config.node_id)
+                shippers[slot.rank] = LogShipper(self.agent.js, self.run_id, slot.rank, self.node_id)
                 self.handles[slot.rank] = await self.runtime.start(
-                    ProcessSpec(argv=argv, cwd=self.run_dir, env=self._env(slot), name=f"rank-{slot.rank}")
+                    ProcessSpec(argv=argv, cwd=self.run_dir, env=self._env(slot, rdv), name=f"rank-{slot.rank}")
                 )
         except OSError as exc:
             for handle in self.handles.values():
                 await handle.terminate(self.agent.config.kill_grace)
             counts = {r: await s.close() for r, s in shippers.items()}
             return Outcome("failed", {}, schemas.ErrorInfo(code="launch_failed", message=str(exc))), counts
+        self.pid_file.write_text(json.dumps([h.pid for h in self.handles.values()]))
         await self._move(schemas.Running, RunState.RUNNING)
         self.log.info("ranks_started", ranks=sorted(self.handles))
 
         exit_codes: dict[int, int] = {}
-        first_failure: asyncio.Event = asyncio.Event()
+        local_failure = asyncio.Event()
 
         async def watch(rank: int, handle: ProcessHandle) -> None:
             async for stream, text in handle.lines():
@@ -171,21 +284,22 @@ class Execution:
             code = await handle.wait()
             handle.kill_leftovers()
             exit_codes[rank] = code
-            if code != 0:
-                first_failure.set()
+            if code != 0 and not (self.abort.is_set() or self.cancel_requested.is_set()):
+                local_failure.set()
+            await self._annotate(schemas.RankExited, node_id=self.node_id, rank=rank, exit_code=code)
 
-        watchers = [asyncio.create_task(watch(r, h)) for r, h in self.handles.items()]
-        all_done = asyncio.gather(*watchers)
+        all_done = asyncio.ensure_future(asyncio.gather(*(watch(r, h) for r, h in self.handles.items())))
         stoppers = [
-            asyncio.create_task(self.cancel_requested.wait()),
-            asyncio.create_task(first_failure.wait()),
+            asyncio.ensure_future(e.wait())
+            for e in (self.cancel_requested, self.abort, local_failure, self.mpi_aborted)
         ]
-        deadline = self.spec.max_run_duration_seconds
-        done, _ = await asyncio.wait([all_done, *stoppers], timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            [all_done, *stoppers], timeout=self.spec.max_run_duration_seconds, return_when=asyncio.FIRST_COMPLETED
+        )
         if all_done not in done:
             if not done:
                 self.timed_out = True
-            # One rank failed, a cancel came, or time ran out: every rank of the run goes.
+            # A rank failed, another node did, a cancel came, or time ran out: every rank here goes.
             await asyncio.gather(*(h.terminate(self.agent.config.kill_grace) for h in self.handles.values()))
             await all_done
         for task in stoppers:
@@ -197,92 +311,92 @@ class Execution:
         if self.cancel_requested.is_set():
             return Outcome("canceled", exit_codes)
         if self.timed_out:
+            limit = self.spec.max_run_duration_seconds
             return Outcome(
                 "failed",
                 exit_codes,
-                schemas.ErrorInfo(
-                    code="timeout",
-                    message=f"the run exceeded max_run_duration_seconds={self.spec.max_run_duration_seconds}",
-                ),
+                schemas.ErrorInfo(code="timeout", message=f"the run exceeded max_run_duration_seconds={limit}"),
             )
+        if self.mpi_abort is not None:
+            rank, code = self.mpi_abort
+            error = schemas.ErrorInfo(code="mpi_abort", message=f"rank {rank} called MPI_Abort with code {code}")
+            return Outcome("failed", exit_codes, error)
         failed = sorted((r, c) for r, c in exit_codes.items() if c != 0)
+        if self.abort.is_set():
+            message = f"stopped on node {self.node_id} because {self.abort_reason}"
+            return Outcome("failed", exit_codes, schemas.ErrorInfo(code="aborted", message=message), aborted=True)
         if not failed:
             return Outcome("succeeded", exit_codes)
         rank, code = failed[0]
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        tail = "\n".join(shippers[rank].tail)
-        return Outcome(
-            "failed",
-            exit_codes,
-            schemas.ErrorInfo(code="nonzero_exit", message=f"rank {rank} {how}; last log lines:\n{tail}"),
-        )
+        tail = "\n".join(shippers[rank].tail) if rank in shippers else ""
+        message = f"rank {rank} on node {self.node_id} {how}; last log lines:\n{tail}"
+        return Outcome("failed", exit_codes, schemas.ErrorInfo(code="nonzero_exit", message=message))
 
     async def _move(self, cls: type[schemas.RunEventBase], state: RunState) -> None:
+        """Move the run forward (several nodes race to do it: the first wins, the others see it done)."""
+
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state is state or last.state.is_terminal():
+            if last is None or last.state not in FORWARD or FORWARD[last.state] >= FORWARD[state]:
                 return None
-            if last.state is RunState.CANCEL_REQUESTED:
-                return None
-            return bus.make_event(cls, self.run_id, state, node_id=self.agent.config.node_id)
+            return bus.make_event(cls, self.run_id, state, node_id=self.node_id)
 
         await self.agent.events.append(self.run_id, build)
 
-    # --- finishing ------------------------------------------------------------------------------------
-    async def _finish(self, outcome: Outcome, line_counts: dict[int, int]) -> None:
+    async def _annotate(self, cls: type[schemas.RunEventBase], **fields: object) -> schemas.RunEvent | None:
+        """Append an event that records a fact without moving the run."""
+
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
             if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
                 return None
-            return bus.make_event(
-                schemas.Finalizing,
-                self.run_id,
-                RunState.FINALIZING,
-                node_id=self.agent.config.node_id,
+            return bus.make_event(cls, self.run_id, last.state, **fields)
+
+        return await self.agent.events.append(self.run_id, build)
+
+    # --- finishing ------------------------------------------------------------------------------------
+    async def _report(self, outcome: Outcome, line_counts: dict[int, int]) -> None:
+        """Tell the run this node is done, upload its files, and ask the artifact service to commit them."""
+        try:
+            finished = await self._annotate(
+                schemas.NodeFinished,
+                node_id=self.node_id,
                 outcome=outcome.outcome,
                 exit_codes=outcome.exit_codes,
                 log_lines=line_counts,
                 error=outcome.error,
+                aborted=outcome.aborted,
             )
-
-        try:
-            if await self.agent.events.append(self.run_id, build) is None:
-                self.log.warning("run_already_ended")
-                return
         except ConflictError:
+            finished = None
+        if finished is None:
             self.log.warning("run_already_ended")
             return
-        self.log.info("run_finalizing", outcome=outcome.outcome, exit_codes=outcome.exit_codes)
+        self.log.info("node_finished", outcome=outcome.outcome, exit_codes=outcome.exit_codes)
         files = await asyncio.to_thread(self._collect_files)
+        error = None
         try:
             if files:
                 urls = await bus.request(
                     self.agent.nc,
                     subjects.AgentApi.UPLOAD_URLS,
-                    schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.agent.config.node_id, files=files),
+                    schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=files),
                     schemas.UploadUrls,
                     timeout=30,
                 )
                 await asyncio.to_thread(self._upload, files, urls.urls)
         except (CadreError, OSError) as exc:
             self.log.error("upload_failed", error=str(exc))
-            files = []  # commit what is verifiable; the artifact service records the failure
-            outcome_error = schemas.ErrorInfo(code="upload_failed", message=f"uploading run files failed: {exc}")
-            await self._fail(outcome_error)
-            return
+            files = []
+            error = schemas.ErrorInfo(
+                code="upload_failed", message=f"uploading run files failed on {self.node_id}: {exc}"
+            )
         await bus.request(
             self.agent.nc,
             subjects.AgentApi.COMMIT,
-            schemas.CommitRequest(run_id=self.run_id, node_id=self.agent.config.node_id, files=files),
+            schemas.CommitRequest(run_id=self.run_id, node_id=self.node_id, files=files, error=error),
             schemas.RunSummary,
             timeout=120,
         )
-
-    async def _fail(self, error: schemas.ErrorInfo) -> None:
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_terminal():
-                return None
-            return bus.make_event(schemas.Failed, self.run_id, RunState.FAILED, error=error)
-
-        await self.agent.events.append(self.run_id, build)
 
     def _collect_files(self) -> list[schemas.FileEntry]:
         entries = []

@@ -22,6 +22,11 @@ class ProcessSpec:
 
 
 class ProcessHandle(Protocol):
+    @property
+    def pid(self) -> int:
+        """The process (and process group) id, recorded so a restarted agent can clean up after a crash."""
+        ...
+
     def lines(self) -> AsyncIterator[tuple[str, str]]:
         """(stream, text) pairs, stream being "o" or "e", until both pipes close."""
         ...
@@ -44,6 +49,10 @@ class Runtime(Protocol):
 class _Process:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     async def lines(self) -> AsyncIterator[tuple[str, str]]:
         queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()

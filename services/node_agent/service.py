@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import signal
 import socket
 import sys
 import time
@@ -33,10 +37,16 @@ class AgentConfig:
     slots: int | None = None
     heartbeat_interval: float = 2.0
     kill_grace: float = 10.0
+    address: str = "127.0.0.1"  # how ranks on other nodes reach this one
+
+
+# Other nodes of a gang may have moved the run on before this node's assignment arrives.
+ACCEPTING = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
 
 
 class NodeAgentService(Service):
     name = "node_agent"
+    answers_ping = False
 
     def __init__(self, bus_settings: BusSettings, config: AgentConfig, runtime: Runtime | None = None) -> None:
         if not subjects.NAME_RE.match(config.node_id):
@@ -53,6 +63,7 @@ class NodeAgentService(Service):
             node_id=config.node_id,
             compute_target=config.compute_target,
             hostname=socket.gethostname(),
+            address=config.address,
             cpus=cpus,
             memory_bytes=capacity.memory_bytes(),
             gpus=gpus,
@@ -68,6 +79,7 @@ class NodeAgentService(Service):
     async def setup(self) -> None:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self.events = bus.RunEventLog(self.js)
+        await self._clean_up_after_crash()
         # The services create the topology; an agent started first waits for it.
         self.nodes_kv = await bus.retry(lambda: self.js.key_value(subjects.NODES_BUCKET))
         targets = await bus.retry(lambda: self.js.key_value(subjects.TARGETS_BUCKET))
@@ -88,6 +100,38 @@ class NodeAgentService(Service):
         self.spawn(self._heartbeat_loop(), "heartbeat")
         self.spawn(self._take_assignments(psub), "assignments")
         self.log.info("agent_ready", slots=self.base_advert["slots"], gpus=len(self.base_advert["gpus"]))
+
+    async def _clean_up_after_crash(self) -> None:
+        """Ranks of a previous life of this agent must not run on unwatched: kill them and report the node done."""
+        runs_dir = self.config.work_dir / "runs"
+        for pid_file in sorted(runs_dir.glob("*.pids")) if runs_dir.is_dir() else []:
+            run_id = pid_file.stem
+            for pid in json.loads(pid_file.read_text() or "[]"):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            pid_file.unlink(missing_ok=True)
+            shutil.rmtree(runs_dir / run_id, ignore_errors=True)
+            self.log.warning("orphaned_ranks_killed", run_id=run_id)
+            error = schemas.ErrorInfo(code="agent_restarted", message=f"node agent {self.config.node_id} restarted")
+
+            def build(last: schemas.RunEvent | None, error: schemas.ErrorInfo = error) -> schemas.RunEvent | None:
+                if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+                    return None
+                return bus.make_event(
+                    schemas.NodeFinished, last.run_id, last.state, node_id=self.config.node_id, outcome="failed",
+                    error=error,
+                )  # fmt: skip
+
+            if await self.events.append(run_id, build) is not None:
+                await bus.request(
+                    self.nc,
+                    subjects.AgentApi.COMMIT,
+                    schemas.CommitRequest(run_id=run_id, node_id=self.config.node_id, files=[]),
+                    schemas.RunSummary,
+                    timeout=60,
+                )
 
     async def _heartbeat_once(self) -> None:
         advert = schemas.NodeAdvert(heartbeat_at=time.time(), **self.base_advert)  # type: ignore[arg-type]
@@ -116,9 +160,11 @@ class NodeAgentService(Service):
         run_id = assignment.run_id
         if run_id in self.executions:
             return  # a redelivery of a run we already run
-        last, _ = await self.events.last(run_id)
-        if last is None or last.state not in (RunState.PREPARING, RunState.CANCEL_REQUESTED):
-            self.log.info("assignment_stale", run_id=run_id, state=last.state.value if last else None)
+        history = await self.events.history(run_id)
+        state = history[-1].state if history else None
+        done_here = any(isinstance(e, schemas.NodeFinished) and e.node_id == self.config.node_id for e in history)
+        if state not in ACCEPTING or done_here:
+            self.log.info("assignment_stale", run_id=run_id, state=state.value if state else None)
             return
         self.log.info("assignment_taken", run_id=run_id)
         task = asyncio.create_task(self._execute(assignment), name=f"run-{run_id}")

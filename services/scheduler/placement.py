@@ -36,12 +36,17 @@ class Decision:
     impossible: str | None = None  # why it can never run
 
 
-def place(spec: schemas.RunSpec, nodes: list[NodeState], multi_node_supported: bool = False) -> Decision:
-    """Gang placement: all node_count x process_count_per_node slots on distinct nodes, or none. Packs by default."""
+def place(spec: schemas.RunSpec, nodes: list[NodeState]) -> Decision:
+    """Gang placement: all node_count x process_count_per_node slots on distinct nodes, or none.
+
+    ``pack`` (the default) fills the busiest nodes that still fit, keeping whole nodes free for big gangs;
+    ``spread`` prefers the emptiest. Ranks are numbered node by node, so rank 0's node is the master.
+    """
     ppn, want = spec.process_count_per_node, spec.node_count
     target = spec.compute_target
     if not nodes:
         return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
+    unit = "GPU(s)" if any(n.advert.gpus for n in nodes) else "slot(s)"
     capable = [n for n in nodes if n.can_ever_fit(ppn)]
     if len(capable) < want:
         largest = max(n.advert.slots for n in nodes)
@@ -51,18 +56,18 @@ def place(spec: schemas.RunSpec, nodes: list[NodeState], multi_node_supported: b
                 f"{len(capable)} such node(s) (largest node: {largest} slot(s))"
             )
         )
-    if want > 1 and not multi_node_supported:
-        return Decision(reason=f"needs {want} nodes: multi-node launch is not available yet (issue #3); waiting")
     free = [n for n in nodes if n.fits(ppn)]
     if len(free) < want:
         return Decision(
             reason=(
-                f"needs {want} node(s) with {ppn} free slot(s) on compute target {target!r}; "
+                f"needs {want} node(s) with {ppn} free {unit} on compute target {target!r}; "
                 f"{len(free)} of {len(nodes)} live node(s) have them"
             )
         )
-    # Pack: prefer the nodes with the fewest free slots that still fit, to keep whole nodes free for big runs.
-    chosen = sorted(free, key=lambda n: (n.free_slots, n.advert.node_id))[:want]
+    if spec.placement == "spread":
+        chosen = sorted(free, key=lambda n: (-n.free_slots, n.advert.node_id))[:want]
+    else:
+        chosen = sorted(free, key=lambda n: (n.free_slots, n.advert.node_id))[:want]
     placement: list[schemas.RankSlot] = []
     rank = 0
     for node in chosen:

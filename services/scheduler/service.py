@@ -28,9 +28,8 @@ ACTIVE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANC
 class SchedulerService(Service):
     name = "scheduler"
 
-    def __init__(self, bus_settings: BusSettings, multi_node: bool = False) -> None:
+    def __init__(self, bus_settings: BusSettings) -> None:
         super().__init__(bus_settings)
-        self.multi_node = multi_node
         self.nodes: dict[str, schemas.NodeAdvert] = {}
         self.queues: dict[str, OrderedDict[str, schemas.RunRecord]] = {}
         self.reasons: dict[str, str] = {}
@@ -69,6 +68,7 @@ class SchedulerService(Service):
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 if self.nodes.pop(entry.key, None) is not None:
                     self.log.info("node_left", node_id=entry.key)
+                    await self._nodes_gone({entry.key})
             else:
                 advert = schemas.node_decoder.decode(entry.value)
                 if advert.node_id not in self.nodes:
@@ -144,7 +144,7 @@ class SchedulerService(Service):
         for target, queue in self.queues.items():
             nodes = [n for n in table.values() if n.advert.compute_target == target]
             for run_id, record in list(queue.items()):
-                decision = place(record.spec, nodes, multi_node_supported=self.multi_node)
+                decision = place(record.spec, nodes)
                 if decision.placement is not None:
                     if await self._assign(record, decision.placement):
                         allocate(table, decision.placement)
@@ -206,7 +206,7 @@ class SchedulerService(Service):
         self.log.warning("run_failed", run_id=run_id, reason=message)
 
     async def _liveness_loop(self) -> None:
-        """A node that stops heartbeating takes its runs down with it, and frees nothing twice."""
+        """A node that stops heartbeating is lost: its runs' other nodes stop their ranks and the run fails."""
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
@@ -216,8 +216,31 @@ class SchedulerService(Service):
             for nid in dead:
                 self.log.warning("node_lost", node_id=nid)
                 del self.nodes[nid]
-            for run_id, placement in list(self.allocations.items()):
-                lost = sorted({s.node_id for s in placement} & dead)
-                if lost:
-                    await self._fail(run_id, "node_lost", f"node {', '.join(lost)} stopped heartbeating")
+            await self._nodes_gone(dead)
             self._wake.set()
+
+    async def _nodes_gone(self, gone: set[str]) -> None:
+        for run_id, placement in list(self.allocations.items()):
+            nodes = {s.node_id for s in placement}
+            for nid in sorted(nodes & gone):
+                await self._node_lost(run_id, nid, nodes)
+
+    async def _node_lost(self, run_id: str, node_id: str, nodes: set[str]) -> None:
+        history = await self.events.history(run_id)
+        if any(isinstance(e, schemas.NodeFinished) and e.node_id == node_id for e in history):
+            return  # its part was done and reported: losing it now costs the run nothing
+
+        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+                return None
+            return bus.make_event(schemas.NodeLost, run_id, last.state, node_id=node_id)
+
+        if await self.events.append(run_id, build) is None:
+            return
+        lost = {e.node_id for e in history if isinstance(e, schemas.NodeLost)} | {node_id}
+        reported = {e.node_id for e in history if isinstance(e, schemas.NodeFinished)}
+        if lost | reported >= nodes and not reported:
+            # No node of the run is left to report back: nobody else can end it.
+            await self._fail(
+                run_id, "node_lost", f"node {', '.join(sorted(lost))} left or stopped heartbeating (node lost)"
+            )
