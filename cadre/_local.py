@@ -99,7 +99,11 @@ class ServiceSpec:
 
 
 def _service_commands(
-    cluster: Path, agents: int, gpus_per_agent: int | None, slots_per_agent: int | None = None
+    cluster: Path,
+    agents: int,
+    gpus_per_agent: int | None,
+    slots_per_agent: int | None = None,
+    heartbeat: float | None = None,
 ) -> list[ServiceSpec]:
     """Every service and agent `up` starts, in start order (a seam tests patch to run the bare infrastructure)."""
     specs = [
@@ -126,6 +130,8 @@ def _service_commands(
             argv += ["--gpus", str(gpus)]
         if slots_per_agent is not None:
             argv += ["--slots", str(slots_per_agent)]
+        if heartbeat is not None:
+            argv += ["--heartbeat", str(heartbeat)]
         specs.append(ServiceSpec(name=node_id, role="agent", argv=argv, permissions=agent_permissions(node_id)))
     return specs
 
@@ -138,6 +144,7 @@ def up(
     timeout: float = 60.0,
     echo: Callable[[str], None] | None = None,
     slots_per_agent: int | None = None,
+    heartbeat: float | None = None,
 ) -> Profile:
     """Start a local cluster under ``home/cluster`` and write ``home/profile.json``; returns the client profile.
 
@@ -155,7 +162,7 @@ def up(
 
     with _up_lock(cluster):
         _refuse_if_running(state_path)
-        specs = _service_commands(cluster, agents, gpus_per_agent, slots_per_agent)
+        specs = _service_commands(cluster, agents, gpus_per_agent, slots_per_agent, heartbeat)
         nats_bin, weed_bin = _binary("nats-server"), _binary("weed")
         nats_port, mon_port, *weed_ports = _free_ports(plain=2, with_grpc=5)
         s3_port = weed_ports[0]

@@ -81,6 +81,7 @@ class Execution:
         self.mpi_abort: tuple[int, int] | None = None
         self.mpi_aborted = asyncio.Event()
         self.timed_out = False
+        self.first_failure: int | None = None
         self.log = structlog.get_logger().bind(run_id=self.run_id, node_id=self.node_id)
 
     # --- the whole life of the run on this node ------------------------------------------------------
@@ -284,7 +285,8 @@ class Execution:
             code = await handle.wait()
             handle.kill_leftovers()
             exit_codes[rank] = code
-            if code != 0 and not (self.abort.is_set() or self.cancel_requested.is_set()):
+            if code != 0 and not (self.abort.is_set() or self.cancel_requested.is_set() or local_failure.is_set()):
+                self.first_failure = rank  # the cause; ranks stopped because of it fail after
                 local_failure.set()
             await self._annotate(schemas.RankExited, node_id=self.node_id, rank=rank, exit_code=code)
 
@@ -321,12 +323,14 @@ class Execution:
             rank, code = self.mpi_abort
             error = schemas.ErrorInfo(code="mpi_abort", message=f"rank {rank} called MPI_Abort with code {code}")
             return Outcome("failed", exit_codes, error)
-        failed = sorted((r, c) for r, c in exit_codes.items() if c != 0)
-        if self.abort.is_set():
+        if self.first_failure is None and self.abort.is_set():
             message = f"stopped on node {self.node_id} because {self.abort_reason}"
             return Outcome("failed", exit_codes, schemas.ErrorInfo(code="aborted", message=message), aborted=True)
+        failed = sorted((r, c) for r, c in exit_codes.items() if c != 0)
         if not failed:
             return Outcome("succeeded", exit_codes)
+        if self.first_failure is not None:
+            failed.sort(key=lambda rc: rc[0] != self.first_failure)
         rank, code = failed[0]
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         tail = "\n".join(shippers[rank].tail) if rank in shippers else ""

@@ -9,11 +9,11 @@ only serves this small key-value space and barrier over TCP.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable
 
 import structlog
 
-KVS_NAME = "cadre_kvs"
 MAX_LINE = 1 << 16
 
 
@@ -40,7 +40,11 @@ def _parse(line: str) -> dict[str, str]:
 class PmiServer:
     """Serves one job of ``size`` ranks. ``on_abort(rank, code)`` is called when a rank calls MPI_Abort."""
 
-    def __init__(self, size: int, ranks_per_node: list[int], on_abort: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, size: int, ranks_per_node: list[int], on_abort: Callable[[int, int], None], kvs_name: str | None = None
+    ) -> None:
+        # MPICH names the job's shared-memory segments after the KVS: each job needs its own name.
+        self.kvs_name = kvs_name or f"kvs_{secrets.token_hex(8)}"
         self.size = size
         self.kvs: dict[str, str] = {"PMI_process_mapping": process_mapping(ranks_per_node)}
         self._on_abort = on_abort
@@ -78,7 +82,7 @@ class PmiServer:
                 elif cmd == "get_appnum":
                     reply = "cmd=appnum appnum=0 rc=0\n"
                 elif cmd == "get_my_kvsname":
-                    reply = f"cmd=my_kvsname kvsname={KVS_NAME} rc=0\n"
+                    reply = f"cmd=my_kvsname kvsname={self.kvs_name} rc=0\n"
                 elif cmd == "get_universe_size":
                     reply = f"cmd=universe_size size={self.size} rc=0\n"
                 elif cmd == "put":

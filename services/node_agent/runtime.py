@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-LINE_LIMIT = 1 << 20  # a single line longer than this is split, not fatal
+LINE_LIMIT = 1 << 20
+PR_SET_PDEATHSIG = 1  # a single line longer than this is split, not fatal
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,15 @@ class _Process:
             pass
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: if the agent dies (even by SIGKILL), the kernel kills the rank too."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: a restarted agent still kills what it recorded
+
+
 class ProcessRuntime:
     """Runs a rank as a plain child process in its own session (for hosts without Docker, and the local cluster)."""
 
@@ -116,5 +128,6 @@ class ProcessRuntime:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
             limit=LINE_LIMIT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         return _Process(proc)

@@ -36,26 +36,31 @@ class Decision:
     impossible: str | None = None  # why it can never run
 
 
-def place(spec: schemas.RunSpec, nodes: list[NodeState]) -> Decision:
+def place(spec: schemas.RunSpec, nodes: list[NodeState], known: list[schemas.NodeAdvert] | None = None) -> Decision:
     """Gang placement: all node_count x process_count_per_node slots on distinct nodes, or none.
 
     ``pack`` (the default) fills the busiest nodes that still fit, keeping whole nodes free for big gangs;
     ``spread`` prefers the emptiest. Ranks are numbered node by node, so rank 0's node is the master.
+    ``known`` are all nodes of the target, live or not (a crashed agent may come back): a run is impossible
+    only when even they could not hold it.
     """
     ppn, want = spec.process_count_per_node, spec.node_count
     target = spec.compute_target
-    if not nodes:
+    pool = [NodeState(a) for a in known] if known else nodes
+    if not nodes and not pool:
         return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
-    unit = "GPU(s)" if any(n.advert.gpus for n in nodes) else "slot(s)"
-    capable = [n for n in nodes if n.can_ever_fit(ppn)]
-    if len(capable) < want:
-        largest = max(n.advert.slots for n in nodes)
+    capable = [n for n in pool if n.can_ever_fit(ppn)]
+    if pool and len(capable) < want:
+        largest = max(n.advert.slots for n in pool)
         return Decision(
             impossible=(
                 f"needs {want} node(s) with {ppn} slot(s) each, but compute target {target!r} has "
                 f"{len(capable)} such node(s) (largest node: {largest} slot(s))"
             )
         )
+    if not nodes:
+        return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
+    unit = "GPU(s)" if any(n.advert.gpus for n in nodes) else "slot(s)"
     free = [n for n in nodes if n.fits(ppn)]
     if len(free) < want:
         return Decision(

@@ -30,7 +30,8 @@ class SchedulerService(Service):
 
     def __init__(self, bus_settings: BusSettings) -> None:
         super().__init__(bus_settings)
-        self.nodes: dict[str, schemas.NodeAdvert] = {}
+        self.nodes: dict[str, schemas.NodeAdvert] = {}  # live
+        self.known: dict[str, schemas.NodeAdvert] = {}  # every node not deregistered, live or lost
         self.queues: dict[str, OrderedDict[str, schemas.RunRecord]] = {}
         self.reasons: dict[str, str] = {}
         self.allocations: dict[str, list[schemas.RankSlot]] = {}
@@ -66,11 +67,13 @@ class SchedulerService(Service):
             if entry is None:  # end of the initial values
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self.known.pop(entry.key, None)
                 if self.nodes.pop(entry.key, None) is not None:
                     self.log.info("node_left", node_id=entry.key)
                     await self._nodes_gone({entry.key})
             else:
                 advert = schemas.node_decoder.decode(entry.value)
+                self.known[advert.node_id] = advert
                 if advert.node_id not in self.nodes:
                     self.log.info("node_joined", node_id=advert.node_id, slots=advert.slots, gpus=len(advert.gpus))
                 self.nodes[advert.node_id] = advert
@@ -143,8 +146,9 @@ class SchedulerService(Service):
         table = self._node_table(time.time())
         for target, queue in self.queues.items():
             nodes = [n for n in table.values() if n.advert.compute_target == target]
+            known = [a for a in self.known.values() if a.compute_target == target]
             for run_id, record in list(queue.items()):
-                decision = place(record.spec, nodes)
+                decision = place(record.spec, nodes, known)
                 if decision.placement is not None:
                     if await self._assign(record, decision.placement):
                         allocate(table, decision.placement)

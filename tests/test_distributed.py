@@ -1,0 +1,258 @@
+"""Gang-scheduled multi-node runs on a 3-agent cluster: MPI wire-up, rank environment, failures, cancel, races.
+
+The agents are separate processes with their own credentials (as on separate hosts); their ranks are real
+processes; MPI is MPICH from PyPI wired up through the master agent's PMI-1 server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import eventually
+
+from cadre import (
+    Estimator,
+    Experiment,
+    MpiConfiguration,
+    PyTorchConfiguration,
+    Run,
+    RunFailedError,
+    Workspace,
+    _local,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ALLREDUCE = ROOT / "examples" / "mpi-allreduce"
+
+# Records its pid and environment, then holds until the test releases it (or it is killed).
+HOLD = """
+import json, os, time
+rank = os.environ["RANK"]
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES", "PMI_PORT")
+info = {k: os.environ.get(k) for k in keys}
+info["pid"] = os.getpid()
+with open(os.path.join(os.environ["SPOOL"], f"rank{rank}.json"), "w") as fh:
+    json.dump(info, fh)
+print(f"rank {rank} holding", flush=True)
+while not os.path.exists(os.path.join(os.environ["SPOOL"], "release")):
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("cadre-gpu-home")
+    _local.up(home=home, agents=3, gpus_per_agent=2, slots_per_agent=2, heartbeat=0.5, timeout=120)
+    try:
+        yield home
+    finally:
+        _local.down(home=home)
+
+
+@pytest.fixture(scope="module")
+def gws(gpu_home: Path) -> Iterator[Workspace]:
+    with Workspace.from_config(gpu_home / "profile.json") as workspace:
+        yield workspace
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def mpi_run(ws: Workspace, nodes: int, ppn: int) -> tuple[Run, str]:
+    est = Estimator(
+        source_directory=ALLREDUCE,
+        entry_script="train.py",
+        compute_target="local",
+        node_count=nodes,
+        process_count_per_node=ppn,
+        distributed_training=MpiConfiguration(),
+        pip_packages=[],
+    )
+    run = Experiment(ws, "mpi").submit(est)
+    out = io.StringIO()
+    run.wait_for_completion(show_output=True, output=out, timeout=90)
+    return run, out.getvalue()
+
+
+@pytest.mark.parametrize(("nodes", "ppn"), [(2, 2), (3, 1), (1, 2)])
+def test_mpi_allreduce_across_agents(gws: Workspace, tmp_path: Path, nodes: int, ppn: int) -> None:
+    run, printed = mpi_run(gws, nodes, ppn)
+    size = nodes * ppn
+    details = run.get_details()
+    assert details["status"] == "Completed"
+    placement = details["placement"]
+    assert [s["rank"] for s in placement] == list(range(size))
+    assert len({s["node_id"] for s in placement}) == nodes
+    for node in {s["node_id"] for s in placement}:
+        gpus = [g for s in placement if s["node_id"] == node for g in s["gpu_ids"]]
+        assert len(gpus) == len(set(gpus)) == ppn  # one GPU per process, never shared
+    for rank in range(size):
+        line = next(x for x in printed.splitlines() if x.startswith(f"[rank {rank}] rank {rank}/{size}"))
+        assert f"allreduce={size * (size + 1) // 2}" in line
+        slot = placement[rank]
+        assert f"local_rank={slot['local_rank']}" in line
+        assert f"gpus='{slot['gpu_ids'][0]}'" in line
+    assert run.download_file("outputs/allreduce.txt", tmp_path / "r.txt").read_text().split()[0] == str(size)
+    assert details["exitCodes"] == {r: 0 for r in range(size)}
+
+
+def hold(ws: Workspace, make_project: Callable[..., Path], spool: Path, nodes: int, ppn: int, **kw: object) -> Run:
+    spool.mkdir(exist_ok=True)
+    est = Estimator(
+        source_directory=make_project(**{"hold.py": HOLD}),
+        entry_script="hold.py",
+        node_count=nodes,
+        process_count_per_node=ppn,
+        environment_variables={"SPOOL": str(spool)},
+        **kw,  # type: ignore[arg-type]
+    )
+    run = Experiment(ws, "hold").submit(est)
+    eventually(lambda: all((spool / f"rank{r}.json").exists() for r in range(nodes * ppn)), timeout=30)
+    return run
+
+
+def ranks(spool: Path, size: int) -> list[dict[str, object]]:
+    return [json.loads((spool / f"rank{r}.json").read_text()) for r in range(size)]
+
+
+def test_torch_style_environment_per_rank(gws: Workspace, make_project: Callable[..., Path], tmp_path: Path) -> None:
+    run = hold(gws, make_project, tmp_path / "spool", 2, 2, distributed_training=PyTorchConfiguration())
+    envs = ranks(tmp_path / "spool", 4)
+    (tmp_path / "spool" / "release").touch()
+    assert run.wait_for_completion(timeout=30)["status"] == "Completed"
+    placement = run.get_details()["placement"]
+    master = {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}
+    assert len(master) == 1 and next(iter(master))[0] == "127.0.0.1"
+    for rank, env in enumerate(envs):
+        slot = placement[rank]
+        assert env["RANK"] == str(rank) and env["WORLD_SIZE"] == "4"
+        assert env["LOCAL_RANK"] == str(slot["local_rank"]) and env["LOCAL_WORLD_SIZE"] == "2"
+        assert env["NODE_RANK"] == str(rank // 2)
+        assert env["CUDA_VISIBLE_DEVICES"] == str(slot["gpu_ids"][0])
+        assert env["PMI_PORT"] is None  # torch-style only: no MPI wiring
+
+
+def test_a_rank_that_dies_fails_the_whole_run_and_leaves_no_process(
+    gws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    script = """
+        import os, time
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        open(os.path.join(os.environ["SPOOL"], f"pid{comm.Get_rank()}"), "w").write(str(os.getpid()))
+        comm.Barrier()
+        if comm.Get_rank() == 1:
+            print("rank 1 giving up", flush=True)
+            os._exit(7)
+        comm.Barrier()  # the others hang here, as MPI jobs do when a peer dies
+        """
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    est = Estimator(
+        source_directory=make_project(**{"train.py": script}),
+        entry_script="train.py",
+        node_count=2,
+        process_count_per_node=2,
+        distributed_training=MpiConfiguration(),
+        environment_variables={"SPOOL": str(spool)},
+    )
+    started = time.monotonic()
+    run = Experiment(gws, "dies").submit(est)
+    with pytest.raises(RunFailedError, match=r"rank 1 on node agent-\d exited with code 7"):
+        run.wait_for_completion(timeout=60)
+    assert time.monotonic() - started < 30
+    pids = [int((spool / f"pid{r}").read_text()) for r in range(4)]
+    eventually(lambda: not any(alive(p) for p in pids), timeout=10)
+    details = run.get_details()
+    assert details["exitCodes"][1] == 7 and details["error"]["code"] == "nonzero_exit"
+
+
+def test_agent_killed_mid_run_fails_the_run_with_node_lost(
+    gws: Workspace, gpu_home: Path, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    run = hold(gws, make_project, spool, 2, 1)
+    placement = run.get_details()["placement"]
+    victim = placement[1]["node_id"]
+    pids = [int(e["pid"]) for e in ranks(spool, 2)]  # type: ignore[call-overload]
+    state = json.loads((gpu_home / "cluster" / "state.json").read_text())
+    agent_pid = next(p["pid"] for p in state["processes"] if p["name"] == victim)
+    os.kill(agent_pid, signal.SIGKILL)
+    try:
+        with pytest.raises(RunFailedError, match=rf"node {victim} left or stopped heartbeating \(node lost\)"):
+            run.wait_for_completion(timeout=60)
+        eventually(lambda: not any(alive(p) for p in pids), timeout=10)  # both nodes' ranks are gone
+        assert run.get_details()["error"]["code"] == "node_lost"
+    finally:
+        _local.restart(victim, home=gpu_home)
+    # The restarted agent takes work again (a gang that needs every node waits for it, it does not fail).
+    assert mpi_run(gws, 3, 1)[0].get_status() == "Completed"
+
+
+def test_cancel_stops_every_rank_on_every_node(
+    gws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    run = hold(gws, make_project, spool, 2, 2)
+    pids = [int(e["pid"]) for e in ranks(spool, 4)]  # type: ignore[call-overload]
+    assert all(alive(p) for p in pids)
+    run.cancel()
+    assert run.wait_for_completion(timeout=30)["status"] == "Canceled"
+    assert not any(alive(p) for p in pids)
+    # The slots are free again: a gang that needs all of two nodes runs.
+    assert mpi_run(gws, 2, 2)[0].get_status() == "Completed"
+
+
+def test_two_gangs_racing_for_the_same_nodes_both_complete(
+    gws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    script = """
+        import time
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Barrier()
+        time.sleep(0.5)
+        print("rank", MPI.COMM_WORLD.Get_rank(), "done")
+        """
+    project = make_project(**{"train.py": script})
+
+    def gang() -> Run:
+        est = Estimator(
+            source_directory=project,
+            entry_script="train.py",
+            node_count=2,
+            process_count_per_node=2,
+            distributed_training=MpiConfiguration(),
+        )
+        return Experiment(gws, "race").submit(est)
+
+    first, second = gang(), gang()  # 3 nodes of 2 slots: only one 2x2 gang fits at a time
+    reason = eventually(lambda: first.get_details()["queueReason"] or second.get_details()["queueReason"])
+    assert re.fullmatch(r"needs 2 node\(s\) with 2 free GPU\(s\) on compute target 'local'; 1 of 3 live node\(s\) "
+                        r"have them", reason)  # fmt: skip
+    assert first.wait_for_completion(timeout=60)["status"] == "Completed"
+    assert second.wait_for_completion(timeout=60)["status"] == "Completed"
+
+
+def test_a_gang_too_large_for_the_target_fails_fast(gws: Workspace) -> None:
+    est = Estimator(
+        source_directory=ALLREDUCE, entry_script="train.py", node_count=4, distributed_training=MpiConfiguration()
+    )
+    run = Experiment(gws, "too-big").submit(est)
+    with pytest.raises(RunFailedError, match=r"needs 4 node\(s\) with 1 slot\(s\) each, but compute target 'local' "
+                                             r"has 3 such node\(s\)"):  # fmt: skip
+        run.wait_for_completion(timeout=20)
