@@ -175,13 +175,24 @@ class RunEventLog:
         assert raw.data is not None and raw.seq is not None
         return schemas.run_event_decoder.decode(raw.data), raw.seq
 
-    async def append(self, run_id: str, build: EventBuilder, attempts: int = 20) -> schemas.RunEvent | None:
+    async def append(
+        self,
+        run_id: str,
+        build: EventBuilder,
+        attempts: int = 20,
+        known: tuple[schemas.RunEvent | None, int] | None = None,
+    ) -> schemas.RunEvent | None:
         """Append the event ``build(last_event)`` returns; ``None`` from build means nothing to do.
 
+        ``known`` is the caller's idea of the last event and its stream sequence (a consumer has it already): it
+        saves a round trip, and if it is stale the compare-and-set fails and the real last event is read.
         Raises ConflictError when the event would be an illegal transition.
         """
         for _ in range(attempts):
-            last, seq = await self.last(run_id)
+            if known is not None:
+                (last, seq), known = known, None
+            else:
+                last, seq = await self.last(run_id)
             event = build(last)
             if event is None:
                 return None

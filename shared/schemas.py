@@ -99,6 +99,7 @@ class Submitted(RunEventBase, frozen=True, kw_only=True, tag="submitted"):
 
 class Queued(RunEventBase, frozen=True, kw_only=True, tag="queued"):
     reason: str | None = None
+    spec: RunSpec | None = None  # on the first Queued event, so the scheduler needs no lookup to place the run
 
 
 class Assigned(RunEventBase, frozen=True, kw_only=True, tag="assigned"):

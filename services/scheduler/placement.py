@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from shared import schemas
@@ -21,9 +22,9 @@ class NodeState:
         return [g.index for g in self.advert.gpus if g.index not in self.used_gpus]
 
     def fits(self, processes: int) -> bool:
-        if self.free_slots < processes:
+        if self.advert.slots - self.used_slots < processes:
             return False
-        return not self.advert.gpus or len(self.free_gpus()) >= processes
+        return not self.advert.gpus or len(self.advert.gpus) - len(self.used_gpus) >= processes
 
     def can_ever_fit(self, processes: int) -> bool:
         return self.advert.slots >= processes and (not self.advert.gpus or len(self.advert.gpus) >= processes)
@@ -46,23 +47,22 @@ def place(spec: schemas.RunSpec, nodes: list[NodeState], known: list[schemas.Nod
     """
     ppn, want = spec.process_count_per_node, spec.node_count
     target = spec.compute_target
-    pool = [NodeState(a) for a in known] if known else nodes
-    if not nodes and not pool:
-        return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
-    capable = [n for n in pool if n.can_ever_fit(ppn)]
-    if pool and len(capable) < want:
-        largest = max(n.advert.slots for n in pool)
-        return Decision(
-            impossible=(
-                f"needs {want} node(s) with {ppn} slot(s) each, but compute target {target!r} has "
-                f"{len(capable)} such node(s) (largest node: {largest} slot(s))"
-            )
-        )
-    if not nodes:
-        return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
-    unit = "GPU(s)" if any(n.advert.gpus for n in nodes) else "slot(s)"
     free = [n for n in nodes if n.fits(ppn)]
     if len(free) < want:
+        # Only now is it worth asking whether it could ever fit (the common case never pays for this pass).
+        pool = [NodeState(a) for a in known] if known else nodes
+        capable = [n for n in pool if n.can_ever_fit(ppn)]
+        if pool and len(capable) < want:
+            largest = max(n.advert.slots for n in pool)
+            return Decision(
+                impossible=(
+                    f"needs {want} node(s) with {ppn} slot(s) each, but compute target {target!r} has "
+                    f"{len(capable)} such node(s) (largest node: {largest} slot(s))"
+                )
+            )
+        if not nodes:
+            return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
+        unit = "GPU(s)" if any(n.advert.gpus for n in nodes) else "slot(s)"
         return Decision(
             reason=(
                 f"needs {want} node(s) with {ppn} free {unit} on compute target {target!r}; "
@@ -70,9 +70,9 @@ def place(spec: schemas.RunSpec, nodes: list[NodeState], known: list[schemas.Nod
             )
         )
     if spec.placement == "spread":
-        chosen = sorted(free, key=lambda n: (-n.free_slots, n.advert.node_id))[:want]
+        chosen = heapq.nsmallest(want, free, key=lambda n: (-n.free_slots, n.advert.node_id))
     else:
-        chosen = sorted(free, key=lambda n: (n.free_slots, n.advert.node_id))[:want]
+        chosen = heapq.nsmallest(want, free, key=lambda n: (n.free_slots, n.advert.node_id))
     placement: list[schemas.RankSlot] = []
     rank = 0
     for node in chosen:

@@ -22,6 +22,7 @@ from shared.service import Service
 from shared.settings import BusSettings
 from shared.states import RunState
 
+IO_CONCURRENCY = 64  # placements whose events are in flight at once; decisions themselves stay sequential
 ACTIVE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
 
 
@@ -36,6 +37,9 @@ class SchedulerService(Service):
         self.reasons: dict[str, str] = {}
         self.allocations: dict[str, list[schemas.RankSlot]] = {}
         self._wake = asyncio.Event()
+        # The last event (and its stream sequence) of each queued run, for compare-and-set without a lookup.
+        self.last_seen: dict[str, tuple[schemas.RunEvent, int]] = {}
+        self._io = asyncio.Semaphore(IO_CONCURRENCY)
         self.runs_kv: KeyValue
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
@@ -82,13 +86,22 @@ class SchedulerService(Service):
     async def _consume_events(self, sub) -> None:
         async for msg in sub.messages:
             event = schemas.run_event_decoder.decode(msg.data)
+            if event.state is RunState.QUEUED:
+                self.last_seen[event.run_id] = (event, msg.metadata.sequence.stream)
+            else:
+                self.last_seen.pop(event.run_id, None)
             await self._on_event(event)
 
     async def _on_event(self, event: schemas.RunEvent) -> None:
         run_id, state = event.run_id, event.state
         if state is RunState.QUEUED:
             if not any(run_id in q for q in self.queues.values()):
-                record = await self._record(run_id)
+                if isinstance(event, schemas.Queued) and event.spec is not None:
+                    record: schemas.RunRecord | None = schemas.RunRecord(
+                        run_id=run_id, spec=event.spec, submitted_at=event.at
+                    )
+                else:
+                    record = await self._record(run_id)
                 if record is not None:
                     self.queues.setdefault(record.spec.compute_target, OrderedDict())[run_id] = record
                     if isinstance(event, schemas.Queued) and event.reason:
@@ -143,22 +156,26 @@ class SchedulerService(Service):
         return table
 
     async def schedule_pass(self) -> None:
+        """Decide every queued run in FIFO order (sequentially, in memory), then write the decisions concurrently."""
         table = self._node_table(time.time())
+        writes = []
         for target, queue in self.queues.items():
             nodes = [n for n in table.values() if n.advert.compute_target == target]
             known = [a for a in self.known.values() if a.compute_target == target]
             for run_id, record in list(queue.items()):
                 decision = place(record.spec, nodes, known)
                 if decision.placement is not None:
-                    if await self._assign(record, decision.placement):
-                        allocate(table, decision.placement)
+                    allocate(table, decision.placement)
+                    self.allocations[run_id] = decision.placement  # held now; released if the write loses
                     queue.pop(run_id, None)
+                    writes.append(self._assign(record, decision.placement))
                 elif decision.impossible is not None:
                     queue.pop(run_id, None)
-                    await self._fail(run_id, "unschedulable", decision.impossible)
+                    writes.append(self._fail(run_id, "unschedulable", decision.impossible))
                 elif decision.reason != self.reasons.get(run_id):
                     self.reasons[run_id] = decision.reason or ""
-                    await self._annotate(run_id, decision.reason or "")
+                    writes.append(self._annotate(run_id, decision.reason or ""))
+        await asyncio.gather(*writes)
 
     async def _assign(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> bool:
         run_id = record.run_id
@@ -168,15 +185,17 @@ class SchedulerService(Service):
                 return None  # canceled or already placed meanwhile
             return bus.make_event(schemas.Assigned, run_id, RunState.PREPARING, placement=placement)
 
-        try:
-            event = await self.events.append(run_id, build)
-        except ConflictError:
-            return False
-        if event is None:
-            return False
-        self.allocations[run_id] = placement
-        self.reasons.pop(run_id, None)
-        await self._send_assignments(record, placement)
+        async with self._io:
+            try:
+                event = await self.events.append(run_id, build, known=self.last_seen.get(run_id))
+            except ConflictError:
+                event = None
+            if event is None:
+                self.allocations.pop(run_id, None)
+                self._wake.set()
+                return False
+            self.reasons.pop(run_id, None)
+            await self._send_assignments(record, placement)
         self.log.info("run_assigned", run_id=run_id, nodes=sorted({s.node_id for s in placement}))
         return True
 

@@ -103,7 +103,7 @@ class SubmitterService(Service):
                 entry_script=spec.entry_script,
             ),
         )
-        await self.events.append(run_id, lambda _: bus.make_event(schemas.Queued, run_id, RunState.QUEUED))
+        await self.events.append(run_id, lambda _: bus.make_event(schemas.Queued, run_id, RunState.QUEUED, spec=spec))
         self.log.info("run_submitted", run_id=run_id, experiment=spec.experiment, target=spec.compute_target)
         return schemas.SubmitReply(run_id=run_id, state=RunState.QUEUED)
 

@@ -1,0 +1,1 @@
+"""cadre's benchmarks (`make bench`): figures, never pass/fail gates for CI."""

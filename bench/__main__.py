@@ -1,0 +1,80 @@
+"""`make bench`: start a local cluster, measure, print a table, write bench/results.json and docs/benchmarks.md.
+
+Quick by default; BENCH=full for more samples. Figures never fail the command: only an inability to run does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import latency, scheduler
+from cadre import Workspace, _local
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict[str, object]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(), "os": platform.platform()}
+
+
+def fmt(v: object) -> str:
+    return f"{v:,.2f}" if isinstance(v, float) else str(v)
+
+
+def main() -> int:
+    quick = os.environ.get("BENCH", "quick") != "full"
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="cadre-bench-") as tmp:
+        home = Path(tmp)
+        _local.up(home=home, agents=1, timeout=120)
+        try:
+            with Workspace.from_config(home / "profile.json") as ws:
+                rows += latency.run(ws, 30 if quick else 100)
+            rows += scheduler.run(home, quick)
+        finally:
+            _local.down(home=home)
+    info = machine()
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    width = max(len(str(r["metric"])) for r in rows)
+    print(f"\ncadre bench ({'quick' if quick else 'full'}) on {info['cpus']} x {info['cpu_model']}, {stamp}")
+    for r in rows:
+        verdict = "" if r["ok"] is None else ("pass" if r["ok"] else "FAIL")
+        print(f"{r['metric']:<{width}}  {fmt(r['value']):>10} {r['unit']:<7} {verdict:<4}  {r['note']}")
+    out = ROOT / "bench" / "results.json"
+    out.write_text(json.dumps({"machine": info, "at": stamp, "mode": "quick" if quick else "full", "rows": rows},
+                              indent=2) + "\n")  # fmt: skip
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Latest `make bench` ({'quick' if quick else 'full'} mode), {stamp}, on {info['cpus']} x {info['cpu_model']}"
+        f" (Python {info['python']}). Reproduce with `make bench` (`BENCH=full make bench` for more samples).",
+        "",
+        "| metric | value | unit | target | verdict | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        verdict = "" if r["ok"] is None else ("pass" if r["ok"] else "below target")
+        lines.append(
+            f"| {r['metric']} | {fmt(r['value'])} | {r['unit']} | {r['target'] or ''} | {verdict} | {r['note']} |"
+        )
+    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {out.relative_to(ROOT)} and docs/benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
