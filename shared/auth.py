@@ -6,6 +6,7 @@ Roles: ``service`` (the five services), ``agent`` (one user per node: it may onl
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from shared import subjects as s
@@ -79,4 +80,44 @@ def agent_permissions(node_id: str) -> Permissions:
             *_read_stream(s.EVENTS_STREAM),
         ],
         subscribe=["_INBOX.>", s.all_run_events()],
+    )
+
+
+def render_nats_config(
+    users: list[tuple[str, str, Permissions]],
+    *,
+    listen: str,
+    http: str,
+    store_dir: str,
+    server_name: str,
+    header: str,
+) -> str:
+    """A nats-server config with JetStream and one user per (name, password, permissions); no anonymous access."""
+    # Every string is JSON-quoted: subjects hold `$`, `>` and `*`, which unquoted mean variables/wildcards.
+    q = json.dumps
+
+    def allow(subjects: list[str]) -> str:
+        return "{allow: [" + ", ".join(q(s) for s in subjects) + "]}"
+
+    user_lines = [
+        f"    {{user: {q(name)}, password: {q(password)}, "
+        f"permissions: {{publish: {allow(perms.publish)}, subscribe: {allow(perms.subscribe)}}}}}"
+        for name, password, perms in users
+    ]
+    return "\n".join(
+        [
+            f"# {header}",
+            f"server_name: {q(server_name)}",
+            f"listen: {q(listen)}",
+            f"http: {q(http)}",
+            "jetstream {",
+            f"  store_dir: {q(store_dir)}",
+            "}",
+            "authorization {",
+            "  users = [",
+            *user_lines,
+            "  ]",
+            "}",
+            "",
+        ]
     )

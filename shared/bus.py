@@ -16,8 +16,9 @@ from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, BadRequestError
+from nats.js.errors import APIError, BadRequestError, KeyNotFoundError
 from nats.js.errors import NotFoundError as JsNotFound
+from nats.js.kv import KeyValue
 
 from shared import schemas, subjects
 from shared.errors import (
@@ -25,8 +26,10 @@ from shared.errors import (
     ClusterNotRunningError,
     ConflictError,
     ServiceUnavailableError,
+    ValidationError,
     error_class,
 )
+from shared.errors import NotFoundError as CadreNotFoundError
 from shared.settings import BusSettings
 from shared.states import RunState, check_transition
 
@@ -148,6 +151,18 @@ async def request(nc: NATS, subject: str, payload: msgspec.Struct, reply_type: t
         raise error_class(reply.error.code)(reply.error.message)
     assert reply.ok is not None
     return reply.ok
+
+
+async def get_record(runs_kv: KeyValue, run_id: str) -> schemas.RunRecord:
+    """A run's immutable record; a malformed id or an unknown run is a clear error."""
+    if not subjects.RUN_ID_RE.match(run_id):
+        raise ValidationError(f"{run_id!r} is not a run id")
+    try:
+        entry = await runs_kv.get(run_id)
+    except KeyNotFoundError:
+        raise CadreNotFoundError(f"run {run_id} not found") from None
+    assert entry.value is not None
+    return schemas.record_decoder.decode(entry.value)
 
 
 def new_event_id() -> str:

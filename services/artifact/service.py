@@ -13,7 +13,6 @@ import posixpath
 import msgspec
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api as js_api
-from nats.js.errors import KeyNotFoundError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
@@ -102,19 +101,8 @@ class ArtifactService(Service):
         await self.endpoint(subjects.Api.FILES_LIST, schemas.FilesListRequest, self.list_files)
         await self.endpoint(subjects.Api.FILE_URL, schemas.FileUrlRequest, self.file_url)
 
-    async def _record(self, run_id: str) -> schemas.RunRecord:
-        if not subjects.RUN_ID_RE.match(run_id):
-            raise ValidationError(f"{run_id!r} is not a run id")
-        try:
-            entry = await self.runs_kv.get(run_id)
-        except KeyNotFoundError:
-            raise NotFoundError(f"run {run_id} not found") from None
-        assert entry.value is not None
-        return schemas.record_decoder.decode(entry.value)
-
-    # --- agent side -------------------------------------------------------------------------------------
     async def snapshot_url(self, req: schemas.RunRef) -> schemas.SnapshotUrl:
-        record = await self._record(req.run_id)
+        record = await bus.get_record(self.runs_kv, req.run_id)
         url = await self.store.presign_get(subjects.snapshot_key(record.spec.snapshot.content_hash))
         return schemas.SnapshotUrl(url=url, snapshot=record.spec.snapshot)
 
@@ -125,7 +113,7 @@ class ArtifactService(Service):
         return set()
 
     async def upload_urls(self, req: schemas.UploadUrlsRequest) -> schemas.UploadUrls:
-        await self._record(req.run_id)
+        await bus.get_record(self.runs_kv, req.run_id)
         last, _ = await self.events.last(req.run_id)
         if last is None or last.state not in UPLOADABLE:
             state = last.state.value if last else "unknown"
@@ -140,7 +128,7 @@ class ArtifactService(Service):
 
     async def commit(self, req: schemas.CommitRequest) -> schemas.RunSummary:
         """Verify one node's files and record them; the last node's commit finalizes the run."""
-        record = await self._record(req.run_id)
+        record = await bus.get_record(self.runs_kv, req.run_id)
         problems = []
         for f in req.files:
             check_file_name(f.name)
@@ -276,7 +264,7 @@ class ArtifactService(Service):
 
     # --- client side ------------------------------------------------------------------------------------
     async def list_files(self, req: schemas.FilesListRequest) -> schemas.FilesList:
-        await self._record(req.run_id)
+        await bus.get_record(self.runs_kv, req.run_id)
         try:
             raw = await self.store.get_bytes(subjects.run_manifest_key(req.run_id))
             files = msgspec.json.decode(raw, type=schemas.FilesList).files
@@ -290,7 +278,7 @@ class ArtifactService(Service):
         return schemas.FilesList(files=[f for f in files if f.name.startswith(req.prefix)])
 
     async def file_url(self, req: schemas.FileUrlRequest) -> schemas.FileUrl:
-        await self._record(req.run_id)
+        await bus.get_record(self.runs_kv, req.run_id)
         key = subjects.run_file_key(req.run_id, req.name)
         stat = await self.store.stat(key)
         if stat is None:

@@ -50,12 +50,7 @@ class RegistryService(Service):
             raise ValidationError(
                 f"model name {req.model_name!r} is invalid: use letters, digits, '_' or '-' (at most 128)"
             )
-        try:
-            entry = await self.runs_kv.get(req.run_id)
-        except KeyNotFoundError:
-            raise NotFoundError(f"run {req.run_id} not found") from None
-        assert entry.value is not None
-        record = schemas.record_decoder.decode(entry.value)
+        record = await bus.get_record(self.runs_kv, req.run_id)
         last, _ = await self.events.last(req.run_id)
         if last is None or last.state is not RunState.COMPLETED:
             state = last.state.value if last else "unknown"

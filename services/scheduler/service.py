@@ -12,12 +12,11 @@ import time
 from collections import OrderedDict
 
 from nats.js import api as js_api
-from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.scheduler.placement import NodeState, allocate, place
 from shared import bus, schemas, subjects
-from shared.errors import ConflictError
+from shared.errors import ConflictError, NotFoundError
 from shared.service import Service
 from shared.settings import BusSettings
 from shared.states import RunState
@@ -135,14 +134,11 @@ class SchedulerService(Service):
 
     async def _record(self, run_id: str) -> schemas.RunRecord | None:
         try:
-            entry = await self.runs_kv.get(run_id)
-        except KeyNotFoundError:
+            return await bus.get_record(self.runs_kv, run_id)
+        except NotFoundError:
             self.log.warning("run_record_missing", run_id=run_id)
             return None
-        assert entry.value is not None
-        return schemas.record_decoder.decode(entry.value)
 
-    # --- decisions ---------------------------------------------------------------------------------------
     async def _schedule_loop(self) -> None:
         while True:
             await self._wake.wait()

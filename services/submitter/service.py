@@ -113,18 +113,8 @@ class SubmitterService(Service):
         except NoKeysError:
             return []
 
-    async def _record(self, run_id: str) -> schemas.RunRecord:
-        if not subjects.RUN_ID_RE.match(run_id):
-            raise ValidationError(f"{run_id!r} is not a run id")
-        try:
-            entry = await self.runs_kv.get(run_id)
-        except KeyNotFoundError:
-            raise NotFoundError(f"run {run_id} not found") from None
-        assert entry.value is not None
-        return schemas.record_decoder.decode(entry.value)
-
     async def get_run(self, req: schemas.RunRef) -> schemas.RunDetails:
-        record = await self._record(req.run_id)
+        record = await bus.get_record(self.runs_kv, req.run_id)
         return runs.fold(record, await self.events.history(req.run_id))
 
     async def list_runs(self, req: schemas.RunListRequest) -> schemas.RunList:
@@ -134,7 +124,7 @@ class SubmitterService(Service):
             if len(out) >= req.limit:
                 break
             try:
-                record = await self._record(ev.run_id)
+                record = await bus.get_record(self.runs_kv, ev.run_id)
             except NotFoundError:
                 continue
             if req.experiment and record.spec.experiment != req.experiment:
@@ -145,7 +135,7 @@ class SubmitterService(Service):
         return schemas.RunList(runs=out)
 
     async def cancel(self, req: schemas.RunRef) -> schemas.RunSummary:
-        record = await self._record(req.run_id)
+        record = await bus.get_record(self.runs_kv, req.run_id)
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
             state = last.state if last else RunState.NOT_STARTED
