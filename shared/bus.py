@@ -6,12 +6,13 @@ import asyncio
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -231,43 +232,44 @@ class RunEventLog:
         _, last_seq = await self.last(run_id)
         if last_seq == 0:
             return []
-        events: list[schemas.RunEvent] = []
-        sub = await self._js.subscribe(
-            subjects.run_events(run_id),
-            stream=subjects.EVENTS_STREAM,
-            ordered_consumer=True,
-            deliver_policy=js_api.DeliverPolicy.ALL,
-        )
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=5)
-                events.append(schemas.run_event_decoder.decode(msg.data))
-                if msg.metadata.sequence.stream >= last_seq:
-                    return events
-        finally:
-            await sub.unsubscribe()
+        return [
+            schemas.run_event_decoder.decode(msg.data)
+            async for msg in replay(self._js, subjects.EVENTS_STREAM, subjects.run_events(run_id), last_seq)
+        ]
 
     async def latest_per_run(self) -> list[schemas.RunEvent]:
         """The newest event of every run (one pass over the stream's last-per-subject index)."""
         info = await self._js.stream_info(subjects.EVENTS_STREAM)
         if info.state.messages == 0:
             return []
-        last_seq = info.state.last_seq
-        out: list[schemas.RunEvent] = []
-        sub = await self._js.subscribe(
+        msgs = replay(
+            self._js,
+            subjects.EVENTS_STREAM,
             subjects.all_run_events(),
-            stream=subjects.EVENTS_STREAM,
-            ordered_consumer=True,
-            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+            info.state.last_seq,
+            js_api.DeliverPolicy.LAST_PER_SUBJECT,
         )
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=5)
-                out.append(schemas.run_event_decoder.decode(msg.data))
-                if msg.metadata.num_pending == 0 or msg.metadata.sequence.stream >= last_seq:
-                    return out
-        finally:
-            await sub.unsubscribe()
+        return [schemas.run_event_decoder.decode(msg.data) async for msg in msgs]
+
+
+async def replay(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    until_seq: int,
+    policy: js_api.DeliverPolicy = js_api.DeliverPolicy.ALL,
+    timeout: float = 10.0,
+) -> AsyncIterator[Msg]:
+    """Read ``subject`` from ``stream`` with an ephemeral ordered consumer up to stream sequence ``until_seq``."""
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=policy)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            yield msg
+            if msg.metadata.sequence.stream >= until_seq or msg.metadata.num_pending == 0:
+                return
+    finally:
+        await sub.unsubscribe()
 
 
 def make_event(cls: type[schemas.RunEventBase], run_id: str, state: RunState, **fields: object) -> schemas.RunEvent:

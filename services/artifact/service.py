@@ -239,21 +239,9 @@ class ArtifactService(Service):
             except JsNotFound:
                 continue
             chunks: list[str] = []
-            sub = await self.js.subscribe(
-                subject,
-                stream=subjects.LOGS_STREAM,
-                ordered_consumer=True,
-                deliver_policy=js_api.DeliverPolicy.ALL,
-            )
-            try:
-                while True:
-                    msg = await sub.next_msg(timeout=10)
-                    batch = schemas.log_batch_decoder.decode(msg.data)
-                    chunks.extend(line.text + "\n" for line in batch.lines)
-                    if msg.metadata.sequence.stream >= (last.seq or 0):
-                        break
-            finally:
-                await sub.unsubscribe()
+            async for msg in bus.replay(self.js, subjects.LOGS_STREAM, subject, last.seq or 0):
+                batch = schemas.log_batch_decoder.decode(msg.data)
+                chunks.extend(line.text + "\n" for line in batch.lines)
             data = "".join(chunks).encode()
             name = f"{DRIVER_LOGS}rank_{rank}.log"
             await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")
