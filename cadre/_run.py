@@ -288,14 +288,29 @@ class Run:
         return out
 
     def register_model(
-        self, model_name: str, model_path: str, tags: dict[str, str] | None = None, description: str | None = None
+        self,
+        model_name: str,
+        model_path: str | None = None,
+        tags: dict[str, str] | None = None,
+        properties: dict[str, str] | None = None,
+        description: str | None = None,
     ) -> Model:
-        from cadre._model import Model
+        """Register a file or folder of this (Completed) run as the next version of ``model_name``.
+
+        ``model_path=None`` registers the whole ``outputs/``.
+        """
+        from cadre._model import Model, _strs, _who
 
         version = self._ws._request(
             subjects.Api.MODEL_REGISTER,
             schemas.ModelRegisterRequest(
-                model_name=model_name, run_id=self.id, model_path=model_path, tags=tags or {}, description=description
+                model_name=model_name,
+                run_id=self.id,
+                model_path=model_path,
+                tags=_strs(tags, "tags"),
+                properties=_strs(properties, "properties"),
+                description=description,
+                registered_by=_who(),
             ),
             schemas.ModelVersion,
         )

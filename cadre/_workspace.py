@@ -59,6 +59,14 @@ class Workspace:
         return f"Workspace(name={self.name!r}, url={self.profile.nats_url!r})"
 
 
+def http_put_file(url: str, path: Path, size: int, timeout: float = 300) -> None:
+    """Stream a file to a presigned URL (never all in memory)."""
+    with open(path, "rb") as fh:
+        req = urllib.request.Request(url, data=fh, method="PUT", headers={"Content-Length": str(size)})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            resp.read()
+
+
 def http_put(url: str, data: bytes, timeout: float = 300) -> None:
     req = urllib.request.Request(url, data=data, method="PUT", headers={"Content-Length": str(len(data))})
     with urllib.request.urlopen(req, timeout=timeout) as resp:

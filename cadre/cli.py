@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.errors import CadreError
+from shared.errors import CadreError, ValidationError
 
 
 def _ws():
@@ -114,14 +114,90 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_ref(text: str) -> tuple[str, int | None, str | None]:
+    """NAME, NAME:VERSION or NAME@ALIAS."""
+    if "@" in text:
+        name, alias = text.split("@", 1)
+        return name, None, alias
+    if ":" in text:
+        name, version = text.split(":", 1)
+        if not version.isdigit():
+            raise ValidationError(f"{text!r}: the version after ':' must be a number")
+        return name, int(version), None
+    return text, None, None
+
+
+def _pairs(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValidationError(f"{item!r} must look like KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     from cadre import Model
 
     with _ws() as ws:
-        models = Model.list(ws, args.name)
-    print(f"{'NAME':<30} {'VERSION':>7}  RUN")
+        models = Model.list(ws, args.name, tags=_pairs(args.tag), include_archived=args.all)
+    print(f"{'NAME':<28} {'VERSION':>7}  {'ALIASES':<16} {'RUN':<36} TAGS")
     for m in models:
-        print(f"{m.name:<30} {m.version:>7}  {m.run_id}")
+        tags = ", ".join(f"{k}={v}" for k, v in sorted(m.tags.items()))
+        flag = " (archived)" if m.archived else ""
+        print(f"{m.name:<28} {m.version:>7}  {','.join(m.aliases):<16} {m.run_id or 'local files':<36} {tags}{flag}")
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from cadre import Model
+
+    name, version, alias = _model_ref(args.model)
+    with _ws() as ws:
+        m = Model(ws, name, version=version, alias=alias)
+    lineage = m.lineage
+    git = lineage.get("git") or {}
+    print(f"model:       {m.name} version {m.version}{' (archived)' if m.archived else ''}")
+    print(f"aliases:     {', '.join(m.aliases) or '-'}")
+    print(f"registered:  {time.strftime('%F %T', time.localtime(m.created_time))} by {m.created_by or '?'}")
+    print(f"from:        run {m.run_id} ({m.experiment_name})  path {m.source_path}" if m.run_id else
+          f"from:        local files ({m.source_path})")  # fmt: skip
+    if git:
+        dirty = " (dirty)" if git.get("dirty") else ""
+        print(f"git:         {git.get('repository')} {git.get('branch')} {git.get('commit')}{dirty}")
+    print(f"tags:        {m.tags}\nproperties:  {m.properties}")
+    for f in m._v.files:
+        print(f"  {f.name}  {f.size} bytes  sha256 {f.sha256}")
+    return 0
+
+
+def cmd_models_download(args: argparse.Namespace) -> int:
+    from cadre import Model
+
+    name, version, alias = _model_ref(args.model)
+    with _ws() as ws:
+        m = Model(ws, name, version=version, alias=alias)
+        path = m.download(args.dest, exist_ok=args.overwrite)
+    print(f"{m.name}:{m.version} -> {path}")
+    return 0
+
+
+def cmd_models_alias(args: argparse.Namespace) -> int:
+    from cadre import Model
+
+    with _ws() as ws:
+        m = Model(ws, args.name, version=args.version).set_alias(args.alias)
+    print(f"{m.name}@{args.alias} -> version {m.version}")
+    return 0
+
+
+def cmd_models_archive(args: argparse.Namespace) -> int:
+    from cadre import Model
+
+    with _ws() as ws:
+        m = Model(ws, args.name, version=args.version).archive()
+    print(f"{m.name}:{m.version} archived")
     return 0
 
 
@@ -173,9 +249,28 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="registered models")
     msub = m.add_subparsers(dest="models_command", required=True)
-    ml = msub.add_parser("list")
+    ml = msub.add_parser("list", help="versions, newest last")
     ml.add_argument("name", nargs="?")
+    ml.add_argument("--tag", action="append", help="KEY=VALUE (repeatable)")
+    ml.add_argument("--all", action="store_true", help="include archived versions")
     ml.set_defaults(fn=cmd_models_list)
+    ms = msub.add_parser("show", help="one version: NAME, NAME:VERSION or NAME@ALIAS")
+    ms.add_argument("model")
+    ms.set_defaults(fn=cmd_models_show)
+    md = msub.add_parser("download", help="download a version's files")
+    md.add_argument("model", help="NAME, NAME:VERSION or NAME@ALIAS")
+    md.add_argument("dest", nargs="?", default=".")
+    md.add_argument("--overwrite", action="store_true")
+    md.set_defaults(fn=cmd_models_download)
+    ma = msub.add_parser("alias", help="point an alias at a version")
+    ma.add_argument("name")
+    ma.add_argument("alias")
+    ma.add_argument("version", type=int)
+    ma.set_defaults(fn=cmd_models_alias)
+    mr = msub.add_parser("archive", help="hide a version from latest and listings")
+    mr.add_argument("name")
+    mr.add_argument("version", type=int)
+    mr.set_defaults(fn=cmd_models_archive)
     return p
 
 

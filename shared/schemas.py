@@ -75,7 +75,8 @@ class RankSlot(msgspec.Struct, frozen=True, kw_only=True):
 class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     size: int
-    md5: str
+    md5: str  # what the object store can check (the ETag of a single PUT)
+    sha256: str = ""  # what the file is, end to end
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -373,43 +374,121 @@ class SnapshotUrl(Message, frozen=True, kw_only=True):
     snapshot: SnapshotRef
 
 
+class Lineage(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a model version came from."""
+
+    run_id: str | None = None
+    experiment: str | None = None
+    git: GitInfo | None = None
+    datasets: list[str] = []  # "name:version" of the datasets the run read
+    environment: dict[str, str] = {}  # compute target, runtime, image, packages of the run
+
+
 class ModelVersion(Message, frozen=True, kw_only=True):
     name: str
     version: int
-    run_id: str
-    experiment: str
-    source_path: str  # the run file it came from
-    files: list[FileEntry]
+    source_path: str  # the run path (file or folder) or local path it was registered from
+    files: list[FileEntry]  # paths relative to the model, with their digests
     registered_at: float
-    tags: dict[str, str] = {}
+    registered_by: str = ""
+    lineage: Lineage = Lineage()
+    tags: dict[str, str] = {}  # may change
+    properties: dict[str, str] = {}  # keys may be added, never changed
     description: str | None = None
+    archived: bool = False
+    aliases: list[str] = []  # filled in on reads; aliases are stored separately
+
+    @property
+    def run_id(self) -> str | None:
+        return self.lineage.run_id
 
 
 class ModelRegisterRequest(Message, frozen=True, kw_only=True):
+    """From a run (``run_id`` + ``model_path``) or from uploaded local files (``files`` + ``upload_id``)."""
+
     model_name: str
-    run_id: str
-    model_path: str
+    run_id: str | None = None
+    model_path: str | None = None  # None with a run: the run's whole outputs/
+    files: list[FileEntry] = []
     tags: dict[str, str] = {}
+    properties: dict[str, str] = {}
     description: str | None = None
+    registered_by: str = ""
 
 
-class ModelGetRequest(Message, frozen=True, kw_only=True):
+class ModelUploadRequest(Message, frozen=True, kw_only=True):
+    model_name: str
+    files: list[FileEntry]
+
+
+class ModelRef(Message, frozen=True, kw_only=True):
     name: str
-    version: int | None = None  # None: the latest
+    version: int | None = None  # None (and no alias): the latest version that is not archived
+    alias: str | None = None
+
+
+class ModelUpdateRequest(Message, frozen=True, kw_only=True):
+    name: str
+    version: int
+    add_tags: dict[str, str] = {}
+    remove_tags: list[str] = []
+    add_properties: dict[str, str] = {}
+    description: str | None = None
+    archived: bool | None = None
+
+
+class AliasRequest(Message, frozen=True, kw_only=True):
+    name: str
+    alias: str
+    version: int
+    by: str = ""
 
 
 class ModelListRequest(Message, frozen=True, kw_only=True):
     name: str | None = None
+    tags: dict[str, str] = {}
+    properties: dict[str, str] = {}
+    include_archived: bool = False
 
 
 class ModelList(Message, frozen=True, kw_only=True):
     models: list[ModelVersion]
 
 
-class ModelRegistered(Message, frozen=True, kw_only=True):
-    """Published on the model's event subject after a version is stored."""
+class ModelFiles(Message, frozen=True, kw_only=True):
+    """Presigned URLs: for downloading a version's files, or for uploading local files before registering."""
 
+    urls: dict[str, str]
+
+
+class ModelEventBase(Message, frozen=True, kw_only=True, tag_field="kind"):
+    name: str
+    version: int
+    at: float
+    by: str = ""
+
+
+class VersionRegistered(ModelEventBase, frozen=True, kw_only=True, tag="registered"):
     model: ModelVersion
+
+
+class VersionUpdated(ModelEventBase, frozen=True, kw_only=True, tag="updated"):
+    tags: dict[str, str]
+    properties: dict[str, str]
+    description: str | None = None
+    archived: bool = False
+
+
+class AliasMoved(ModelEventBase, frozen=True, kw_only=True, tag="alias_moved"):
+    alias: str
+    previous_version: int | None = None
+
+
+class VersionDeleted(ModelEventBase, frozen=True, kw_only=True, tag="deleted"):
+    pass
+
+
+ModelEvent = VersionRegistered | VersionUpdated | AliasMoved | VersionDeleted
 
 
 class TargetList(Message, frozen=True, kw_only=True):
@@ -425,6 +504,7 @@ node_decoder = msgspec.json.Decoder(NodeAdvert)
 assignment_decoder = msgspec.json.Decoder(Assignment)
 record_decoder = msgspec.json.Decoder(RunRecord)
 model_decoder = msgspec.json.Decoder(ModelVersion)
+model_event_decoder = msgspec.json.Decoder(ModelEvent)
 
 
 def encode(msg: object) -> bytes:

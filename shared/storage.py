@@ -76,6 +76,9 @@ class ObjectStore:
 
         return await self._call(_get)
 
+    async def remove(self, key: str) -> None:
+        await self._call(self._client.remove_object, self.bucket, key)
+
     async def copy(self, src_key: str, dst_key: str) -> None:
         await self._call(self._client.copy_object, self.bucket, dst_key, CopySource(self.bucket, src_key))
 

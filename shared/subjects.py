@@ -20,7 +20,7 @@ MODELS_STREAM = "CADRE_MODELS"  # registry changes
 NODES_BUCKET = "cadre_nodes"  # node_id -> NodeAdvert (capacity + heartbeat)
 TARGETS_BUCKET = "cadre_targets"  # compute target name -> ComputeTargetInfo
 RUNS_BUCKET = "cadre_runs"  # run_id -> RunRecord (immutable spec of a run)
-MODELS_BUCKET = "cadre_models"  # "<name>.latest" and "<name>.v<version>" -> ModelVersion
+MODELS_BUCKET = "cadre_models"  # "<name>.v<n>" -> ModelVersion, "<name>.latest" -> n, "<name>.alias.<a>" -> n
 
 # --- object store --------------------------------------------------------------------------------------
 DEFAULT_BUCKET = "cadre"
@@ -82,8 +82,13 @@ class Api:
     FILES_LIST = f"{PREFIX}.api.artifacts.list"
     FILE_URL = f"{PREFIX}.api.artifacts.download"
     MODEL_REGISTER = f"{PREFIX}.api.models.register"
+    MODEL_UPLOAD = f"{PREFIX}.api.models.upload"
     MODEL_GET = f"{PREFIX}.api.models.get"
     MODEL_LIST = f"{PREFIX}.api.models.list"
+    MODEL_UPDATE = f"{PREFIX}.api.models.update"
+    MODEL_ALIAS = f"{PREFIX}.api.models.alias"
+    MODEL_DELETE = f"{PREFIX}.api.models.delete"
+    MODEL_DOWNLOAD = f"{PREFIX}.api.models.download"
     TARGETS_LIST = f"{PREFIX}.api.targets.list"
 
 
@@ -114,8 +119,9 @@ def run_manifest_key(run_id: str) -> str:
     return f"runs/{run_id}/manifest.json"
 
 
-def model_file_key(name: str, version: int, path: str) -> str:
-    return f"models/{name}/{version}/{path}"
+def model_blob_key(name: str, sha256: str) -> str:
+    """A model's files are stored once per content: versions that share a file share its blob."""
+    return f"models/{name}/blobs/{sha256}"
 
 
 def model_latest_key(name: str) -> str:
@@ -124,3 +130,7 @@ def model_latest_key(name: str) -> str:
 
 def model_version_key(name: str, version: int) -> str:
     return f"{name}.v{version}"
+
+
+def model_alias_key(name: str, alias: str) -> str:
+    return f"{name}.alias.{alias}"

@@ -8,7 +8,6 @@ stream as ``driver_logs/rank_<n>.log``, writes the manifest and only then ends t
 from __future__ import annotations
 
 import hashlib
-import posixpath
 
 import msgspec
 from nats.errors import TimeoutError as NatsTimeout
@@ -16,7 +15,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
-from shared import bus, schemas, subjects
+from shared import bus, files, schemas, subjects
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, StoreSettings
@@ -29,9 +28,9 @@ DRIVER_LOGS = "driver_logs/"
 
 
 def check_file_name(name: str) -> None:
-    norm = posixpath.normpath(name)
-    if norm != name or not name.startswith(USER_DIRS) or name.startswith("/") or ".." in name.split("/"):
-        raise ValidationError(f"file name {name!r} must be a clean relative path under outputs/ or logs/")
+    files.check_relative(name)
+    if not name.startswith(USER_DIRS):
+        raise ValidationError(f"file name {name!r} must be under outputs/ or logs/")
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -183,9 +182,9 @@ class ArtifactService(Service):
 
         if await self.events.append(run_id, to_finalizing) is None:
             return  # another commit (or instance) is finalizing this run
-        files = [f for ev in committed.values() for f in ev.files]
-        files += await self._persist_logs(run_id, decided.log_lines)
-        unique = {f.name: f for f in files}  # several nodes may write the same name: the last commit wins
+        stored = [f for ev in committed.values() for f in ev.files]
+        stored += await self._persist_logs(run_id, decided.log_lines)
+        unique = {f.name: f for f in stored}  # several nodes may write the same name: the last commit wins
         manifest = schemas.FilesList(files=sorted(unique.values(), key=lambda f: f.name))
         await self.store.put_bytes(
             subjects.run_manifest_key(run_id), schemas.encode(manifest), content_type="application/json"
@@ -246,7 +245,12 @@ class ArtifactService(Service):
             name = f"{DRIVER_LOGS}rank_{rank}.log"
             await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")
             entries.append(
-                schemas.FileEntry(name=name, size=len(data), md5=hashlib.md5(data, usedforsecurity=False).hexdigest())
+                schemas.FileEntry(
+                    name=name,
+                    size=len(data),
+                    md5=hashlib.md5(data, usedforsecurity=False).hexdigest(),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
             )
         return entries
 
@@ -255,15 +259,15 @@ class ArtifactService(Service):
         await bus.get_record(self.runs_kv, req.run_id)
         try:
             raw = await self.store.get_bytes(subjects.run_manifest_key(req.run_id))
-            files = msgspec.json.decode(raw, type=schemas.FilesList).files
+            entries = msgspec.json.decode(raw, type=schemas.FilesList).files
         except NotFoundError:
             # No manifest yet (the run is still going): list what has been stored so far.
             prefix = subjects.run_file_prefix(req.run_id)
-            files = [
+            entries = [
                 schemas.FileEntry(name=key[len(prefix) :], size=size, md5=etag)
                 for key, size, etag in await self.store.list(prefix)
             ]
-        return schemas.FilesList(files=[f for f in files if f.name.startswith(req.prefix)])
+        return schemas.FilesList(files=[f for f in entries if f.name.startswith(req.prefix)])
 
     async def file_url(self, req: schemas.FileUrlRequest) -> schemas.FileUrl:
         await bus.get_record(self.runs_kv, req.run_id)

@@ -27,7 +27,7 @@ import structlog
 from services.node_agent.logship import LogShipper
 from services.node_agent.pmi import PmiServer
 from services.node_agent.runtime import ProcessHandle, ProcessSpec, Runtime
-from shared import bus, schemas, subjects
+from shared import bus, files, schemas, subjects
 from shared.errors import CadreError, ConflictError, StorageError
 from shared.states import RunState
 
@@ -376,28 +376,28 @@ class Execution:
             self.log.warning("run_already_ended")
             return
         self.log.info("node_finished", outcome=outcome.outcome, exit_codes=outcome.exit_codes)
-        files = await asyncio.to_thread(self._collect_files)
+        stored = await asyncio.to_thread(self._collect_files)
         error = None
         try:
-            if files:
+            if stored:
                 urls = await bus.request(
                     self.agent.nc,
                     subjects.AgentApi.UPLOAD_URLS,
-                    schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=files),
+                    schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=stored),
                     schemas.UploadUrls,
                     timeout=30,
                 )
-                await asyncio.to_thread(self._upload, files, urls.urls)
+                await asyncio.to_thread(self._upload, stored, urls.urls)
         except (CadreError, OSError) as exc:
             self.log.error("upload_failed", error=str(exc))
-            files = []
+            stored = []
             error = schemas.ErrorInfo(
                 code="upload_failed", message=f"uploading run files failed on {self.node_id}: {exc}"
             )
         await bus.request(
             self.agent.nc,
             subjects.AgentApi.COMMIT,
-            schemas.CommitRequest(run_id=self.run_id, node_id=self.node_id, files=files, error=error),
+            schemas.CommitRequest(run_id=self.run_id, node_id=self.node_id, files=stored, error=error),
             schemas.RunSummary,
             timeout=120,
         )
@@ -410,15 +410,10 @@ class Execution:
                 continue
             for path in sorted(root.rglob("*")):
                 if path.is_file() and not path.is_symlink():
-                    md5 = hashlib.md5(usedforsecurity=False)
-                    with open(path, "rb") as fh:
-                        while chunk := fh.read(1 << 20):
-                            md5.update(chunk)
-                    name = path.relative_to(self.run_dir).as_posix()
-                    entries.append(schemas.FileEntry(name=name, size=path.stat().st_size, md5=md5.hexdigest()))
+                    entries.append(files.digest(path, path.relative_to(self.run_dir).as_posix()))
         return entries
 
-    def _upload(self, files: list[schemas.FileEntry], urls: dict[str, str]) -> None:
+    def _upload(self, entries: list[schemas.FileEntry], urls: dict[str, str]) -> None:
         def put(entry: schemas.FileEntry) -> None:
             last_exc: Exception | None = None
             for _ in range(3):
@@ -435,5 +430,5 @@ class Execution:
             raise StorageError(f"{entry.name}: {last_exc}")
 
         with concurrent.futures.ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-            for fut in [pool.submit(put, f) for f in files]:
+            for fut in [pool.submit(put, f) for f in entries]:
                 fut.result()

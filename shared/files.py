@@ -1,0 +1,48 @@
+"""File names and digests: the checks every place that stores or writes a run or model file shares."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from pathlib import Path
+
+from shared import schemas
+from shared.errors import ValidationError
+
+CHUNK = 1 << 20
+
+
+def digest(path: Path, name: str) -> schemas.FileEntry:
+    """Size, MD5 and SHA-256 of a file, in one streaming pass (memory stays bounded whatever its size)."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            md5.update(chunk)
+            sha.update(chunk)
+            size += len(chunk)
+    return schemas.FileEntry(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest())
+
+
+def check_relative(name: str, what: str = "file name") -> str:
+    """A clean relative posix path: no '..', no absolute path, no NUL, nothing that escapes its prefix."""
+    if (
+        not name
+        or "\0" in name
+        or name.startswith("/")
+        or "\\" in name
+        or posixpath.normpath(name) != name
+        or name.split("/")[0] == ".."
+    ):
+        raise ValidationError(f"{what} {name!r} must be a clean relative path (no '..', no leading '/')")
+    return name
+
+
+def safe_destination(root: Path, name: str) -> Path:
+    """Where a download of ``name`` goes under ``root``, refusing anything that would land outside it."""
+    check_relative(name)
+    dest = (root / name).resolve()
+    if not dest.is_relative_to(root.resolve()):
+        raise ValidationError(f"{name!r} would be written outside {root}")
+    return dest
