@@ -13,13 +13,15 @@ from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError as JsNotFound
 
 from cadre import _snapshot
+from cadre._context import RunContext, get_context
 from cadre._estimator import Estimator
 from cadre._workspace import Workspace, http_put
-from shared import schemas, subjects
+from shared import bus, schemas, subjects
 from shared.errors import RunFailedError, ValidationError
-from shared.runs import validate_spec
+from shared.runs import fold_run_data, validate_spec
 from shared.states import RunState
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ class Experiment:
         self.workspace = workspace
         self.name = name
 
-    def submit(self, config: Estimator) -> Run:
+    def submit(self, config: Estimator, tags: dict[str, str] | None = None) -> Run:
         """Snapshot ``config.source_directory``, upload it, and queue the run. Returns at once."""
         if not isinstance(config, Estimator):
             raise ValidationError(f"submit expects an Estimator, not {type(config).__name__}")
@@ -54,13 +56,22 @@ class Experiment:
             assert prep.upload_url is not None
             http_put(prep.upload_url, snap.data)
         reply = ws._request(subjects.Api.SUBMIT, schemas.SubmitRequest(spec=spec), schemas.SubmitReply)
-        return Run(self, reply.run_id)
+        run = Run(self, reply.run_id)
+        if tags:
+            run.set_tags(tags)
+        return run
 
-    def get_runs(self) -> list[Run]:
+    def get_runs(self, status: str | None = None, tags: dict[str, str] | None = None, limit: int = 100) -> list[Run]:
+        """This experiment's runs, newest first, optionally only those in ``status`` with all of ``tags``."""
         runs = self.workspace._request(
-            subjects.Api.RUN_LIST, schemas.RunListRequest(experiment=self.name), schemas.RunList
+            subjects.Api.RUN_LIST, schemas.RunListRequest(experiment=self.name, limit=limit), schemas.RunList
         ).runs
-        return [Run(self, r.run_id) for r in runs]
+        chosen = [Run(self, r.run_id) for r in runs if status is None or r.state.value == status]
+        if tags:
+            chosen = [r for r in chosen if all(r.get_tags().get(k) == v for k, v in tags.items())]
+        return chosen
+
+    list_runs = get_runs
 
     def __repr__(self) -> str:
         return f"Experiment(name={self.name!r})"
@@ -73,6 +84,11 @@ class Run:
         self.experiment = experiment
         self.id = run_id
         self._ws = experiment.workspace
+
+    @staticmethod
+    def get_context() -> RunContext:
+        """Inside a training script: the current run, to log metrics, tags and files (offline outside cadre)."""
+        return get_context()
 
     @classmethod
     def get(cls, workspace: Workspace, run_id: str) -> Run:
@@ -246,6 +262,42 @@ class Run:
             self._ws._nc, subjects.Api.RUN_GET, schemas.RunRef(run_id=self.id), schemas.RunDetails
         )
         return details.placement
+
+    # --- metrics, tags, properties ------------------------------------------------------------------
+    def _run_data(self) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+        async def read() -> list[schemas.RunData]:
+            js = self._ws._js
+            subject = subjects.run_metrics(self.id)
+            try:
+                last = await js.get_last_msg(subjects.METRICS_STREAM, subject)
+            except JsNotFound:
+                return []
+            msgs = bus.replay(js, subjects.METRICS_STREAM, subject, last.seq or 0)
+            return [schemas.run_data_decoder.decode(m.data) async for m in msgs]
+
+        return fold_run_data(self._ws._loop.call(read()))
+
+    def get_metrics(self, name: str | None = None) -> dict[str, Any]:
+        """Every metric the run logged (name -> value, or list of values), or just ``name``."""
+        metrics = self._run_data()[0]
+        return {name: metrics[name]} if name is not None and name in metrics else ({} if name else metrics)
+
+    def get_tags(self) -> dict[str, str]:
+        return self._run_data()[1]
+
+    def get_properties(self) -> dict[str, str]:
+        return self._run_data()[2]
+
+    def tag(self, key: str, value: str = "") -> None:
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        req = schemas.RunTagRequest(run_id=self.id, tags={k: str(v) for k, v in tags.items()})
+        self._ws._request(subjects.Api.RUN_TAG, req, schemas.RunSummary)
+
+    def add_properties(self, properties: dict[str, str]) -> None:
+        req = schemas.RunTagRequest(run_id=self.id, properties={k: str(v) for k, v in properties.items()})
+        self._ws._request(subjects.Api.RUN_TAG, req, schemas.RunSummary)
 
     # --- files ---------------------------------------------------------------------------------------
     def _files(self, prefix: str = "") -> list[schemas.FileEntry]:

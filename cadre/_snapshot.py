@@ -22,6 +22,7 @@ from shared.settings import Limits
 
 IGNORE_FILES = (".gitignore", ".cadreignore")
 ALWAYS_SKIPPED = (".git",)
+MAX_DIFF = 100_000  # characters of uncommitted diff kept with the run (it rides in the run's spec)
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,14 @@ def git_info(root: Path) -> schemas.GitInfo | None:
 
     if git("rev-parse", "--is-inside-work-tree") != "true":
         return None
+    dirty = bool(git("status", "--porcelain", "--", "."))
+    diff = (git("diff", "HEAD", "--", ".") or "") if dirty else ""
+    if len(diff) > MAX_DIFF:
+        diff = diff[:MAX_DIFF] + f"\n[diff truncated at {MAX_DIFF} characters]\n"
     return schemas.GitInfo(
         repository=git("config", "--get", "remote.origin.url") or git("rev-parse", "--show-toplevel"),
         branch=git("rev-parse", "--abbrev-ref", "HEAD"),
         commit=git("rev-parse", "HEAD"),
-        dirty=bool(git("status", "--porcelain", "--", ".")),
+        dirty=dirty,
+        diff=diff,
     )

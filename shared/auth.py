@@ -48,6 +48,8 @@ def client_permissions() -> Permissions:
             *_read_stream(s.EVENTS_STREAM),
             *_read_stream(s.LOGS_STREAM),
             *_read_stream(s.MODELS_STREAM),
+            *_read_stream(s.METRICS_STREAM),
+            *_read_stream(s.NODES_STREAM),
         ],
         subscribe=["_INBOX.>"],
     )
@@ -62,6 +64,7 @@ def agent_permissions(node_id: str) -> Permissions:
             f"{s.PREFIX}.agent.>",
             s.all_run_events(),
             s.all_run_logs(),
+            s.all_run_metrics(),
             f"$KV.{s.NODES_BUCKET}.{node_id}",
             f"$KV.{s.TARGETS_BUCKET}.>",
             "$JS.FC.>",

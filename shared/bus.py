@@ -31,7 +31,7 @@ from shared.errors import (
     error_class,
 )
 from shared.errors import NotFoundError as CadreNotFoundError
-from shared.settings import BusSettings
+from shared.settings import BusSettings, retention_days
 from shared.states import RunState, check_transition
 
 T = TypeVar("T")
@@ -94,19 +94,26 @@ async def _probe(url: str, timeout: float = 2.0) -> None:
 
 
 async def ensure_topology(js: JetStreamContext) -> None:
-    """Create (or update) every stream and KV bucket. Idempotent; services call it at start."""
+    """Create (or update) every stream and KV bucket. Idempotent; services call it at start.
+
+    Run history (events, metrics, node events) is kept for ``CADRE_HISTORY_DAYS`` (0, the default: forever);
+    log lines for ``CADRE_LOG_RETENTION_DAYS`` (default 30; each rank's log is also stored as a run file).
+    """
+    days = retention_days()
+    retention = days[0] * 86400 if days[0] else None
     streams = [
         js_api.StreamConfig(
             name=subjects.EVENTS_STREAM,
             subjects=[subjects.all_run_events()],
             storage=js_api.StorageType.FILE,
             duplicate_window=120,
+            max_age=retention,
         ),
         js_api.StreamConfig(
             name=subjects.LOGS_STREAM,
             subjects=[subjects.all_run_logs()],
             storage=js_api.StorageType.FILE,
-            max_age=30 * 24 * 3600,
+            max_age=days[1] * 86400 if days[1] else None,
         ),
         js_api.StreamConfig(
             name=subjects.ASSIGNMENTS_STREAM,
@@ -114,6 +121,18 @@ async def ensure_topology(js: JetStreamContext) -> None:
             storage=js_api.StorageType.FILE,
             retention=js_api.RetentionPolicy.WORK_QUEUE,
             duplicate_window=120,
+        ),
+        js_api.StreamConfig(
+            name=subjects.METRICS_STREAM,
+            subjects=[subjects.all_run_metrics()],
+            storage=js_api.StorageType.FILE,
+            max_age=retention,
+        ),
+        js_api.StreamConfig(
+            name=subjects.NODES_STREAM,
+            subjects=[subjects.all_node_events()],
+            storage=js_api.StorageType.FILE,
+            max_age=retention,
         ),
         js_api.StreamConfig(
             name=subjects.MODELS_STREAM,

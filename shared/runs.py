@@ -107,3 +107,34 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
         error=error,
         history=history,
     )
+
+
+def fold_run_data(batches: list[schemas.RunData]) -> tuple[dict[str, object], dict[str, str], dict[str, str]]:
+    """Metrics, tags and properties of a run, from its RunData batches in order.
+
+    Metrics follow Azure ML: a scalar logged once is its value, logged several times a list; rows accumulate
+    into a table (column -> values); images are the run files they were stored as.
+    """
+    metrics: dict[str, object] = {}
+    series: dict[str, list[object]] = {}
+    tags: dict[str, str] = {}
+    properties: dict[str, str] = {}
+    for batch in batches:
+        for p in batch.metrics:
+            if p.kind in ("scalar", "image"):
+                series.setdefault(p.name, []).append(p.value if p.kind == "scalar" else p.path)
+            elif p.kind == "list":
+                metrics[p.name] = list(p.values)
+            elif p.kind == "row":
+                table = metrics.setdefault(p.name, {})
+                assert isinstance(table, dict)
+                for column, value in p.row.items():
+                    table.setdefault(column, []).append(value)
+            elif p.kind == "table":
+                metrics[p.name] = {k: list(v) for k, v in p.table.items()}
+        tags.update(batch.tags)
+        for key, value in batch.properties.items():
+            properties.setdefault(key, value)  # properties are set once
+    for name, values in series.items():
+        metrics[name] = values[0] if len(values) == 1 else values
+    return metrics, tags, properties

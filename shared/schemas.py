@@ -34,6 +34,7 @@ class GitInfo(msgspec.Struct, frozen=True, kw_only=True):
     branch: str | None = None
     commit: str | None = None
     dirty: bool = False
+    diff: str = ""  # the uncommitted changes (``git diff HEAD``), capped
 
 
 class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -199,6 +200,47 @@ RunEvent = (
     | Failed
     | Canceled
 )
+
+
+# --- what a run records about itself (CADRE_METRICS) -----------------------------------------------------------
+MetricValue = int | float | str | bool | None
+
+
+class MetricPoint(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    kind: Literal["scalar", "list", "row", "table", "image"] = "scalar"
+    value: MetricValue = None  # scalar
+    values: list[MetricValue] = []  # list
+    row: dict[str, MetricValue] = {}  # row
+    table: dict[str, list[MetricValue]] = {}  # table
+    path: str | None = None  # image: the run file it was stored as
+    step: int | None = None
+    at: float = 0.0
+    rank: int = 0
+
+
+class RunData(Message, frozen=True, kw_only=True):
+    """One batch of what a run logged, from its node agent (or, for tags set after the run, the submitter)."""
+
+    run_id: str
+    metrics: list[MetricPoint] = []
+    tags: dict[str, str] = {}
+    properties: dict[str, str] = {}
+
+
+class RunTagRequest(Message, frozen=True, kw_only=True):
+    run_id: str
+    tags: dict[str, str] = {}
+    properties: dict[str, str] = {}
+
+
+# --- node events (CADRE_NODES) ----------------------------------------------------------------------------------
+class NodeEvent(Message, frozen=True, kw_only=True):
+    node_id: str
+    kind: Literal["joined", "left", "lost", "not_responding"]
+    at: float
+    compute_target: str = ""
+    detail: str = ""
 
 
 # --- nodes and scheduling ---------------------------------------------------------------------------------
@@ -491,6 +533,28 @@ class VersionDeleted(ModelEventBase, frozen=True, kw_only=True, tag="deleted"):
 ModelEvent = VersionRegistered | VersionUpdated | AliasMoved | VersionDeleted
 
 
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    advert: NodeAdvert
+    state: Literal["Ready", "NotResponding", "Lost"]
+    used_slots: int
+    used_gpus: list[int]
+    runs: list[str]
+
+
+class QueuedRun(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: str
+    experiment: str
+    compute_target: str
+    position: int
+    reason: str
+    queued_at: float
+
+
+class SchedulerState(Message, frozen=True, kw_only=True):
+    nodes: list[NodeStatus]
+    queue: list[QueuedRun]
+
+
 class TargetList(Message, frozen=True, kw_only=True):
     targets: list[ComputeTargetInfo]
     nodes: list[NodeAdvert]
@@ -505,6 +569,8 @@ assignment_decoder = msgspec.json.Decoder(Assignment)
 record_decoder = msgspec.json.Decoder(RunRecord)
 model_decoder = msgspec.json.Decoder(ModelVersion)
 model_event_decoder = msgspec.json.Decoder(ModelEvent)
+run_data_decoder = msgspec.json.Decoder(RunData)
+node_event_decoder = msgspec.json.Decoder(NodeEvent)
 
 
 def encode(msg: object) -> bytes:

@@ -82,3 +82,11 @@ class Limits:
 
 def log_level() -> str:
     return (_env("CADRE_LOG_LEVEL", "info") or "info").lower()
+
+
+def retention_days() -> tuple[int, int]:
+    """(run history, log lines) retention in days; 0 keeps forever."""
+    return (
+        int(_env("CADRE_HISTORY_DAYS", "0") or 0),
+        int(_env("CADRE_LOG_RETENTION_DAYS", "30") or 0),
+    )

@@ -13,6 +13,8 @@ PREFIX = "cadre"
 # --- streams (JetStream) -------------------------------------------------------------------------------
 EVENTS_STREAM = "CADRE_EVENTS"  # every run's lifecycle events; the source of truth for run state
 LOGS_STREAM = "CADRE_LOGS"  # batched stdout/stderr lines per run and rank
+METRICS_STREAM = "CADRE_METRICS"  # what a run logs about itself: metrics, tags, properties
+NODES_STREAM = "CADRE_NODES"  # node joined / left / lost, for operators
 ASSIGNMENTS_STREAM = "CADRE_ASSIGNMENTS"  # work handed to one node agent (work-queue retention)
 MODELS_STREAM = "CADRE_MODELS"  # registry changes
 
@@ -48,6 +50,22 @@ def run_logs_all_ranks(run_id: str) -> str:
 
 def all_run_logs() -> str:
     return f"{PREFIX}.runs.*.logs.*"
+
+
+def run_metrics(run_id: str) -> str:
+    return f"{PREFIX}.runs.{run_id}.metrics"
+
+
+def all_run_metrics() -> str:
+    return f"{PREFIX}.runs.*.metrics"
+
+
+def node_events(node_id: str) -> str:
+    return f"{PREFIX}.nodes.{node_id}.events"
+
+
+def all_node_events() -> str:
+    return f"{PREFIX}.nodes.*.events"
 
 
 def node_assignments(node_id: str) -> str:
@@ -90,6 +108,8 @@ class Api:
     MODEL_DELETE = f"{PREFIX}.api.models.delete"
     MODEL_DOWNLOAD = f"{PREFIX}.api.models.download"
     TARGETS_LIST = f"{PREFIX}.api.targets.list"
+    RUN_TAG = f"{PREFIX}.api.runs.tag"
+    SCHEDULER_STATE = f"{PREFIX}.api.scheduler.state"
 
 
 class AgentApi:

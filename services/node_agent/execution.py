@@ -26,6 +26,7 @@ import structlog
 
 from services.node_agent.logship import LogShipper
 from services.node_agent.pmi import PmiServer
+from services.node_agent.runcontext import RunContextServer
 from services.node_agent.runtime import ProcessHandle, ProcessSpec, Runtime
 from shared import bus, files, schemas, subjects
 from shared.errors import CadreError, ConflictError, StorageError
@@ -261,16 +262,20 @@ class Execution:
             return self._outcome({}, {}), {}
         shippers: dict[int, LogShipper] = {}
         argv = [self.agent.python, self.spec.entry_script, *self.spec.arguments]
+        self.context = RunContextServer(self.agent.js, self.run_id, self.run_dir)
+        await self.context.start()
         try:
             for slot in self.my_slots:
                 shippers[slot.rank] = LogShipper(self.agent.js, self.run_id, slot.rank, self.node_id)
+                env = {**self._env(slot, rdv), **self.context.env()}
                 self.handles[slot.rank] = await self.runtime.start(
-                    ProcessSpec(argv=argv, cwd=self.run_dir, env=self._env(slot, rdv), name=f"rank-{slot.rank}")
+                    ProcessSpec(argv=argv, cwd=self.run_dir, env=env, name=f"rank-{slot.rank}")
                 )
         except OSError as exc:
             for handle in self.handles.values():
                 await handle.terminate(self.agent.config.kill_grace)
             counts = {r: await s.close() for r, s in shippers.items()}
+            await self.context.close()
             return Outcome("failed", {}, schemas.ErrorInfo(code="launch_failed", message=str(exc))), counts
         self.pid_file.write_text(json.dumps([h.pid for h in self.handles.values()]))
         await self._move(schemas.Running, RunState.RUNNING)
@@ -307,6 +312,7 @@ class Execution:
         for task in stoppers:
             task.cancel()
         counts = {r: await s.close() for r, s in shippers.items()}
+        await self.context.close()
         return self._outcome(exit_codes, shippers), counts
 
     def _outcome(self, exit_codes: dict[int, int], shippers: dict[int, LogShipper]) -> Outcome:

@@ -49,6 +49,7 @@ class SubmitterService(Service):
         await self.endpoint(subjects.Api.RUN_LIST, schemas.RunListRequest, self.list_runs)
         await self.endpoint(subjects.Api.RUN_CANCEL, schemas.RunRef, self.cancel)
         await self.endpoint(subjects.Api.TARGETS_LIST, schemas.Empty, self.list_targets)
+        await self.endpoint(subjects.Api.RUN_TAG, schemas.RunTagRequest, self.tag)
 
     def _check_snapshot_limits(self, snap: schemas.SnapshotRef) -> None:
         if snap.size > self.limits.snapshot_max_bytes:
@@ -149,6 +150,15 @@ class SubmitterService(Service):
         last, _ = await self.events.last(req.run_id)
         assert last is not None
         self.log.info("run_cancel_requested", run_id=req.run_id, state=last.state.value)
+        return schemas.RunSummary(run_id=req.run_id, experiment=record.spec.experiment, state=last.state, at=last.at)
+
+    async def tag(self, req: schemas.RunTagRequest) -> schemas.RunSummary:
+        """Tags and properties set from outside the run (during or after it)."""
+        record = await bus.get_record(self.runs_kv, req.run_id)
+        data = schemas.RunData(run_id=req.run_id, tags=req.tags, properties=req.properties)
+        await self.js.publish(subjects.run_metrics(req.run_id), schemas.encode(data))
+        last, _ = await self.events.last(req.run_id)
+        assert last is not None
         return schemas.RunSummary(run_id=req.run_id, experiment=record.spec.experiment, state=last.state, at=last.at)
 
     async def list_targets(self, _: schemas.Empty) -> schemas.TargetList:
