@@ -84,6 +84,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         ).runs
     print(f"{'RUN ID':<44} {'EXPERIMENT':<20} {'STATUS':<16} UPDATED")
     for r in runs:
+        if args.status and r.state.value != args.status:
+            continue
         print(f"{r.run_id:<44} {r.experiment:<20} {r.state.value:<16} {time.strftime('%F %T', time.localtime(r.at))}")
     return 0
 
@@ -111,6 +113,101 @@ def cmd_download(args: argparse.Namespace) -> int:
     with _ws() as ws:
         path = Run.get(ws, args.run_id).download_file(args.name, args.dest)
     print(path)
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from cadre import _events
+
+    emit = (lambda item: print(_events.as_json(item), flush=True)) if args.json else (
+        lambda item: print(item.line(), flush=True))  # fmt: skip
+    with _ws() as ws:
+        _events.follow(ws, emit, follow=args.follow, since=args.since, run_id=args.run, node_id=args.node,
+                       kind=args.type)  # fmt: skip
+    return 0
+
+
+def _scheduler_state(ws):
+    from shared import schemas, subjects
+
+    return ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+
+
+def cmd_nodes(_: argparse.Namespace) -> int:
+    with _ws() as ws:
+        state = _scheduler_state(ws)
+    now = time.time()
+    print(f"{'NODE':<20} {'TARGET':<14} {'STATE':<14} {'SLOTS':>7} {'GPUS':>7} {'HEARTBEAT':>10}  RUNS")
+    for n in state.nodes:
+        a = n.advert
+        gpus = f"{len(n.used_gpus)}/{len(a.gpus)}" if a.gpus else "-"
+        beat = f"{now - a.heartbeat_at:.1f}s ago"
+        print(f"{a.node_id:<20} {a.compute_target:<14} {n.state:<14} {f'{n.used_slots}/{a.slots}':>7} {gpus:>7} "
+              f"{beat:>10}  {', '.join(n.runs) or '-'}")  # fmt: skip
+    return 0
+
+
+def cmd_queue(_: argparse.Namespace) -> int:
+    with _ws() as ws:
+        state = _scheduler_state(ws)
+    now = time.time()
+    print(f"{'POS':>3}  {'RUN ID':<44} {'TARGET':<12} {'WAITING':>8}  REASON")
+    for q in state.queue:
+        print(f"{q.position:>3}  {q.run_id:<44} {q.compute_target:<12} {now - q.queued_at:>7.0f}s  {q.reason}")
+    if not state.queue:
+        print("(no run is waiting)")
+    return 0
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARKS[int((v - lo) / span * (len(SPARKS) - 1))] for v in values[-40:])
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from cadre import Run
+
+    with _ws() as ws:
+        run = Run.get(ws, args.run_id)
+        d = run.get_details()
+        metrics, tags, props = run._run_data()
+        names = run.get_file_names()
+    spec = d["runDefinition"]
+    print(f"run:         {d['runId']}  ({d['experiment']})\nstatus:      {d['status']}")
+    print(f"script:      {spec['entry_script']} {' '.join(spec['arguments'])}")
+    print(f"layout:      {spec['node_count']} node(s) x {spec['process_count_per_node']} process(es), "
+          f"target {spec['compute_target']}, distributed {spec['distributed']}")  # fmt: skip
+    if spec.get("git"):
+        g = spec["git"]
+        dirty = " (dirty)" if g.get("dirty") else ""
+        print(f"git:         {g.get('repository')} {g.get('branch')} {g.get('commit')}{dirty}")
+    print("timeline:")
+    start = d["history"][0]["at"] if d["history"] else 0
+    for h in d["history"]:
+        print(f"  +{h['at'] - start:8.3f}s  {h['state']}")
+    for slot in d["placement"]:
+        print(f"  rank {slot['rank']}: node {slot['node_id']} local rank {slot['local_rank']} gpus {slot['gpu_ids']}")
+    if d["queueReason"]:
+        print(f"waiting:     {d['queueReason']}")
+    if d["exitCodes"]:
+        print("exit codes:  " + ", ".join(f"rank {r}: {c}" for r, c in sorted(d["exitCodes"].items())))
+    if d["error"]:
+        print(f"error:       [{d['error']['code']}] {d['error']['message']}")
+    if tags or props:
+        print(f"tags:        {tags}\nproperties:  {props}")
+    if metrics:
+        print("metrics:")
+        for name, value in sorted(metrics.items()):
+            if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                stats = f"last {value[-1]:<12g} min {min(value):<12g} max {max(value):<12g}"
+                print(f"  {name:<24} {stats} {sparkline(value)}")
+            else:
+                print(f"  {name:<24} {value}")
+    print(f"files:       {len(names)}" + "".join(f"\n  {n}" for n in names[:50]))
     return 0
 
 
@@ -234,12 +331,27 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("runs", help="list runs")
     r.add_argument("--experiment")
+    r.add_argument("--status", help="only runs in this state (Queued, Running, Failed, ...)")
     r.add_argument("--limit", type=int, default=50)
     r.set_defaults(fn=cmd_runs)
 
     st = sub.add_parser("status", help="a run's state, placement and error")
     st.add_argument("run_id")
     st.set_defaults(fn=cmd_status)
+
+    ev = sub.add_parser("events", help="the event stream: runs, nodes, models (replay, then --follow)")
+    ev.add_argument("-f", "--follow", action="store_true")
+    ev.add_argument("--since", help="stream sequence, duration (10m, 2h) or ISO time")
+    ev.add_argument("--run", help="only this run's events")
+    ev.add_argument("--node", help="only events about this node")
+    ev.add_argument("--type", help="only this kind of event (queued, assigned, node_lost, joined, ...)")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
+    ev.set_defaults(fn=cmd_events)
+    sub.add_parser("nodes", help="nodes: capacity, use, heartbeat, state").set_defaults(fn=cmd_nodes)
+    sub.add_parser("queue", help="waiting runs, their position and reason").set_defaults(fn=cmd_queue)
+    sh = sub.add_parser("show", help="everything about one run, metrics included")
+    sh.add_argument("run_id")
+    sh.set_defaults(fn=cmd_show)
 
     d = sub.add_parser("download", help="download a run file")
     d.add_argument("run_id")

@@ -237,7 +237,7 @@ class RunTagRequest(Message, frozen=True, kw_only=True):
 # --- node events (CADRE_NODES) ----------------------------------------------------------------------------------
 class NodeEvent(Message, frozen=True, kw_only=True):
     node_id: str
-    kind: Literal["joined", "left", "lost", "not_responding"]
+    kind: Literal["joined", "left", "lost", "not_responding", "recovered"]
     at: float
     compute_target: str = ""
     detail: str = ""
@@ -264,7 +264,7 @@ class NodeAdvert(Message, frozen=True, kw_only=True):
     heartbeat_at: float
     heartbeat_interval: float
 
-    def alive(self, now: float, missed: int = 3) -> bool:
+    def alive(self, now: float, missed: float = 3) -> bool:
         """A node that missed ``missed`` heartbeats in a row is gone."""
         return now - self.heartbeat_at <= missed * self.heartbeat_interval
 

@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from services.scheduler.placement import NodeState, allocate, place
@@ -32,6 +33,7 @@ class SchedulerService(Service):
         super().__init__(bus_settings)
         self.nodes: dict[str, schemas.NodeAdvert] = {}  # live
         self.known: dict[str, schemas.NodeAdvert] = {}  # every node not deregistered, live or lost
+        self.not_responding: set[str] = set()
         self.queues: dict[str, OrderedDict[str, schemas.RunRecord]] = {}
         self.reasons: dict[str, str] = {}
         self.allocations: dict[str, list[schemas.RankSlot]] = {}
@@ -63,6 +65,7 @@ class SchedulerService(Service):
         self.spawn(self._consume_events(sub), "consume_events")
         self.spawn(self._schedule_loop(), "schedule_loop")
         self.spawn(self._liveness_loop(), "liveness_loop")
+        await self.endpoint(subjects.Api.SCHEDULER_STATE, schemas.Empty, self._state)
 
     # --- inputs ------------------------------------------------------------------------------------------
     async def _watch_nodes(self, watcher) -> None:
@@ -70,15 +73,22 @@ class SchedulerService(Service):
             if entry is None:  # end of the initial values
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self.known.pop(entry.key, None)
+                gone = self.known.pop(entry.key, None)
+                self.not_responding.discard(entry.key)
                 if self.nodes.pop(entry.key, None) is not None:
                     self.log.info("node_left", node_id=entry.key)
                     await self._nodes_gone({entry.key})
+                if gone is not None:
+                    await self._node_event(gone, "left", "the agent deregistered")
             else:
                 advert = schemas.node_decoder.decode(entry.value)
                 self.known[advert.node_id] = advert
                 if advert.node_id not in self.nodes:
                     self.log.info("node_joined", node_id=advert.node_id, slots=advert.slots, gpus=len(advert.gpus))
+                    await self._node_event(advert, "joined", f"agent started at {advert.started_at:.3f}")
+                elif advert.node_id in self.not_responding:
+                    self.not_responding.discard(advert.node_id)
+                    await self._node_event(advert, "recovered", "heartbeats resumed")
                 self.nodes[advert.node_id] = advert
             self._wake.set()
 
@@ -229,14 +239,64 @@ class SchedulerService(Service):
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
+            for nid, advert in self.nodes.items():
+                if nid not in self.not_responding and not advert.alive(now, missed=1.5):
+                    self.not_responding.add(nid)
+                    await self._node_event(advert, "not_responding", "missed a heartbeat")
             dead = {nid for nid, advert in self.nodes.items() if not advert.alive(now)}
             if not dead:
                 continue
             for nid in dead:
                 self.log.warning("node_lost", node_id=nid)
-                del self.nodes[nid]
+                self.not_responding.discard(nid)
+                await self._node_event(self.nodes.pop(nid), "lost", "stopped heartbeating")
             await self._nodes_gone(dead)
             self._wake.set()
+
+    async def _node_event(self, advert: schemas.NodeAdvert, kind: str, detail: str) -> None:
+        """Record a node's change for operators, once: a restarted scheduler does not repeat a join it saw."""
+        subject = subjects.node_events(advert.node_id)
+        try:
+            raw = await self.js.get_last_msg(subjects.NODES_STREAM, subject)
+            last = schemas.node_event_decoder.decode(raw.data or b"")
+            if last.kind == kind and last.detail == detail:
+                return
+        except JsNotFound:
+            pass
+        event = schemas.NodeEvent(
+            node_id=advert.node_id, kind=kind, at=time.time(), compute_target=advert.compute_target, detail=detail
+        )  # type: ignore[arg-type]
+        await self.js.publish(subject, schemas.encode(event))
+
+    def state(self, now: float) -> schemas.SchedulerState:
+        table = self._node_table(now)
+        runs_on: dict[str, list[str]] = {}
+        for run_id, placement in self.allocations.items():
+            for node_id in sorted({s.node_id for s in placement}):
+                runs_on.setdefault(node_id, []).append(run_id)
+        nodes = []
+        for nid, advert in sorted(self.known.items()):
+            used = table.get(nid)
+            if nid in table:
+                state = "NotResponding" if nid in self.not_responding else "Ready"
+            else:
+                state = "Lost"
+            nodes.append(schemas.NodeStatus(
+                advert=advert, state=state, used_slots=used.used_slots if used else 0,
+                used_gpus=sorted(used.used_gpus) if used else [], runs=runs_on.get(nid, []),
+            ))  # fmt: skip
+        queue = [
+            schemas.QueuedRun(
+                run_id=run_id, experiment=record.spec.experiment, compute_target=target, position=i + 1,
+                reason=self.reasons.get(run_id, "being placed"), queued_at=record.submitted_at,
+            )
+            for target, q in sorted(self.queues.items())
+            for i, (run_id, record) in enumerate(q.items())
+        ]  # fmt: skip
+        return schemas.SchedulerState(nodes=nodes, queue=queue)
+
+    async def _state(self, _: schemas.Empty) -> schemas.SchedulerState:
+        return self.state(time.time())
 
     async def _nodes_gone(self, gone: set[str]) -> None:
         for run_id, placement in list(self.allocations.items()):
