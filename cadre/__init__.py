@@ -4,6 +4,7 @@
 >>> ws = Workspace.from_config()  # doctest: +SKIP
 """
 
+from cadre._dataset import Dataset, DatasetConsumptionConfig
 from cadre._estimator import Estimator, MpiConfiguration, PyTorchConfiguration
 from cadre._model import Model
 from cadre._run import Experiment, Run
@@ -24,6 +25,8 @@ __all__ = [
     "CadreError",
     "ClusterNotRunningError",
     "ConflictError",
+    "Dataset",
+    "DatasetConsumptionConfig",
     "Estimator",
     "Experiment",
     "Model",

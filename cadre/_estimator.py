@@ -28,26 +28,43 @@ class PyTorchConfiguration:
     communication_backend: str = "gloo"
 
 
-def render_params(script_params: dict[str, Any] | None) -> tuple[dict[str, schemas.ScalarParam], list[str]]:
-    """Azure ML semantics: each key is a flag, its value the next argument; a value of "" is a bare flag."""
+def render_params(
+    script_params: dict[str, Any] | None,
+) -> tuple[dict[str, schemas.ScalarParam], list[str], list[schemas.DatasetInput]]:
+    """Azure ML semantics: each key is a flag, its value the next argument; a value of "" is a bare flag.
+
+    A dataset value (``Dataset.get(...).as_named_input(...).as_mount()``) becomes a placeholder the node agent
+    replaces with the dataset's local path.
+    """
+    from cadre._dataset import DatasetConsumptionConfig
+
     if script_params is None:
-        return {}, []
+        return {}, [], []
     if not isinstance(script_params, dict):
         raise ValidationError(f"script_params must be a dict of flag -> value, not {type(script_params).__name__}")
     params: dict[str, schemas.ScalarParam] = {}
     argv: list[str] = []
+    datasets: list[schemas.DatasetInput] = []
     for key, value in script_params.items():
         if not isinstance(key, str) or not key:
             raise ValidationError(f"script_params keys must be non-empty strings, got {key!r}")
+        if isinstance(value, DatasetConsumptionConfig):
+            ds = value.to_input()
+            if any(d.name == ds.name for d in datasets):
+                raise ValidationError(f"two dataset inputs are named {ds.name!r}")
+            datasets.append(ds)
+            params[key] = f"dataset:{ds.dataset}:{ds.version}:{ds.mode}"
+            argv += [key, ds.placeholder]
+            continue
         if not isinstance(value, (str, int, float, bool)):
             raise ValidationError(
-                f"script_params[{key!r}] is a {type(value).__name__}; values must be str, int, float or bool"
+                f"script_params[{key!r}] is a {type(value).__name__}; values must be str, int, float, bool or a dataset"
             )
         params[key] = value
         argv.append(key)
         if value != "" or isinstance(value, bool):
             argv.append(str(value))
-    return params, argv
+    return params, argv, datasets
 
 
 class Estimator:
@@ -86,7 +103,7 @@ class Estimator:
         if not full.is_file():
             raise ValidationError(f"entry_script {entry_script!r} not found in source_directory {source}")
         self.entry_script = full.relative_to(self.source_directory).as_posix()
-        self.script_params, self.arguments = render_params(script_params)
+        self.script_params, self.arguments, self.datasets = render_params(script_params)
         self.compute_target = compute_target if isinstance(compute_target, str) else str(compute_target.name)
         for name, value in (("node_count", node_count), ("process_count_per_node", process_count_per_node)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -150,4 +167,5 @@ class Estimator:
             pip_packages=self.pip_packages,
             conda_packages=self.conda_packages,
             custom_docker_image=self.custom_docker_image,
+            datasets=self.datasets,
         )

@@ -19,7 +19,7 @@ from cadre import _snapshot
 from cadre._context import RunContext, get_context
 from cadre._estimator import Estimator
 from cadre._workspace import Workspace, http_put
-from shared import bus, schemas, subjects
+from shared import bus, files, schemas, subjects
 from shared.errors import RunFailedError, ValidationError
 from shared.runs import fold_run_data, validate_spec
 from shared.states import RunState
@@ -336,7 +336,7 @@ class Run:
         out = []
         for f in self._files(prefix):
             rel = f.name if append_prefix else f.name[len(prefix) :].lstrip("/")
-            out.append(self.download_file(f.name, root / rel))
+            out.append(self.download_file(f.name, files.safe_destination(root, rel)))
         return out
 
     def register_model(

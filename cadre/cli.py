@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.errors import CadreError, ValidationError
@@ -211,6 +212,43 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_bar(label: str) -> Callable[[int, int], None]:
+    """A one-line progress bar on stderr for large transfers (silent when stderr is not a terminal)."""
+
+    def show(done: int, total: int) -> None:
+        if not sys.stderr.isatty() or total <= 0:
+            return
+        width = 30
+        filled = int(width * done / total)
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_dataset_upload(args: argparse.Namespace) -> int:
+    from cadre import Dataset
+
+    with _ws() as ws:
+        ds = Dataset.upload(ws, args.directory, args.name, args.description, progress=progress_bar("uploading"))
+    print(f"dataset {ds.name} version {ds.version}: {len(ds.files)} file(s), {ds.total_bytes} bytes, "
+          f"content {ds.content_hash[:16]}")  # fmt: skip
+    return 0
+
+
+def cmd_dataset_list(_: argparse.Namespace) -> int:
+    from cadre import Dataset
+
+    with _ws() as ws:
+        datasets = Dataset.list(ws)
+    print(f"{'NAME':<28} {'VERSION':>7} {'FILES':>7} {'BYTES':>14}  CONTENT")
+    for d in datasets:
+        print(f"{d.name:<28} {d.version:>7} {len(d.files):>7} {d.total_bytes:>14}  {d.content_hash[:16]}")
+    return 0
+
+
 def _model_ref(text: str) -> tuple[str, int | None, str | None]:
     """NAME, NAME:VERSION or NAME@ALIAS."""
     if "@" in text:
@@ -358,6 +396,15 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.add_argument("dest", nargs="?")
     d.set_defaults(fn=cmd_download)
+
+    dsp = sub.add_parser("dataset", help="datasets runs can read")
+    dsub = dsp.add_subparsers(dest="dataset_command", required=True)
+    du = dsub.add_parser("upload", help="upload a folder as the next version of a dataset")
+    du.add_argument("directory", type=Path)
+    du.add_argument("--name", required=True)
+    du.add_argument("--description")
+    du.set_defaults(fn=cmd_dataset_upload)
+    dsub.add_parser("list", help="datasets and their versions").set_defaults(fn=cmd_dataset_list)
 
     m = sub.add_parser("models", help="registered models")
     msub = m.add_subparsers(dest="models_command", required=True)

@@ -150,6 +150,7 @@ async def ensure_topology(js: JetStreamContext) -> None:
         (subjects.TARGETS_BUCKET, 1),
         (subjects.RUNS_BUCKET, 1),
         (subjects.MODELS_BUCKET, 1),
+        (subjects.DATASETS_BUCKET, 1),
     ):
         await js.create_key_value(
             js_api.KeyValueConfig(bucket=bucket, history=history, storage=js_api.StorageType.FILE)

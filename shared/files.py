@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import posixpath
 from pathlib import Path
 
@@ -46,3 +47,26 @@ def safe_destination(root: Path, name: str) -> Path:
     if not dest.is_relative_to(root.resolve()):
         raise ValidationError(f"{name!r} would be written outside {root}")
     return dest
+
+
+class Prefix(io.RawIOBase):
+    """The first ``size`` bytes of a file, streamed: what an upload of a file that may still grow must send."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._fh = open(path, "rb")
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._fh.read(n)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()

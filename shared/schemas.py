@@ -37,6 +37,20 @@ class GitInfo(msgspec.Struct, frozen=True, kw_only=True):
     diff: str = ""  # the uncommitted changes (``git diff HEAD``), capped
 
 
+class DatasetInput(msgspec.Struct, frozen=True, kw_only=True):
+    """A dataset a run reads: the agent materializes it on the node and the script receives its local path."""
+
+    name: str  # the input's name in the run (as_named_input), also CADRE_DATASET_<NAME>
+    dataset: str
+    version: int
+    content_hash: str
+    mode: Literal["mount", "download"] = "mount"
+
+    @property
+    def placeholder(self) -> str:
+        return f"{{cadre.dataset.{self.name}}}"
+
+
 class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     experiment: str
     entry_script: str
@@ -54,6 +68,7 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     pip_packages: list[str] = []
     conda_packages: list[str] = []
     custom_docker_image: str | None = None
+    datasets: list[DatasetInput] = []  # their placeholders in ``arguments`` become local paths on the node
 
     @property
     def world_size(self) -> int:
@@ -200,6 +215,50 @@ RunEvent = (
     | Failed
     | Canceled
 )
+
+
+# --- datasets ----------------------------------------------------------------------------------------------------
+class DatasetVersion(Message, frozen=True, kw_only=True):
+    name: str
+    version: int
+    content_hash: str  # sha256 over the sorted (path, sha256, size) of its files: same data, same hash
+    files: list[FileEntry]
+    created_at: float
+    description: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class DatasetUploadRequest(Message, frozen=True, kw_only=True):
+    name: str
+    files: list[FileEntry]
+
+
+class DatasetRegisterRequest(Message, frozen=True, kw_only=True):
+    name: str
+    files: list[FileEntry]
+    description: str | None = None
+
+
+class DatasetRef(Message, frozen=True, kw_only=True):
+    name: str
+    version: int | None = None  # None: the latest
+
+
+class DatasetUrlsRequest(Message, frozen=True, kw_only=True):
+    run_id: str
+    content_hash: str
+
+
+class DatasetList(Message, frozen=True, kw_only=True):
+    datasets: list[DatasetVersion]
+
+
+class DatasetFiles(Message, frozen=True, kw_only=True):
+    urls: dict[str, str]  # file path -> presigned URL (upload: only the files not stored yet)
+    version: DatasetVersion | None = None
 
 
 # --- what a run records about itself (CADRE_METRICS) -----------------------------------------------------------
@@ -381,6 +440,7 @@ class FilesListRequest(Message, frozen=True, kw_only=True):
 
 class FilesList(Message, frozen=True, kw_only=True):
     files: list[FileEntry]
+    partial: bool = False  # the run did not succeed: these are the files it got to write
 
 
 class FileUrlRequest(Message, frozen=True, kw_only=True):
@@ -569,6 +629,7 @@ assignment_decoder = msgspec.json.Decoder(Assignment)
 record_decoder = msgspec.json.Decoder(RunRecord)
 model_decoder = msgspec.json.Decoder(ModelVersion)
 model_event_decoder = msgspec.json.Decoder(ModelEvent)
+dataset_decoder = msgspec.json.Decoder(DatasetVersion)
 run_data_decoder = msgspec.json.Decoder(RunData)
 node_event_decoder = msgspec.json.Decoder(NodeEvent)
 

@@ -22,6 +22,7 @@ MODELS_STREAM = "CADRE_MODELS"  # registry changes
 NODES_BUCKET = "cadre_nodes"  # node_id -> NodeAdvert (capacity + heartbeat)
 TARGETS_BUCKET = "cadre_targets"  # compute target name -> ComputeTargetInfo
 RUNS_BUCKET = "cadre_runs"  # run_id -> RunRecord (immutable spec of a run)
+DATASETS_BUCKET = "cadre_datasets"  # "<name>.v<n>" -> DatasetVersion, "<name>.latest" -> n
 MODELS_BUCKET = "cadre_models"  # "<name>.v<n>" -> ModelVersion, "<name>.latest" -> n, "<name>.alias.<a>" -> n
 
 # --- object store --------------------------------------------------------------------------------------
@@ -109,6 +110,10 @@ class Api:
     MODEL_DOWNLOAD = f"{PREFIX}.api.models.download"
     TARGETS_LIST = f"{PREFIX}.api.targets.list"
     RUN_TAG = f"{PREFIX}.api.runs.tag"
+    DATASET_UPLOAD = f"{PREFIX}.api.datasets.upload"
+    DATASET_REGISTER = f"{PREFIX}.api.datasets.register"
+    DATASET_GET = f"{PREFIX}.api.datasets.get"
+    DATASET_LIST = f"{PREFIX}.api.datasets.list"
     SCHEDULER_STATE = f"{PREFIX}.api.scheduler.state"
 
 
@@ -116,6 +121,7 @@ class AgentApi:
     SNAPSHOT_URL = f"{PREFIX}.agent.artifacts.snapshot"
     UPLOAD_URLS = f"{PREFIX}.agent.artifacts.upload"
     COMMIT = f"{PREFIX}.agent.artifacts.commit"
+    DATASET_URLS = f"{PREFIX}.agent.datasets.urls"
 
 
 def service_ping(service: str) -> str:
@@ -142,6 +148,15 @@ def run_manifest_key(run_id: str) -> str:
 def model_blob_key(name: str, sha256: str) -> str:
     """A model's files are stored once per content: versions that share a file share its blob."""
     return f"models/{name}/blobs/{sha256}"
+
+
+def dataset_blob_key(sha256: str) -> str:
+    """Dataset files are stored once per content, across every dataset and version."""
+    return f"datasets/blobs/{sha256}"
+
+
+def dataset_version_key(name: str, version: int) -> str:
+    return f"{name}.v{version}"
 
 
 def model_latest_key(name: str) -> str:

@@ -85,7 +85,7 @@ def test_log_lines_complete_and_in_order(ws: Workspace, make_project: Callable[.
         **{
             "train.py": """
                 import sys
-                for i in range(20000):
+                for i in range(100000):
                     print(f"line {i}")
                     if i % 5000 == 0:
                         print(f"err {i}", file=sys.stderr)
@@ -96,11 +96,11 @@ def test_log_lines_complete_and_in_order(ws: Workspace, make_project: Callable[.
     out = io.StringIO()
     run.wait_for_completion(show_output=True, output=out)
     lines = [line for line in out.getvalue().splitlines() if line.startswith("line ")]
-    assert lines == [f"line {i}" for i in range(20000)]
-    assert sum(1 for line in out.getvalue().splitlines() if line.startswith("err ")) == 4
+    assert lines == [f"line {i}" for i in range(100000)]
+    assert sum(1 for line in out.getvalue().splitlines() if line.startswith("err ")) == 20
     # A later reader (cadre logs RUN) gets the same complete stream.
     again = io.StringIO()
-    assert Run.get(ws, run.id).stream_logs(follow=False, output=again) == 20004
+    assert Run.get(ws, run.id).stream_logs(follow=False, output=again) == 100020
     assert [x for x in again.getvalue().splitlines() if x.startswith("line ")] == lines
 
 

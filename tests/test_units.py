@@ -135,7 +135,7 @@ class TestPlacement:
 
 class TestParams:
     def test_render_in_order_with_bare_flags(self) -> None:
-        params, argv = render_params({"--regularization": 0.8, "--verbose": "", "--epochs": 3})
+        params, argv, _ = render_params({"--regularization": 0.8, "--verbose": "", "--epochs": 3})
         assert argv == ["--regularization", "0.8", "--verbose", "--epochs", "3"]
         assert params["--verbose"] == ""
 

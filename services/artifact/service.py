@@ -15,6 +15,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
+from services.artifact.datasets import Datasets
 from shared import bus, files, schemas, subjects
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
@@ -87,6 +88,12 @@ class ArtifactService(Service):
         await self.store.ensure_bucket()
         self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
         self.events = bus.RunEventLog(self.js)
+        datasets = Datasets(await self.js.key_value(subjects.DATASETS_BUCKET), self.runs_kv, self.store)
+        await self.endpoint(subjects.Api.DATASET_UPLOAD, schemas.DatasetUploadRequest, datasets.upload_urls)
+        await self.endpoint(subjects.Api.DATASET_REGISTER, schemas.DatasetRegisterRequest, datasets.register)
+        await self.endpoint(subjects.Api.DATASET_GET, schemas.DatasetRef, datasets.get)
+        await self.endpoint(subjects.Api.DATASET_LIST, schemas.Empty, datasets.list)
+        await self.endpoint(subjects.AgentApi.DATASET_URLS, schemas.DatasetUrlsRequest, datasets.urls_for_run)
         psub = await self.js.pull_subscribe(
             subjects.all_run_events(),
             durable="artifact",
@@ -185,7 +192,9 @@ class ArtifactService(Service):
         stored = [f for ev in committed.values() for f in ev.files]
         stored += await self._persist_logs(run_id, decided.log_lines)
         unique = {f.name: f for f in stored}  # several nodes may write the same name: the last commit wins
-        manifest = schemas.FilesList(files=sorted(unique.values(), key=lambda f: f.name))
+        manifest = schemas.FilesList(
+            files=sorted(unique.values(), key=lambda f: f.name), partial=decided.outcome != "succeeded"
+        )
         await self.store.put_bytes(
             subjects.run_manifest_key(run_id), schemas.encode(manifest), content_type="application/json"
         )

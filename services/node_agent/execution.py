@@ -17,11 +17,13 @@ import os
 import shutil
 import socket
 import tarfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+import msgspec
 import structlog
 
 from services.node_agent.logship import LogShipper
@@ -29,7 +31,7 @@ from services.node_agent.pmi import PmiServer
 from services.node_agent.runcontext import RunContextServer
 from services.node_agent.runtime import ProcessHandle, ProcessSpec, Runtime
 from shared import bus, files, schemas, subjects
-from shared.errors import CadreError, ConflictError, StorageError
+from shared.errors import CadreError, ConflictError, ServiceUnavailableError, StorageError
 from shared.states import RunState
 
 if TYPE_CHECKING:
@@ -40,6 +42,9 @@ PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LO
 UPLOAD_DIRS = ("outputs", "logs")
 UPLOAD_WORKERS = 4
 RENDEZVOUS_TIMEOUT = 120.0
+LOG_SYNC_INTERVAL = 2.0
+FINISH_PATIENCE = 600.0  # seconds an agent keeps trying to hand a finished run's files over
+T = TypeVar("T")
 FORWARD = {RunState.PREPARING: 0, RunState.STARTING: 1, RunState.RUNNING: 2}
 
 
@@ -79,6 +84,7 @@ class Execution:
         self.abort_reason: str | None = None
         self.rendezvous: asyncio.Future[schemas.Rendezvous] = asyncio.get_running_loop().create_future()
         self.pmi: PmiServer | None = None
+        self.dataset_paths: dict[str, Path] = {}
         self.mpi_abort: tuple[int, int] | None = None
         self.mpi_aborted = asyncio.Event()
         self.timed_out = False
@@ -142,6 +148,47 @@ class Execution:
         entry = self.run_dir / self.spec.entry_script
         if not entry.is_file():
             raise CadreError(f"entry_script {self.spec.entry_script!r} is not in the snapshot")
+        for ds in self.spec.datasets:
+            urls = await bus.request(
+                self.agent.nc,
+                subjects.AgentApi.DATASET_URLS,
+                schemas.DatasetUrlsRequest(run_id=self.run_id, content_hash=ds.content_hash),
+                schemas.DatasetFiles,
+                timeout=30,
+            )
+            self.dataset_paths[ds.name] = await asyncio.to_thread(self._materialize, ds, urls)
+
+    def _materialize(self, ds: schemas.DatasetInput, urls: schemas.DatasetFiles) -> Path:
+        """Download a dataset version once per node (cached by content hash, shared read-only by runs); a
+        download-mode input gets a private copy in the run's directory."""
+        assert urls.version is not None
+        cache = self.agent.config.work_dir / "datasets" / ds.content_hash
+        if not cache.is_dir():
+            tmp = cache.with_name(f".{ds.content_hash}.{os.getpid()}.{self.run_id}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            for entry in urls.version.files:
+                dest = files.safe_destination(tmp, entry.name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with urllib.request.urlopen(urls.urls[entry.name], timeout=300) as resp, open(dest, "wb") as out:
+                    shutil.copyfileobj(resp, out, files.CHUNK)
+                if files.digest(dest, entry.name).sha256 != entry.sha256:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise StorageError(f"dataset {ds.dataset}:{ds.version} file {entry.name} failed its checksum")
+                dest.chmod(0o444)  # the shared copy is read-only: one run cannot change another's data
+            for path in [tmp, *tmp.rglob("*")]:
+                if path.is_dir():
+                    path.chmod(0o555)
+            try:
+                tmp.rename(cache)
+            except OSError:  # another run on this node finished the same download first
+                shutil.rmtree(tmp, ignore_errors=True)
+        if ds.mode == "mount":
+            return cache
+        private = self.run_dir / "datasets" / ds.name
+        shutil.copytree(cache, private)
+        for path in [private, *private.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        return private
 
     def _fetch_snapshot(self, snap: schemas.SnapshotUrl) -> Path:
         """Download once per content hash; runs of the same code share the cached archive."""
@@ -191,6 +238,8 @@ class Execution:
                 "CADRE_LOGS_DIR": str(self.run_dir / "logs"),
             }
         )
+        for name, path in self.dataset_paths.items():
+            env[f"CADRE_DATASET_{name.upper().replace('-', '_')}"] = str(path)
         if self.spec.distributed == "mpi" and rdv.pmi_port is not None:
             # PMI-1 "simple" wire-up: MPICH ranks find the job through the master agent's PMI server.
             env.update(
@@ -261,7 +310,10 @@ class Execution:
         if rdv is None:
             return self._outcome({}, {}), {}
         shippers: dict[int, LogShipper] = {}
-        argv = [self.agent.python, self.spec.entry_script, *self.spec.arguments]
+        arguments = list(self.spec.arguments)
+        for ds in self.spec.datasets:
+            arguments = [str(self.dataset_paths[ds.name]) if a == ds.placeholder else a for a in arguments]
+        argv = [self.agent.python, self.spec.entry_script, *arguments]
         self.context = RunContextServer(self.agent.js, self.run_id, self.run_dir)
         await self.context.start()
         try:
@@ -280,6 +332,7 @@ class Execution:
         self.pid_file.write_text(json.dumps([h.pid for h in self.handles.values()]))
         await self._move(schemas.Running, RunState.RUNNING)
         self.log.info("ranks_started", ranks=sorted(self.handles))
+        syncer = asyncio.ensure_future(self._sync_logs_dir())
 
         exit_codes: dict[int, int] = {}
         local_failure = asyncio.Event()
@@ -311,6 +364,7 @@ class Execution:
             await all_done
         for task in stoppers:
             task.cancel()
+        syncer.cancel()
         counts = {r: await s.close() for r, s in shippers.items()}
         await self.context.close()
         return self._outcome(exit_codes, shippers), counts
@@ -386,12 +440,10 @@ class Execution:
         error = None
         try:
             if stored:
-                urls = await bus.request(
-                    self.agent.nc,
+                urls = await self._patiently(
                     subjects.AgentApi.UPLOAD_URLS,
                     schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=stored),
                     schemas.UploadUrls,
-                    timeout=30,
                 )
                 await asyncio.to_thread(self._upload, stored, urls.urls)
         except (CadreError, OSError) as exc:
@@ -400,13 +452,61 @@ class Execution:
             error = schemas.ErrorInfo(
                 code="upload_failed", message=f"uploading run files failed on {self.node_id}: {exc}"
             )
-        await bus.request(
-            self.agent.nc,
+        await self._patiently(
             subjects.AgentApi.COMMIT,
             schemas.CommitRequest(run_id=self.run_id, node_id=self.node_id, files=stored, error=error),
             schemas.RunSummary,
-            timeout=120,
         )
+
+    async def _patiently(self, subject: str, payload: msgspec.Struct, reply_type: type[T]) -> T:
+        """A request the run cannot end without: while the artifact service is down or restarting, wait for it.
+
+        Uploads and commits are idempotent (same names, same content), so a retry never stores a file twice.
+        """
+        delay = 0.5
+        deadline = time.monotonic() + FINISH_PATIENCE
+        while True:
+            try:
+                return await bus.request(self.agent.nc, subject, payload, reply_type, timeout=120)
+            except ServiceUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self.log.warning("artifact_service_unavailable", subject=subject, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _sync_logs_dir(self) -> None:
+        """While the ranks run, upload what changed under logs/ every few seconds (TensorBoard reads it live)."""
+        seen: dict[str, tuple[int, int]] = {}
+        while True:
+            await asyncio.sleep(LOG_SYNC_INTERVAL)
+            try:
+                changed = await asyncio.to_thread(self._changed_logs, seen)
+                if not changed:
+                    continue
+                urls = await bus.request(
+                    self.agent.nc,
+                    subjects.AgentApi.UPLOAD_URLS,
+                    schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=changed),
+                    schemas.UploadUrls,
+                    timeout=30,
+                )
+                await asyncio.to_thread(self._upload, changed, urls.urls)
+            except (CadreError, OSError) as exc:  # the final upload at the end stores everything anyway
+                self.log.warning("logs_sync_failed", error=str(exc))
+
+    def _changed_logs(self, seen: dict[str, tuple[int, int]]) -> list[schemas.FileEntry]:
+        root = self.run_dir / "logs"
+        out = []
+        for path in sorted(root.rglob("*")) if root.is_dir() else []:
+            if not path.is_file() or path.is_symlink():
+                continue
+            st = path.stat()
+            name = path.relative_to(self.run_dir).as_posix()
+            if seen.get(name) != (st.st_size, st.st_mtime_ns):
+                seen[name] = (st.st_size, st.st_mtime_ns)
+                out.append(files.digest(path, name))
+        return out
 
     def _collect_files(self) -> list[schemas.FileEntry]:
         entries = []
@@ -424,7 +524,8 @@ class Execution:
             last_exc: Exception | None = None
             for _ in range(3):
                 try:
-                    with open(self.run_dir / entry.name, "rb") as fh:
+                    # Exactly the bytes that were hashed, even if the script is still appending to the file.
+                    with files.Prefix(self.run_dir / entry.name, entry.size) as fh:
                         req = urllib.request.Request(
                             urls[entry.name], data=fh, method="PUT", headers={"Content-Length": str(entry.size)}
                         )

@@ -140,7 +140,11 @@ class RegistryService(Service):
         if spec.pip_packages:
             environment["pip_packages"] = " ".join(spec.pip_packages)
         lineage = schemas.Lineage(
-            run_id=req.run_id, experiment=spec.experiment, git=spec.git, datasets=[], environment=environment
+            run_id=req.run_id,
+            experiment=spec.experiment,
+            git=spec.git,
+            datasets=[f"{d.dataset}:{d.version}" for d in spec.datasets],
+            environment=environment,
         )
         return entries, path, lineage
 
