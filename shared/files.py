@@ -59,6 +59,11 @@ class Prefix(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def skip(self, offset: int) -> None:
+        """Start ``offset`` bytes in (a part of a multipart upload)."""
+        self._fh.seek(offset)
+        self._left -= offset
+
     def read(self, n: int = -1) -> bytes:
         if self._left <= 0:
             return b""

@@ -458,10 +458,25 @@ class UploadUrlsRequest(Message, frozen=True, kw_only=True):
     run_id: str
     node_id: str
     files: list[FileEntry]
+    allow_multipart: bool = True  # live syncs of logs/ ask for single PUTs only
+
+
+class MultipartUpload(msgspec.Struct, frozen=True, kw_only=True):
+    """A large file goes up in parts, in parallel, each retried on its own."""
+
+    upload_id: str
+    part_size: int
+    urls: list[str]  # part 1, 2, ...
+
+
+class MultipartDone(msgspec.Struct, frozen=True, kw_only=True):
+    upload_id: str
+    etags: list[tuple[int, str]]  # (part number, ETag)
 
 
 class UploadUrls(Message, frozen=True, kw_only=True):
-    urls: dict[str, str]
+    urls: dict[str, str]  # single PUT
+    multipart: dict[str, MultipartUpload] = {}
 
 
 class CommitRequest(Message, frozen=True, kw_only=True):
@@ -469,6 +484,7 @@ class CommitRequest(Message, frozen=True, kw_only=True):
     node_id: str
     files: list[FileEntry]
     error: ErrorInfo | None = None  # the node could not upload everything
+    parts: dict[str, MultipartDone] = {}  # multipart uploads to complete
 
 
 class SnapshotUrl(Message, frozen=True, kw_only=True):

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from minio import Minio
 from minio.commonconfig import CopySource
+from minio.datatypes import Part
 from minio.error import S3Error
 
 from shared.errors import NotFoundError, StorageError
@@ -75,6 +76,28 @@ class ObjectStore:
                 resp.release_conn()
 
         return await self._call(_get)
+
+    # Multipart, driven through presigned part URLs: the uploader never holds credentials. These use minio-py's
+    # multipart primitives (pinned below 8 in pyproject), which its public API only offers for local files.
+    async def start_multipart(self, key: str) -> str:
+        return await self._call(self._client._create_multipart_upload, self.bucket, key, {})
+
+    async def presign_part(self, key: str, upload_id: str, part_number: int) -> str:
+        return await self._call(
+            self._client.get_presigned_url,
+            "PUT",
+            self.bucket,
+            key,
+            expires=URL_TTL,
+            extra_query_params={"uploadId": upload_id, "partNumber": str(part_number)},
+        )
+
+    async def complete_multipart(self, key: str, upload_id: str, etags: list[tuple[int, str]]) -> None:
+        parts = [Part(number, etag) for number, etag in sorted(etags)]
+        await self._call(self._client._complete_multipart_upload, self.bucket, key, upload_id, parts)
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        await self._call(self._client._abort_multipart_upload, self.bucket, key, upload_id)
 
     async def remove(self, key: str) -> None:
         await self._call(self._client.remove_object, self.bucket, key)

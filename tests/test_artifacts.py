@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 from helpers import eventually
+from minio import Minio
 
 from cadre import Dataset, Estimator, Experiment, ValidationError, Workspace, _local
+from shared import subjects
 from shared.files import check_relative, safe_destination
 
 READER = """
@@ -121,6 +123,11 @@ while not os.path.exists({str(tmp_path / "go")!r}):
     assert run.wait_for_completion(timeout=180)["status"] == "Completed"
     names = run.get_file_names()
     assert names.count("outputs/big.bin") == 1
+    env = json.loads((cluster_home / "cluster" / "process-env.json").read_text())["artifact"]
+    s3 = Minio(env["CADRE_S3_ENDPOINT"], env["CADRE_S3_ACCESS_KEY"], env["CADRE_S3_SECRET_KEY"], secure=False,
+               region="us-east-1")  # fmt: skip
+    stored = s3.stat_object("cadre", subjects.run_file_key(run.id, "outputs/big.bin"))
+    assert stored.size == size and "-" in (stored.etag or "")  # it went up as a multipart upload
     path = run.download_file("outputs/big.bin", tmp_path / "big.bin")
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -36,11 +36,11 @@ def test_example_runs_end_to_end(ws: Workspace, tmp_path: Path) -> None:
     assert details["exitCodes"] == {0: 0}
 
     names = run.get_file_names()
-    assert {"outputs/model.pkl", "logs/metrics.jsonl", "driver_logs/rank_0.log"} <= set(names)
+    assert {"outputs/model.pkl", "logs/metrics.jsonl", "logs/cadre/rank_0.log"} <= set(names)
     model_file = run.download_file(name="outputs/model.pkl", output_file_path=tmp_path / "model.pkl")
     model = pickle.loads(model_file.read_bytes())
     assert model["regularization"] == 0.8 and model["test_mse"] < 1.0
-    driver = run.download_file("driver_logs/rank_0.log", tmp_path / "driver.log").read_text()
+    driver = run.download_file("logs/cadre/rank_0.log", tmp_path / "driver.log").read_text()
     assert driver.splitlines() == [
         line
         for line in printed.splitlines()
@@ -124,7 +124,7 @@ def test_failing_script_ends_failed_with_exit_code_and_last_lines(
     details = run.get_details()
     assert details["status"] == "Failed" and details["exitCodes"] == {0: 3}
     assert details["error"]["code"] == "nonzero_exit"
-    assert "driver_logs/rank_0.log" in run.get_file_names()  # a failed run's logs are kept too
+    assert "logs/cadre/rank_0.log" in run.get_file_names()  # a failed run's logs are kept too
     assert run.wait_for_completion(raise_on_error=False)["status"] == "Failed"
 
 

@@ -117,7 +117,7 @@ def test_cancel_a_running_run_stops_its_processes(
     details = run.wait_for_completion(timeout=30)
     assert details["status"] == "Canceled"
     assert not any(alive(p) for p in pids)
-    assert {"driver_logs/rank_0.log", "driver_logs/rank_1.log"} <= set(run.get_file_names())
+    assert {"logs/cadre/rank_0.log", "logs/cadre/rank_1.log"} <= set(run.get_file_names())
 
 
 def test_max_run_duration_is_enforced(ws: Workspace, make_project: Callable[..., Path]) -> None:

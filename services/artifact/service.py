@@ -2,7 +2,7 @@
 
 Agents never hold object-store credentials: they get presigned URLs from here, upload, then ask this service
 to commit. Commit verifies every file (size and MD5 against the stored object), persists each rank's log
-stream as ``driver_logs/rank_<n>.log``, writes the manifest and only then ends the run.
+stream as ``logs/cadre/rank_<n>.log``, writes the manifest and only then ends the run.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ from nats.js.kv import KeyValue
 
 from services.artifact.datasets import Datasets
 from shared import bus, files, schemas, subjects
-from shared.errors import ConflictError, NotFoundError, ValidationError
+from shared.errors import CadreError, ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, StoreSettings
 from shared.states import RunState
 from shared.storage import ObjectStore
 
 USER_DIRS = ("outputs/", "logs/")
+MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bigger files go up in parallel parts
+PART_SIZE = 16 * 1024 * 1024
+MAX_PARTS = 10_000  # S3's limit: parts grow for very large files
 UPLOADABLE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
-DRIVER_LOGS = "driver_logs/"
+DRIVER_LOGS = "logs/cadre/"  # each rank's stdout/stderr, stored from the log stream
 
 
 def check_file_name(name: str) -> None:
@@ -126,16 +129,31 @@ class ArtifactService(Service):
             raise ConflictError(f"run {req.run_id} is {state}: its files can no longer be uploaded")
         if req.node_id not in await self._placement_nodes(req.run_id):
             raise ConflictError(f"node {req.node_id} has no ranks of run {req.run_id}")
-        urls = {}
+        urls, multipart = {}, {}
         for f in req.files:
             check_file_name(f.name)
-            urls[f.name] = await self.store.presign_put(subjects.run_file_key(req.run_id, f.name))
-        return schemas.UploadUrls(urls=urls)
+            key = subjects.run_file_key(req.run_id, f.name)
+            if req.allow_multipart and f.size > MULTIPART_THRESHOLD:
+                part_size = max(PART_SIZE, -(-f.size // MAX_PARTS))
+                count = -(-f.size // part_size)
+                upload_id = await self.store.start_multipart(key)
+                part_urls = [await self.store.presign_part(key, upload_id, n) for n in range(1, count + 1)]
+                multipart[f.name] = schemas.MultipartUpload(upload_id=upload_id, part_size=part_size, urls=part_urls)
+            else:
+                urls[f.name] = await self.store.presign_put(key)
+        return schemas.UploadUrls(urls=urls, multipart=multipart)
 
     async def commit(self, req: schemas.CommitRequest) -> schemas.RunSummary:
         """Verify one node's files and record them; the last node's commit finalizes the run."""
         record = await bus.get_record(self.runs_kv, req.run_id)
         problems = []
+        for name, done in req.parts.items():
+            check_file_name(name)
+            try:
+                await self.store.complete_multipart(subjects.run_file_key(req.run_id, name), done.upload_id, done.etags)
+            except (CadreError, ValueError) as exc:
+                # A retried commit finds the upload completed already: the stat below decides.
+                self.log.info("multipart_complete_skipped", run_id=req.run_id, file=name, error=str(exc))
         for f in req.files:
             check_file_name(f.name)
             stat = await self.store.stat(subjects.run_file_key(req.run_id, f.name))

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM")
 UPLOAD_DIRS = ("outputs", "logs")
 UPLOAD_WORKERS = 4
+UPLOAD_ATTEMPTS = 4
 RENDEZVOUS_TIMEOUT = 120.0
 LOG_SYNC_INTERVAL = 2.0
 FINISH_PATIENCE = 600.0  # seconds an agent keeps trying to hand a finished run's files over
@@ -438,6 +439,7 @@ class Execution:
         self.log.info("node_finished", outcome=outcome.outcome, exit_codes=outcome.exit_codes)
         stored = await asyncio.to_thread(self._collect_files)
         error = None
+        parts: dict[str, schemas.MultipartDone] = {}
         try:
             if stored:
                 urls = await self._patiently(
@@ -445,16 +447,16 @@ class Execution:
                     schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=stored),
                     schemas.UploadUrls,
                 )
-                await asyncio.to_thread(self._upload, stored, urls.urls)
+                parts = await asyncio.to_thread(self._upload, stored, urls)
         except (CadreError, OSError) as exc:
             self.log.error("upload_failed", error=str(exc))
-            stored = []
+            stored, parts = [], {}
             error = schemas.ErrorInfo(
                 code="upload_failed", message=f"uploading run files failed on {self.node_id}: {exc}"
             )
         await self._patiently(
             subjects.AgentApi.COMMIT,
-            schemas.CommitRequest(run_id=self.run_id, node_id=self.node_id, files=stored, error=error),
+            schemas.CommitRequest(run_id=self.run_id, node_id=self.node_id, files=stored, error=error, parts=parts),
             schemas.RunSummary,
         )
 
@@ -487,11 +489,13 @@ class Execution:
                 urls = await bus.request(
                     self.agent.nc,
                     subjects.AgentApi.UPLOAD_URLS,
-                    schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=changed),
+                    schemas.UploadUrlsRequest(
+                        run_id=self.run_id, node_id=self.node_id, files=changed, allow_multipart=False
+                    ),
                     schemas.UploadUrls,
                     timeout=30,
                 )
-                await asyncio.to_thread(self._upload, changed, urls.urls)
+                await asyncio.to_thread(self._upload, changed, urls)
             except (CadreError, OSError) as exc:  # the final upload at the end stores everything anyway
                 self.log.warning("logs_sync_failed", error=str(exc))
 
@@ -519,23 +523,47 @@ class Execution:
                     entries.append(files.digest(path, path.relative_to(self.run_dir).as_posix()))
         return entries
 
-    def _upload(self, entries: list[schemas.FileEntry], urls: dict[str, str]) -> None:
-        def put(entry: schemas.FileEntry) -> None:
+    def _upload(self, entries: list[schemas.FileEntry], urls: schemas.UploadUrls) -> dict[str, schemas.MultipartDone]:
+        """PUT every file (large ones in parallel parts), each request retried; returns the parts to complete.
+
+        Memory stays bounded: bodies are streamed from disk, never read whole. Retrying a PUT rewrites the same
+        key or part, so a retry can neither corrupt nor duplicate an object.
+        """
+
+        def put(url: str, path: Path, offset: int, size: int) -> str:
             last_exc: Exception | None = None
-            for _ in range(3):
+            for attempt in range(UPLOAD_ATTEMPTS):
                 try:
                     # Exactly the bytes that were hashed, even if the script is still appending to the file.
-                    with files.Prefix(self.run_dir / entry.name, entry.size) as fh:
-                        req = urllib.request.Request(
-                            urls[entry.name], data=fh, method="PUT", headers={"Content-Length": str(entry.size)}
-                        )
+                    with files.Prefix(path, offset + size) as fh:
+                        fh.skip(offset)
+                        req = urllib.request.Request(url, data=fh, method="PUT", headers={"Content-Length": str(size)})
                         with urllib.request.urlopen(req, timeout=300) as resp:
                             resp.read()
-                    return
+                            return (resp.headers.get("ETag") or "").strip('"')
                 except OSError as exc:
                     last_exc = exc
-            raise StorageError(f"{entry.name}: {last_exc}")
+                    time.sleep(0.2 * (attempt + 1))
+            raise StorageError(f"{path.name}: {last_exc}")
 
+        jobs: list[tuple[str, int, concurrent.futures.Future[str]]] = []
         with concurrent.futures.ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-            for fut in [pool.submit(put, f) for f in entries]:
-                fut.result()
+            for entry in entries:
+                path = self.run_dir / entry.name
+                if entry.name in urls.multipart:
+                    mp = urls.multipart[entry.name]
+                    for number, url in enumerate(mp.urls, start=1):
+                        offset = (number - 1) * mp.part_size
+                        size = min(mp.part_size, entry.size - offset)
+                        jobs.append((entry.name, number, pool.submit(put, url, path, offset, size)))
+                else:
+                    jobs.append((entry.name, 0, pool.submit(put, urls.urls[entry.name], path, 0, entry.size)))
+            etags: dict[str, list[tuple[int, str]]] = {}
+            for name, number, fut in jobs:
+                etag = fut.result()
+                if number:
+                    etags.setdefault(name, []).append((number, etag))
+        return {
+            name: schemas.MultipartDone(upload_id=urls.multipart[name].upload_id, etags=sorted(tags))
+            for name, tags in etags.items()
+        }
