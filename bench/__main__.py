@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import latency, scheduler
+from bench import latency, scheduler, transfer
 from cadre import Workspace, _local
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +44,7 @@ def main() -> int:
         try:
             with Workspace.from_config(home / "profile.json") as ws:
                 rows += latency.run(ws, 30 if quick else 100)
+                rows += transfer.run(ws, home, quick)
             rows += scheduler.run(home, quick)
         finally:
             _local.down(home=home)

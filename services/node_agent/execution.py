@@ -447,7 +447,11 @@ class Execution:
                     schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=stored),
                     schemas.UploadUrls,
                 )
-                parts = await asyncio.to_thread(self._upload, stored, urls)
+                # The ranks are done, so the files are final: hash them while they upload, not before.
+                parts, stored = await asyncio.gather(
+                    asyncio.to_thread(self._upload, stored, urls),
+                    asyncio.to_thread(lambda: [files.digest(self.run_dir / f.name, f.name) for f in stored]),
+                )
         except (CadreError, OSError) as exc:
             self.log.error("upload_failed", error=str(exc))
             stored, parts = [], {}
@@ -513,6 +517,7 @@ class Execution:
         return out
 
     def _collect_files(self) -> list[schemas.FileEntry]:
+        """Names and sizes of what the run wrote; the digests are computed while the files upload."""
         entries = []
         for top in UPLOAD_DIRS:
             root = self.run_dir / top
@@ -520,7 +525,8 @@ class Execution:
                 continue
             for path in sorted(root.rglob("*")):
                 if path.is_file() and not path.is_symlink():
-                    entries.append(files.digest(path, path.relative_to(self.run_dir).as_posix()))
+                    name = path.relative_to(self.run_dir).as_posix()
+                    entries.append(schemas.FileEntry(name=name, size=path.stat().st_size, md5=""))
         return entries
 
     def _upload(self, entries: list[schemas.FileEntry], urls: schemas.UploadUrls) -> dict[str, schemas.MultipartDone]:
