@@ -137,13 +137,16 @@ class Run:
             raise RunFailedError(f"run {self.id} failed: {err}")
         return details_dict(details)
 
-    def stream_logs(self, follow: bool = True, output: IO[str] | None = None, timeout: float | None = None) -> int:
+    def stream_logs(
+        self, follow: bool = True, output: IO[str] | None = None, timeout: float | None = None, from_line: int = 0
+    ) -> int:
         """Print the run's log lines (all ranks, in order per rank). ``follow``: until the run ends.
 
+        Every line has a number per rank (0, 1, ...): ``from_line`` resumes a reader where it stopped.
         Lines are printed by the calling thread as they arrive. Returns how many lines were printed.
         """
         items: queue.Queue[tuple[str, Any]] = queue.Queue()
-        stop = self._ws._loop.call(self._start_follow(items, follow))
+        stop = self._ws._loop.call(self._start_follow(items, follow, from_line))
         deadline = None if timeout is None else time.monotonic() + timeout
         printed = 0
         multi_rank: bool | None = None
@@ -170,7 +173,7 @@ class Run:
         finally:
             self._ws._loop.call(stop())
 
-    async def _start_follow(self, items: queue.Queue[tuple[str, Any]], follow: bool):
+    async def _start_follow(self, items: queue.Queue[tuple[str, Any]], follow: bool, from_line: int = 0):
         js = self._ws._js
         received: dict[int, int] = {}
         expected: dict[int, int] = {}
@@ -198,7 +201,7 @@ class Run:
             batch = schemas.log_batch_decoder.decode(msg.data)
             have = received.get(batch.rank, 0)
             for i, line in enumerate(batch.lines):
-                if batch.first_line + i >= have:  # a re-published batch repeats lines we printed
+                if batch.first_line + i >= max(have, from_line):  # a re-published batch repeats lines we printed
                     items.put(("line", (batch.rank, line)))
             received[batch.rank] = max(have, batch.first_line + len(batch.lines))
             check_done()

@@ -72,7 +72,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from cadre import Run
 
     with _ws() as ws:
-        Run.get(ws, args.run_id).stream_logs(follow=args.follow, output=sys.stdout)
+        Run.get(ws, args.run_id).stream_logs(follow=args.follow, output=sys.stdout, from_line=args.from_line)
     return 0
 
 
@@ -365,6 +365,7 @@ def parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="print a run's logs")
     lg.add_argument("run_id")
     lg.add_argument("-f", "--follow", action="store_true", help="keep following until the run ends")
+    lg.add_argument("--from-line", type=int, default=0, help="resume at this line number (per rank, from 0)")
     lg.set_defaults(fn=cmd_logs)
 
     r = sub.add_parser("runs", help="list runs")
