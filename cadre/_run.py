@@ -8,6 +8,7 @@ import queue
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -311,8 +312,14 @@ class Run:
     def get_file_names(self) -> list[str]:
         return [f.name for f in self._files()]
 
-    def download_file(self, name: str, output_file_path: str | Path | None = None) -> Path:
-        """Download one run file (e.g. ``outputs/model.pkl``); verifies it against the stored checksum."""
+    def download_file(
+        self,
+        name: str,
+        output_file_path: str | Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Path:
+        """Download one run file (e.g. ``outputs/model.pkl``), streamed to disk and verified (SHA-256 once the run
+        is committed, else the store's MD5) before it takes its name."""
         info = self._ws._request(
             subjects.Api.FILE_URL, schemas.FileUrlRequest(run_id=self.id, name=name), schemas.FileUrl
         )
@@ -321,12 +328,19 @@ class Run:
             dest = dest / name.rsplit("/", 1)[-1]
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
-        md5 = hashlib.md5(usedforsecurity=False)
+        md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+        done = 0
         with urllib.request.urlopen(info.url, timeout=300) as resp, open(tmp, "wb") as fh:
-            while chunk := resp.read(1 << 20):
+            while chunk := resp.read(files.CHUNK):
                 md5.update(chunk)
+                sha.update(chunk)
                 fh.write(chunk)
-        if len(info.md5) == 32 and md5.hexdigest() != info.md5:
+                done += len(chunk)
+                if progress:
+                    progress(done, info.size)
+        if (info.sha256 and sha.hexdigest() != info.sha256) or (
+            not info.sha256 and len(info.md5) == 32 and md5.hexdigest() != info.md5
+        ):
             tmp.unlink(missing_ok=True)
             raise OSError(f"download of {name} is corrupt (checksum mismatch); try again")
         tmp.replace(dest)

@@ -112,7 +112,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     from cadre import Run
 
     with _ws() as ws:
-        path = Run.get(ws, args.run_id).download_file(args.name, args.dest)
+        path = Run.get(ws, args.run_id).download_file(args.name, args.dest, progress=progress_bar("downloading"))
     print(path)
     return 0
 

@@ -452,6 +452,7 @@ class FileUrl(Message, frozen=True, kw_only=True):
     url: str
     size: int
     md5: str
+    sha256: str = ""  # from the run's manifest, once committed
 
 
 class UploadUrlsRequest(Message, frozen=True, kw_only=True):

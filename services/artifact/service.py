@@ -305,4 +305,11 @@ class ArtifactService(Service):
             raise NotFoundError(
                 f"run {req.run_id} has no file {req.name!r}; it has: {', '.join(names[:20]) or 'no files yet'}"
             )
-        return schemas.FileUrl(url=await self.store.presign_get(key), size=stat[0], md5=stat[1])
+        sha256 = ""
+        try:
+            raw = await self.store.get_bytes(subjects.run_manifest_key(req.run_id))
+            listed = msgspec.json.decode(raw, type=schemas.FilesList).files
+            sha256 = next((f.sha256 for f in listed if f.name == req.name), "")
+        except NotFoundError:
+            pass  # still running: no manifest yet
+        return schemas.FileUrl(url=await self.store.presign_get(key), size=stat[0], md5=stat[1], sha256=sha256)

@@ -90,6 +90,7 @@ class Execution:
         self.mpi_aborted = asyncio.Event()
         self.timed_out = False
         self.first_failure: int | None = None
+        self.started_ns = 0
         self.log = structlog.get_logger().bind(run_id=self.run_id, node_id=self.node_id)
 
     # --- the whole life of the run on this node ------------------------------------------------------
@@ -311,6 +312,7 @@ class Execution:
         if rdv is None:
             return self._outcome({}, {}), {}
         shippers: dict[int, LogShipper] = {}
+        self.started_ns = time.time_ns()
         arguments = list(self.spec.arguments)
         for ds in self.spec.datasets:
             arguments = [str(self.dataset_paths[ds.name]) if a == ds.placeholder else a for a in arguments]
@@ -517,7 +519,12 @@ class Execution:
         return out
 
     def _collect_files(self) -> list[schemas.FileEntry]:
-        """Names and sizes of what the run wrote; the digests are computed while the files upload."""
+        """Names and sizes of what the run wrote; the digests are computed while the files upload.
+
+        The master node stores everything under outputs/ and logs/; the other nodes only what changed during the
+        run, so files that came with the snapshot are not uploaded once per node (and cannot collide).
+        """
+        since = 0 if self.is_master else self.started_ns
         entries = []
         for top in UPLOAD_DIRS:
             root = self.run_dir / top
@@ -525,8 +532,11 @@ class Execution:
                 continue
             for path in sorted(root.rglob("*")):
                 if path.is_file() and not path.is_symlink():
+                    st = path.stat()
+                    if st.st_mtime_ns < since:
+                        continue
                     name = path.relative_to(self.run_dir).as_posix()
-                    entries.append(schemas.FileEntry(name=name, size=path.stat().st_size, md5=""))
+                    entries.append(schemas.FileEntry(name=name, size=st.st_size, md5=""))
         return entries
 
     def _upload(self, entries: list[schemas.FileEntry], urls: schemas.UploadUrls) -> dict[str, schemas.MultipartDone]:
