@@ -88,19 +88,7 @@ class Model:
         for entry, path in zip(entries, paths, strict=True):
             if entry.name in urls:
                 http_put_file(urls[entry.name], path, entry.size)
-        version = workspace._request(
-            subjects.Api.MODEL_REGISTER,
-            schemas.ModelRegisterRequest(
-                model_name=model_name,
-                files=entries,
-                tags=_strs(tags, "tags"),
-                properties=_strs(properties, "properties"),
-                description=description,
-                registered_by=_who(),
-            ),
-            schemas.ModelVersion,
-        )
-        return cls._from_version(workspace, version)
+        return _register(workspace, model_name, tags, properties, description, files=entries)
 
     @staticmethod
     def list(
@@ -179,6 +167,26 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, version={self.version}, run_id={self.run_id!r})"
+
+
+def _register(
+    workspace: Workspace,
+    model_name: str,
+    tags: dict[str, str] | None,
+    properties: dict[str, str] | None,
+    description: str | None,
+    **source: Any,
+) -> Model:
+    """Register the next version of ``model_name`` from ``source``: a run's path, or uploaded local files."""
+    req = schemas.ModelRegisterRequest(
+        model_name=model_name,
+        tags=_strs(tags, "tags"),
+        properties=_strs(properties, "properties"),
+        description=description,
+        registered_by=_who(),
+        **source,
+    )
+    return Model._from_version(workspace, workspace._request(subjects.Api.MODEL_REGISTER, req, schemas.ModelVersion))
 
 
 def _strs(values: dict[str, str] | None, what: str) -> dict[str, str]:

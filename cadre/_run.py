@@ -215,7 +215,7 @@ class Run:
                     last = await js.get_last_msg(subjects.LOGS_STREAM, subjects.run_logs(self.id, slot.rank))
                     batch = schemas.log_batch_decoder.decode(last.data or b"")
                     targets[slot.rank] = batch.first_line + len(batch.lines)
-                except Exception:  # no lines from this rank yet
+                except JsNotFound:  # no lines from this rank yet
                     continue
         subs.append(
             await js.subscribe(
@@ -368,22 +368,9 @@ class Run:
 
         ``model_path=None`` registers the whole ``outputs/``.
         """
-        from cadre._model import Model, _strs, _who
+        from cadre._model import _register
 
-        version = self._ws._request(
-            subjects.Api.MODEL_REGISTER,
-            schemas.ModelRegisterRequest(
-                model_name=model_name,
-                run_id=self.id,
-                model_path=model_path,
-                tags=_strs(tags, "tags"),
-                properties=_strs(properties, "properties"),
-                description=description,
-                registered_by=_who(),
-            ),
-            schemas.ModelVersion,
-        )
-        return Model._from_version(self._ws, version)
+        return _register(self._ws, model_name, tags, properties, description, run_id=self.id, model_path=model_path)
 
 
 def details_dict(d: schemas.RunDetails) -> dict[str, Any]:
