@@ -272,6 +272,33 @@ class RunEventLog:
         return [schemas.run_event_decoder.decode(msg.data) async for msg in msgs]
 
 
+async def kv_entries(js: JetStreamContext, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """Every live key of a KV bucket (optionally under ``prefix``), read from its stream's last-per-subject index.
+
+    nats-py's ``KeyValue.keys()`` can come back empty for a bucket that has keys when its watcher races the
+    consumer's pending count. Here the stream says how many keys match first, and exactly that many last
+    values are read, so nothing is missed and nothing waits on a timeout.
+    """
+    stream = f"KV_{bucket}"
+    subject_prefix = f"$KV.{bucket}."
+    pattern = f"{subject_prefix}{prefix}>"
+    info = await js.stream_info(stream, subjects_filter=pattern)
+    count = len(info.state.subjects or {})
+    out: dict[str, bytes] = {}
+    if count == 0:
+        return out
+    sub = await js.subscribe(pattern, stream=stream, ordered_consumer=True,
+                             deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT)  # fmt: skip
+    try:
+        for _ in range(count):
+            msg = await sub.next_msg(timeout=10)
+            if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                out[msg.subject[len(subject_prefix) :]] = msg.data
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
 async def replay(
     js: JetStreamContext,
     stream: str,

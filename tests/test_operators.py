@@ -14,6 +14,7 @@ from pathlib import Path
 from helpers import AGENT_SLOTS, eventually
 
 from cadre import Estimator, Experiment, Run, Workspace, _local
+from shared import schemas, subjects
 
 ROOT = Path(__file__).resolve().parent.parent
 LIFECYCLE = ["submitted", "queued", "assigned", "starting", "rendezvous", "running", "rank_exited", "node_finished",
@@ -41,10 +42,10 @@ def test_events_follow_then_replay_and_show(
     ws: Workspace, cluster_home: Path, make_project: Callable[..., Path]
 ) -> None:
     env = {**os.environ, "CADRE_HOME": str(cluster_home)}
-    follower = subprocess.Popen([sys.executable, "-m", "cadre", "events", "--follow", "--since", "1s"],
+    follower = subprocess.Popen([sys.executable, "-m", "cadre", "events", "--follow", "--since", "10m"],
                                 stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
     try:
-        time.sleep(1.0)  # the follower is subscribed
+        time.sleep(0.5)  # the follower may start before or after the run: it replays from 10 minutes back
         run = Experiment(ws, "ops").submit(
             Estimator(source_directory=make_project(**{"train.py": METRICS}), entry_script="train.py")
         )
@@ -125,14 +126,20 @@ def _details_or_none(run: Run) -> list[dict[str, object]] | None:
         return None
 
 
-def test_a_silent_node_shows_not_responding_then_recovers(cluster_home: Path) -> None:
+def test_a_silent_node_shows_not_responding_then_recovers(ws: Workspace, cluster_home: Path) -> None:
     state = json.loads((cluster_home / "cluster" / "state.json").read_text())
     agent = next(p["pid"] for p in state["processes"] if p["name"] == "agent-0")
-    os.kill(agent, signal.SIGSTOP)
+
+    def node_state() -> str:
+        reply = ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+        return next(n.state for n in reply.nodes if n.advert.node_id == "agent-0")
+
+    os.kill(agent, signal.SIGSTOP)  # silent, not gone: it misses heartbeats
     try:
-        eventually(lambda: "NotResponding" in cadre(cluster_home, "nodes").stdout, timeout=15)
+        eventually(lambda: node_state() == "NotResponding", timeout=15)
+        assert "NotResponding" in cadre(cluster_home, "nodes").stdout
     finally:
         os.kill(agent, signal.SIGCONT)
-    eventually(lambda: "Ready" in cadre(cluster_home, "nodes").stdout, timeout=15)
+    eventually(lambda: node_state() == "Ready", timeout=15)
     events = cadre(cluster_home, "events", "--node", "agent-0", "--since", "1m").stdout
     assert "agent-0 not_responding" in events and "agent-0 recovered" in events

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import time
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from shared import bus, files, runs, schemas, subjects
@@ -35,7 +36,8 @@ def check(entries: list[schemas.FileEntry]) -> None:
 
 
 class Datasets:
-    def __init__(self, kv: KeyValue, runs_kv: KeyValue, store: ObjectStore) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, runs_kv: KeyValue, store: ObjectStore) -> None:
+        self.js = js
         self.kv = kv
         self.runs_kv = runs_kv
         self.store = store
@@ -77,16 +79,8 @@ class Datasets:
         raise ConflictError(f"too many concurrent uploads of dataset {req.name}; try again")
 
     async def _versions(self, name: str) -> list[schemas.DatasetVersion]:
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
-        out = []
-        for key in keys:
-            base, _, suffix = key.rpartition(".")
-            if base == name and suffix.startswith("v") and suffix[1:].isdigit():
-                entry = await self.kv.get(key)
-                out.append(schemas.dataset_decoder.decode(entry.value or b""))
+        entries = await bus.kv_entries(self.js, subjects.DATASETS_BUCKET, prefix=f"{name}.")
+        out = [schemas.dataset_decoder.decode(v) for k, v in entries.items() if k.rpartition(".")[0] == name]
         return sorted(out, key=lambda d: d.version)
 
     async def get(self, ref: schemas.DatasetRef) -> schemas.DatasetVersion:
@@ -102,11 +96,10 @@ class Datasets:
         return schemas.dataset_decoder.decode(entry.value or b"")
 
     async def list(self, _: schemas.Empty) -> schemas.DatasetList:
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            keys = []
-        out = [schemas.dataset_decoder.decode((await self.kv.get(k)).value or b"") for k in keys]
+        out = [
+            schemas.dataset_decoder.decode(v)
+            for v in (await bus.kv_entries(self.js, subjects.DATASETS_BUCKET)).values()
+        ]
         return schemas.DatasetList(datasets=sorted(out, key=lambda d: (d.name, d.version)))
 
     async def urls_for_run(self, req: schemas.DatasetUrlsRequest) -> schemas.DatasetFiles:

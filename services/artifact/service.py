@@ -7,6 +7,7 @@ stream as ``logs/cadre/rank_<n>.log``, writes the manifest and only then ends th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import msgspec
@@ -81,6 +82,7 @@ class ArtifactService(Service):
         self.store = store
         self.runs_kv: KeyValue
         self.events: bus.RunEventLog
+        self._locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     def from_env(cls) -> ArtifactService:
@@ -91,7 +93,7 @@ class ArtifactService(Service):
         await self.store.ensure_bucket()
         self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
         self.events = bus.RunEventLog(self.js)
-        datasets = Datasets(await self.js.key_value(subjects.DATASETS_BUCKET), self.runs_kv, self.store)
+        datasets = Datasets(self.js, await self.js.key_value(subjects.DATASETS_BUCKET), self.runs_kv, self.store)
         await self.endpoint(subjects.Api.DATASET_UPLOAD, schemas.DatasetUploadRequest, datasets.upload_urls)
         await self.endpoint(subjects.Api.DATASET_REGISTER, schemas.DatasetRegisterRequest, datasets.register)
         await self.endpoint(subjects.Api.DATASET_GET, schemas.DatasetRef, datasets.get)
@@ -103,7 +105,7 @@ class ArtifactService(Service):
             stream=subjects.EVENTS_STREAM,
             config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW, ack_wait=60),
         )
-        self.spawn(self._watch_lost_nodes(psub), "watch_lost_nodes")
+        self.spawn(self._watch_run_events(psub), "watch_run_events")
         await self.endpoint(subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef, self.snapshot_url)
         await self.endpoint(subjects.AgentApi.UPLOAD_URLS, schemas.UploadUrlsRequest, self.upload_urls)
         await self.endpoint(subjects.AgentApi.COMMIT, schemas.CommitRequest, self.commit)
@@ -180,34 +182,46 @@ class ArtifactService(Service):
         assert final is not None
         return self._summary(record, final)
 
+    def _lock(self, run_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(run_id, asyncio.Lock())
+
     async def finalize(self, run_id: str) -> None:
         """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run."""
-        events = await self.events.history(run_id)
-        nodes = next((
-            {s.node_id for s in ev.placement} for ev in reversed(events) if isinstance(ev, schemas.Assigned)
-        ), set())  # fmt: skip
-        committed = {ev.node_id: ev for ev in events if isinstance(ev, schemas.NodeCommitted)}
-        lost = [ev.node_id for ev in events if isinstance(ev, schemas.NodeLost)]
-        if not nodes or not nodes <= set(committed) | set(lost):
-            return
-        decided = decide(events, lost)
+        async with self._lock(run_id):
+            events = await self.events.history(run_id)
+            nodes = next((
+                {s.node_id for s in ev.placement} for ev in reversed(events) if isinstance(ev, schemas.Assigned)
+            ), set())  # fmt: skip
+            committed = {ev.node_id for ev in events if isinstance(ev, schemas.NodeCommitted)}
+            lost = [ev.node_id for ev in events if isinstance(ev, schemas.NodeLost)]
+            if not nodes or not nodes <= committed | set(lost):
+                return
+            decided = decide(events, lost)
 
-        def to_finalizing(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
-                return None
-            return bus.make_event(
-                schemas.Finalizing,
-                run_id,
-                RunState.FINALIZING,
-                outcome=decided.outcome,
-                exit_codes=decided.exit_codes,
-                log_lines=decided.log_lines,
-                error=decided.error,
-            )
+            def to_finalizing(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+                if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+                    return None
+                return bus.make_event(
+                    schemas.Finalizing,
+                    run_id,
+                    RunState.FINALIZING,
+                    outcome=decided.outcome,
+                    exit_codes=decided.exit_codes,
+                    log_lines=decided.log_lines,
+                    error=decided.error,
+                )
 
-        if await self.events.append(run_id, to_finalizing) is None:
-            return  # another commit (or instance) is finalizing this run
-        stored = [f for ev in committed.values() for f in ev.files]
+            finalizing = await self.events.append(run_id, to_finalizing)
+            if isinstance(finalizing, schemas.Finalizing):
+                await self._complete(run_id, finalizing, events)
+        self._locks.pop(run_id, None)
+
+    async def _complete(
+        self, run_id: str, decided: schemas.Finalizing, events: list[schemas.RunEvent] | None = None
+    ) -> None:
+        """Store the logs and the manifest, then end the run. Idempotent: rerun after a crash, it writes the same."""
+        events = events if events is not None else await self.events.history(run_id)
+        stored = [f for ev in events if isinstance(ev, schemas.NodeCommitted) for f in ev.files]
         stored += await self._persist_logs(run_id, decided.log_lines)
         unique = {f.name: f for f in stored}  # several nodes may write the same name: the last commit wins
         manifest = schemas.FilesList(
@@ -236,8 +250,13 @@ class ArtifactService(Service):
         await self.events.append(run_id, to_end)
         self.log.info("run_finalized", run_id=run_id, files=len(manifest.files), state=end.state.value)
 
-    async def _watch_lost_nodes(self, psub) -> None:
-        """A lost node never commits: when it was the last one missing, its loss is what finalizes the run."""
+    async def _watch_run_events(self, psub) -> None:
+        """Finishing work the commit path cannot do alone.
+
+        A lost node never commits: when it was the last one missing, its loss is what finalizes the run. And a
+        ``Finalizing`` event is acknowledged only once the run has ended, so if this service dies half-way
+        through storing logs and the manifest, the redelivered event completes the run after the restart.
+        """
         while True:
             try:
                 msgs = await psub.fetch(64, timeout=30)
@@ -247,6 +266,11 @@ class ArtifactService(Service):
                 event = schemas.run_event_decoder.decode(msg.data)
                 if isinstance(event, schemas.NodeLost):
                     await self.finalize(event.run_id)
+                elif isinstance(event, schemas.Finalizing):
+                    async with self._lock(event.run_id):  # a commit in this process may be finishing it now
+                        last, _ = await self.events.last(event.run_id)
+                        if last is not None and last.state is RunState.FINALIZING:
+                            await self._complete(event.run_id, event)
                 await msg.ack()
 
     @staticmethod

@@ -17,7 +17,7 @@ import posixpath
 import time
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from shared import bus, files, runs, schemas, subjects
@@ -217,21 +217,8 @@ class RegistryService(Service):
 
     async def _aliases(self, name: str) -> dict[str, int]:
         prefix = f"{name}.alias."
-        out = {}
-        for key in await self._keys():
-            if key.startswith(prefix):
-                try:
-                    entry = await self.models_kv.get(key)
-                except KeyNotFoundError:
-                    continue
-                out[key[len(prefix) :]] = int(entry.value or b"0")
-        return out
-
-    async def _keys(self) -> list[str]:
-        try:
-            return list(await self.models_kv.keys())
-        except NoKeysError:
-            return []
+        entries = await bus.kv_entries(self.js, subjects.MODELS_BUCKET, prefix=prefix)
+        return {key[len(prefix) :]: int(value or b"0") for key, value in entries.items()}
 
     def _with_aliases(self, model: schemas.ModelVersion, aliases: dict[str, int]) -> schemas.ModelVersion:
         mine = sorted(a for a, v in aliases.items() if v == model.version)
@@ -267,17 +254,14 @@ class RegistryService(Service):
     async def list(self, req: schemas.ModelListRequest) -> schemas.ModelList:
         if req.name:
             check_name(req.name)
-        keys = await self._keys()
+        entries = await bus.kv_entries(self.js, subjects.MODELS_BUCKET, prefix=f"{req.name}." if req.name else "")
         models = []
         alias_cache: dict[str, dict[str, int]] = {}
-        for key in keys:
+        for key, value in sorted(entries.items()):
             name, _, suffix = key.rpartition(".")
             if not suffix.startswith("v") or not suffix[1:].isdigit() or (req.name and name != req.name):
                 continue
-            try:
-                model, _ = await self._load(name, int(suffix[1:]))
-            except NotFoundError:
-                continue
+            model = schemas.model_decoder.decode(value)
             if model.archived and not req.include_archived:
                 continue
             if any(model.tags.get(k) != v for k, v in req.tags.items()):

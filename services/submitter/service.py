@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from shared import bus, runs, schemas, subjects
@@ -109,10 +109,7 @@ class SubmitterService(Service):
         return schemas.SubmitReply(run_id=run_id, state=RunState.QUEUED)
 
     async def _target_names(self) -> list[str]:
-        try:
-            return list(await self.targets_kv.keys())
-        except NoKeysError:
-            return []
+        return sorted(await bus.kv_entries(self.js, subjects.TARGETS_BUCKET))
 
     async def get_run(self, req: schemas.RunRef) -> schemas.RunDetails:
         record = await bus.get_record(self.runs_kv, req.run_id)
@@ -162,23 +159,13 @@ class SubmitterService(Service):
         return schemas.RunSummary(run_id=req.run_id, experiment=record.spec.experiment, state=last.state, at=last.at)
 
     async def list_targets(self, _: schemas.Empty) -> schemas.TargetList:
-        targets = []
-        for name in await self._target_names():
-            entry = await self.targets_kv.get(name)
-            assert entry.value is not None
-            targets.append(msgspec.json.decode(entry.value, type=schemas.ComputeTargetInfo))
-        nodes = []
-        try:
-            keys = await self.nodes_kv.keys()
-        except NoKeysError:
-            keys = []
-        for key in keys:
-            try:
-                entry = await self.nodes_kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if entry.value:
-                node = schemas.node_decoder.decode(entry.value)
-                if node.alive(time.time()):
-                    nodes.append(node)
+        targets = [
+            msgspec.json.decode(v, type=schemas.ComputeTargetInfo)
+            for v in (await bus.kv_entries(self.js, subjects.TARGETS_BUCKET)).values()
+        ]
+        now = time.time()
+        adverts = [
+            schemas.node_decoder.decode(v) for v in (await bus.kv_entries(self.js, subjects.NODES_BUCKET)).values()
+        ]
+        nodes = [n for n in adverts if n.alive(now)]
         return schemas.TargetList(targets=targets, nodes=nodes)
