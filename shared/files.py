@@ -13,17 +13,22 @@ from shared.errors import ValidationError
 CHUNK = 1 << 20
 
 
-def digest(path: Path, name: str) -> schemas.FileEntry:
-    """Size, MD5 and SHA-256 of a file, in one streaming pass (memory stays bounded whatever its size)."""
-    md5 = hashlib.md5(usedforsecurity=False)
+def digest(path: Path, name: str, with_md5: bool = True) -> schemas.FileEntry:
+    """Size, SHA-256 and (unless ``with_md5`` is off) MD5 of a file, in one streaming pass with bounded memory.
+
+    MD5 only serves to check a single-PUT upload against its ETag; a multipart upload's ETag is not an MD5, so
+    large files skip it.
+    """
+    md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
     sha = hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
-            md5.update(chunk)
+            if md5 is not None:
+                md5.update(chunk)
             sha.update(chunk)
             size += len(chunk)
-    return schemas.FileEntry(name=name, size=size, md5=md5.hexdigest(), sha256=sha.hexdigest())
+    return schemas.FileEntry(name=name, size=size, md5=md5.hexdigest() if md5 else "", sha256=sha.hexdigest())
 
 
 def check_relative(name: str, what: str = "file name") -> str:

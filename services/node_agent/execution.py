@@ -452,7 +452,12 @@ class Execution:
                 # The ranks are done, so the files are final: hash them while they upload, not before.
                 parts, stored = await asyncio.gather(
                     asyncio.to_thread(self._upload, stored, urls),
-                    asyncio.to_thread(lambda: [files.digest(self.run_dir / f.name, f.name) for f in stored]),
+                    asyncio.to_thread(
+                        lambda: [
+                            files.digest(self.run_dir / f.name, f.name, with_md5=f.name not in urls.multipart)
+                            for f in stored
+                        ]
+                    ),
                 )
         except (CadreError, OSError) as exc:
             self.log.error("upload_failed", error=str(exc))
