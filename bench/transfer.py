@@ -121,7 +121,7 @@ def upload(ws: Workspace, home: Path, mb: int, repeats: int = 3) -> list[dict[st
     return [
         {"metric": f"artifact upload of a {mb} MB output vs raw fput_object", "value": ratio, "unit": "x",
          "target": ">= 0.9", "ok": ratio >= 0.9,
-         "note": f"medians of {repeats}: cadre {mb / c:.0f} MB/s (sha256+md5 while uploading, presigned multipart, "
+         "note": f"medians of {repeats}: cadre {mb / c:.0f} MB/s (sha256 while uploading, presigned multipart, "
                  f"verify, commit) vs raw {mb / r:.0f} MB/s"},
     ]  # fmt: skip
 
