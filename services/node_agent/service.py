@@ -88,7 +88,6 @@ class NodeAgentService(Service):
             await targets.create(self.config.compute_target, schemas.encode(info))
         except KeyWrongLastSequenceError:
             pass  # the target is known already
-        await self._heartbeat_once()
         psub = await bus.retry(
             lambda: self.js.pull_subscribe(
                 subjects.node_assignments(self.config.node_id),
@@ -97,6 +96,7 @@ class NodeAgentService(Service):
                 config=js_api.ConsumerConfig(ack_wait=60, max_deliver=20),
             )
         )
+        await self._heartbeat_once()  # only now: a node that shows up can take work
         self.spawn(self._heartbeat_loop(), "heartbeat")
         self.spawn(self._take_assignments(psub), "assignments")
         self.log.info("agent_ready", slots=self.base_advert["slots"], gpus=len(self.base_advert["gpus"]))
