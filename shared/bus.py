@@ -272,6 +272,19 @@ class RunEventLog:
         return [schemas.run_event_decoder.decode(msg.data) async for msg in msgs]
 
 
+async def consume(psub: Any, handle: Callable[[Msg], Awaitable[None]], batch: int = 64) -> None:
+    """Long-poll a pull consumer forever; each message is acked once its handler returns (redelivered if the
+    process dies first)."""
+    while True:
+        try:
+            msgs = await psub.fetch(batch, timeout=30)
+        except NatsTimeout:
+            continue
+        for msg in msgs:
+            await handle(msg)
+            await msg.ack()
+
+
 async def kv_entries(js: JetStreamContext, bucket: str, prefix: str = "") -> dict[str, bytes]:
     """Every live key of a KV bucket (optionally under ``prefix``), read from its stream's last-per-subject index.
 

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
@@ -103,7 +102,7 @@ class ArtifactService(Service):
             subjects.all_run_events(),
             durable="artifact",
             stream=subjects.EVENTS_STREAM,
-            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW, ack_wait=60),
+            config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW, ack_wait=300),
         )
         self.spawn(self._watch_run_events(psub), "watch_run_events")
         await self.endpoint(subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef, self.snapshot_url)
@@ -257,21 +256,18 @@ class ArtifactService(Service):
         ``Finalizing`` event is acknowledged only once the run has ended, so if this service dies half-way
         through storing logs and the manifest, the redelivered event completes the run after the restart.
         """
-        while True:
-            try:
-                msgs = await psub.fetch(64, timeout=30)
-            except NatsTimeout:
-                continue
-            for msg in msgs:
-                event = schemas.run_event_decoder.decode(msg.data)
-                if isinstance(event, schemas.NodeLost):
-                    await self.finalize(event.run_id)
-                elif isinstance(event, schemas.Finalizing):
-                    async with self._lock(event.run_id):  # a commit in this process may be finishing it now
-                        last, _ = await self.events.last(event.run_id)
-                        if last is not None and last.state is RunState.FINALIZING:
-                            await self._complete(event.run_id, event)
-                await msg.ack()
+
+        async def handle(msg) -> None:
+            event = schemas.run_event_decoder.decode(msg.data)
+            if isinstance(event, schemas.NodeLost):
+                await self.finalize(event.run_id)
+            elif isinstance(event, schemas.Finalizing):
+                async with self._lock(event.run_id):  # a commit in this process may be finishing it now
+                    last, _ = await self.events.last(event.run_id)
+                    if last is not None and last.state is RunState.FINALIZING:
+                        await self._complete(event.run_id, event)
+
+        await bus.consume(psub, handle)
 
     @staticmethod
     def _summary(record: schemas.RunRecord, ev: schemas.RunEvent) -> schemas.RunSummary:

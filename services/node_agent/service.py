@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api as js_api
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -146,15 +145,10 @@ class NodeAgentService(Service):
                 self.log.warning("heartbeat_failed", error=str(exc))
 
     async def _take_assignments(self, psub) -> None:
-        while True:
-            try:
-                msgs = await psub.fetch(1, timeout=30)
-            except NatsTimeout:
-                continue
-            for msg in msgs:
-                assignment = schemas.assignment_decoder.decode(msg.data)
-                await self._accept(assignment)
-                await msg.ack()
+        async def handle(msg) -> None:
+            await self._accept(schemas.assignment_decoder.decode(msg.data))
+
+        await bus.consume(psub, handle, batch=1)
 
     async def _accept(self, assignment: schemas.Assignment) -> None:
         run_id = assignment.run_id
