@@ -183,9 +183,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"layout:      {spec['node_count']} node(s) x {spec['process_count_per_node']} process(es), "
           f"target {spec['compute_target']}, distributed {spec['distributed']}")  # fmt: skip
     if spec.get("git"):
-        g = spec["git"]
-        dirty = " (dirty)" if g.get("dirty") else ""
-        print(f"git:         {g.get('repository')} {g.get('branch')} {g.get('commit')}{dirty}")
+        print(f"git:         {_git_text(spec['git'])}")
     print("timeline:")
     start = d["history"][0]["at"] if d["history"] else 0
     for h in d["history"]:
@@ -249,6 +247,19 @@ def cmd_dataset_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _git_text(git: dict[str, object]) -> str:
+    dirty = " (dirty)" if git.get("dirty") else ""
+    return f"{git.get('repository')} {git.get('branch')} {git.get('commit')}{dirty}"
+
+
+def _model(ws, text: str):
+    """The model version named NAME, NAME:VERSION or NAME@ALIAS."""
+    from cadre import Model
+
+    name, version, alias = _model_ref(text)
+    return Model(ws, name, version=version, alias=alias)
+
+
 def _model_ref(text: str) -> tuple[str, int | None, str | None]:
     """NAME, NAME:VERSION or NAME@ALIAS."""
     if "@" in text:
@@ -286,21 +297,16 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_show(args: argparse.Namespace) -> int:
-    from cadre import Model
-
-    name, version, alias = _model_ref(args.model)
     with _ws() as ws:
-        m = Model(ws, name, version=version, alias=alias)
-    lineage = m.lineage
-    git = lineage.get("git") or {}
+        m = _model(ws, args.model)
+    git = m.lineage.get("git") or {}
     print(f"model:       {m.name} version {m.version}{' (archived)' if m.archived else ''}")
     print(f"aliases:     {', '.join(m.aliases) or '-'}")
     print(f"registered:  {time.strftime('%F %T', time.localtime(m.created_time))} by {m.created_by or '?'}")
     print(f"from:        run {m.run_id} ({m.experiment_name})  path {m.source_path}" if m.run_id else
           f"from:        local files ({m.source_path})")  # fmt: skip
     if git:
-        dirty = " (dirty)" if git.get("dirty") else ""
-        print(f"git:         {git.get('repository')} {git.get('branch')} {git.get('commit')}{dirty}")
+        print(f"git:         {_git_text(git)}")
     print(f"tags:        {m.tags}\nproperties:  {m.properties}")
     for f in m._v.files:
         print(f"  {f.name}  {f.size} bytes  sha256 {f.sha256}")
@@ -308,11 +314,8 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
 
 def cmd_models_download(args: argparse.Namespace) -> int:
-    from cadre import Model
-
-    name, version, alias = _model_ref(args.model)
     with _ws() as ws:
-        m = Model(ws, name, version=version, alias=alias)
+        m = _model(ws, args.model)
         path = m.download(args.dest, exist_ok=args.overwrite)
     print(f"{m.name}:{m.version} -> {path}")
     return 0

@@ -22,6 +22,10 @@ class RunState(enum.StrEnum):
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATES
 
+    def is_decided(self) -> bool:
+        """Finalizing or terminal: the outcome is decided, and no node may report into the run any more."""
+        return self is RunState.FINALIZING or self in TERMINAL_STATES
+
 
 TERMINAL_STATES = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.CANCELED})
 

@@ -169,7 +169,7 @@ class ArtifactService(Service):
             )
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+            if last is None or last.state.is_decided():
                 return None
             return bus.make_event(
                 schemas.NodeCommitted, req.run_id, last.state, node_id=req.node_id, files=list(req.files), error=error
@@ -198,7 +198,7 @@ class ArtifactService(Service):
             decided = decide(events, lost)
 
             def to_finalizing(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-                if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+                if last is None or last.state.is_decided():
                     return None
                 return bus.make_event(
                     schemas.Finalizing,

@@ -414,7 +414,7 @@ class Execution:
         """Append an event that records a fact without moving the run."""
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+            if last is None or last.state.is_decided():
                 return None
             return bus.make_event(cls, self.run_id, last.state, **fields)
 

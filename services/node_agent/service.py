@@ -116,7 +116,7 @@ class NodeAgentService(Service):
             error = schemas.ErrorInfo(code="agent_restarted", message=f"node agent {self.config.node_id} restarted")
 
             def build(last: schemas.RunEvent | None, error: schemas.ErrorInfo = error) -> schemas.RunEvent | None:
-                if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+                if last is None or last.state.is_decided():
                     return None
                 return bus.make_event(
                     schemas.NodeFinished, last.run_id, last.state, node_id=self.config.node_id, outcome="failed",

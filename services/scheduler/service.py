@@ -225,7 +225,7 @@ class SchedulerService(Service):
 
     async def _fail(self, run_id: str, code: str, message: str) -> None:
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+            if last is None or last.state.is_decided():
                 return None
             return bus.make_event(
                 schemas.Failed, run_id, RunState.FAILED, error=schemas.ErrorInfo(code=code, message=message)
@@ -310,7 +310,7 @@ class SchedulerService(Service):
             return  # its part was done and reported: losing it now costs the run nothing
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_terminal() or last.state is RunState.FINALIZING:
+            if last is None or last.state.is_decided():
                 return None
             return bus.make_event(schemas.NodeLost, run_id, last.state, node_id=node_id)
 
