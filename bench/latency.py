@@ -8,7 +8,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ class FirstLine(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
         self.first: float | None = None
-        self.lock = threading.Lock()
 
     def write(self, s: str) -> int:
         if self.first is None and "hello from cadre" in s:

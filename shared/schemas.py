@@ -70,10 +70,6 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     custom_docker_image: str | None = None
     datasets: list[DatasetInput] = []  # their placeholders in ``arguments`` become local paths on the node
 
-    @property
-    def world_size(self) -> int:
-        return self.node_count * self.process_count_per_node
-
 
 class RunRecord(Message, frozen=True, kw_only=True):
     run_id: str

@@ -19,7 +19,6 @@ from shared.errors import CadreError
 from shared.settings import BusSettings
 
 Req = TypeVar("Req", bound=msgspec.Struct)
-Handler = Callable[[Any], Awaitable[msgspec.Struct]]
 
 
 class Service:

@@ -96,9 +96,6 @@ class ObjectStore:
         parts = [Part(number, etag) for number, etag in sorted(etags)]
         await self._call(self._client._complete_multipart_upload, self.bucket, key, upload_id, parts)
 
-    async def abort_multipart(self, key: str, upload_id: str) -> None:
-        await self._call(self._client._abort_multipart_upload, self.bucket, key, upload_id)
-
     async def remove(self, key: str) -> None:
         await self._call(self._client.remove_object, self.bucket, key)
 
