@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The Docker tests' image: a Debian rootfs with Python, imported into the tests' own dockerd (no registry).
+TEST_ROOTFS := .cache/test-rootfs.tar
 
 .PHONY: install demo test bench lint format up down clean
 
@@ -14,12 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Needs debootstrap (and network access to Debian's mirror and PyPI); without it the Docker tests say so.
+$(TEST_ROOTFS): tests/docker/build-rootfs.sh | $(STAMP)
+	-tests/docker/build-rootfs.sh $@ $(BIN)/pip
+
 ## Start a local cluster, run the example training script end to end, register its model, stop the cluster.
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-## Lint, then the whole test suite against real nats-server, SeaweedFS and processes.
-test: $(STAMP)
+## Lint, then the whole test suite against real nats-server, SeaweedFS, processes and a real dockerd.
+test: $(STAMP) $(TEST_ROOTFS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
@@ -43,4 +49,4 @@ down: $(STAMP)
 	$(BIN)/cadre down
 
 clean:
-	rm -rf $(VENV) .cadre .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .cadre .cache .pytest_cache .ruff_cache *.egg-info

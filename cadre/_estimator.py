@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared import schemas
-from shared.errors import NotSupportedError, ValidationError
+from shared import environments, schemas
+from shared.errors import ValidationError
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,9 @@ class Estimator:
         environment_variables: dict[str, str] | None = None,
         max_run_duration_seconds: int | None = None,
         placement_policy: str = "pack",
+        shm_size: str | int | None = None,
+        cpus_per_process: float | None = None,
+        memory_per_process: str | int | None = None,
     ) -> None:
         source = Path(source_directory).expanduser()
         if not source.is_dir():
@@ -117,18 +120,24 @@ class Estimator:
             raise ValidationError(f"placement_policy must be 'pack' or 'spread', not {placement_policy!r}")
         self.placement_policy = placement_policy
         self._distributed()  # an unknown configuration fails here, not at submit
-        if pip_packages or conda_packages:
-            raise NotSupportedError(
-                "pip_packages / conda_packages are not yet supported: job environments arrive with the "
-                "container runtime (issue #6); the job runs with the agent's Python"
-            )
-        if custom_docker_image:
-            raise NotSupportedError(
-                "custom_docker_image is not yet supported: the Docker runtime arrives with issue #6"
-            )
         self.pip_packages = list(pip_packages or [])
         self.conda_packages = list(conda_packages or [])
+        environments.check_packages(self.pip_packages, "pip_packages")
+        environments.check_packages(self.conda_packages, "conda_packages")
+        if custom_docker_image is not None:
+            environments.check_image(custom_docker_image)
         self.custom_docker_image = custom_docker_image
+        self.shm_size = None if shm_size is None else environments.parse_size(shm_size, "shm_size")
+        self.memory_per_process = (
+            None if memory_per_process is None else environments.parse_size(memory_per_process, "memory_per_process")
+        )
+        if cpus_per_process is not None and (
+            isinstance(cpus_per_process, bool)
+            or not isinstance(cpus_per_process, (int, float))
+            or cpus_per_process <= 0
+        ):
+            raise ValidationError(f"cpus_per_process must be a positive number, not {cpus_per_process!r}")
+        self.cpus_per_process = None if cpus_per_process is None else float(cpus_per_process)
         env = dict(environment_variables or {})
         for k, v in env.items():
             if not isinstance(k, str) or not isinstance(v, str):
@@ -168,4 +177,7 @@ class Estimator:
             conda_packages=self.conda_packages,
             custom_docker_image=self.custom_docker_image,
             datasets=self.datasets,
+            shm_size=self.shm_size,
+            cpus_per_process=self.cpus_per_process,
+            memory_per_process=self.memory_per_process,
         )

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -110,6 +110,7 @@ def _service_commands(
     gpus_per_agent: int | None,
     slots_per_agent: int | None = None,
     heartbeat: float | None = None,
+    agent_args: Sequence[str] = (),
 ) -> list[ServiceSpec]:
     """Every service and agent `up` starts, in start order (a seam tests patch to run the bare infrastructure)."""
     specs = [
@@ -129,6 +130,7 @@ def _service_commands(
             "--node-id", node_id,
             "--compute-target", "local",
             "--work-dir", str(cluster / "agents" / node_id),
+            "--runtime", "process",  # predictable on a laptop that happens to run Docker; agent_args may override
         ]  # fmt: skip
         # Several local agents share one host: unless told otherwise, only a lone agent detects the GPUs.
         gpus = gpus_per_agent if gpus_per_agent is not None else (None if agents == 1 else 0)
@@ -138,6 +140,7 @@ def _service_commands(
             argv += ["--slots", str(slots_per_agent)]
         if heartbeat is not None:
             argv += ["--heartbeat", str(heartbeat)]
+        argv += list(agent_args)
         specs.append(ServiceSpec(name=node_id, role="agent", argv=argv, permissions=agent_permissions(node_id)))
     return specs
 
@@ -151,9 +154,11 @@ def up(
     echo: Callable[[str], None] | None = None,
     slots_per_agent: int | None = None,
     heartbeat: float | None = None,
+    agent_args: Sequence[str] = (),
 ) -> Profile:
     """Start a local cluster under ``home/cluster`` and write ``home/profile.json``; returns the client profile.
 
+    ``agent_args`` go to every agent after the defaults (e.g. ``["--runtime", "docker", "--image", ...]``).
     Raises ConflictError when this home's cluster is already running, CadreError (naming the process and
     quoting its log) when anything fails to start within ``timeout`` seconds; nothing is left running then.
     """
@@ -168,7 +173,7 @@ def up(
 
     with _up_lock(cluster):
         _refuse_if_running(state_path)
-        specs = _service_commands(cluster, agents, gpus_per_agent, slots_per_agent, heartbeat)
+        specs = _service_commands(cluster, agents, gpus_per_agent, slots_per_agent, heartbeat, agent_args)
         nats_bin, weed_bin = _binary("nats-server"), _binary("weed")
         nats_port, mon_port, *weed_ports = _free_ports(plain=2, with_grpc=5)
         s3_port = weed_ports[0]

@@ -168,6 +168,8 @@ class Run:
                 rank, line = value
                 if output is not None:
                     prefix = f"[rank {rank}] " if multi_rank else ""
+                    if line.stream == "p":  # the node preparing the run: environment build output
+                        prefix += "[prepare] "
                     output.write(f"{prefix}{line.text}\n")
                     output.flush()
                 printed += 1

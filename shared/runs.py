@@ -6,8 +6,8 @@ import re
 import secrets
 import time
 
-from shared import schemas, subjects
-from shared.errors import NotSupportedError, ValidationError
+from shared import environments, schemas, subjects
+from shared.errors import ValidationError
 from shared.states import RunState
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -49,13 +49,15 @@ def validate_spec(spec: schemas.RunSpec) -> None:
             raise ValidationError(f"environment variable {key} is set by cadre for every process; choose another")
     if not HASH_RE.match(spec.snapshot.content_hash) or not MD5_RE.match(spec.snapshot.md5):
         raise ValidationError("snapshot reference is malformed (expected a sha256 content hash and an md5)")
-    if spec.pip_packages or spec.conda_packages:
-        raise NotSupportedError(
-            "pip_packages / conda_packages are not yet supported: job environments arrive with the container "
-            "runtime (issue #6); the job runs with the agent's Python"
-        )
-    if spec.custom_docker_image:
-        raise NotSupportedError("custom_docker_image is not yet supported: the Docker runtime arrives with issue #6")
+    environments.check_packages(spec.pip_packages, "pip_packages")
+    environments.check_packages(spec.conda_packages, "conda_packages")
+    if spec.custom_docker_image is not None:
+        environments.check_image(spec.custom_docker_image)
+    for what, size in (("shm_size", spec.shm_size), ("memory_per_process", spec.memory_per_process)):
+        if size is not None:
+            environments.parse_size(size, what)
+    if spec.cpus_per_process is not None and not 0 < spec.cpus_per_process <= 4096:
+        raise ValidationError(f"cpus_per_process must be a positive number, not {spec.cpus_per_process}")
 
 
 def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.RunDetails:

@@ -69,6 +69,10 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     conda_packages: list[str] = []
     custom_docker_image: str | None = None
     datasets: list[DatasetInput] = []  # their placeholders in ``arguments`` become local paths on the node
+    # What each process's container gets (the Docker runtime; the process runtime has no limits to apply).
+    shm_size: int | None = None  # bytes of /dev/shm
+    cpus_per_process: float | None = None
+    memory_per_process: int | None = None  # bytes; a process over it is killed and reported "out of memory"
 
 
 class RunRecord(Message, frozen=True, kw_only=True):
@@ -314,7 +318,8 @@ class NodeAdvert(Message, frozen=True, kw_only=True):
     memory_bytes: int
     gpus: list[GpuInfo] = []
     slots: int  # processes it runs at once
-    runtime: str = "process"
+    runtime: Literal["process", "docker"] = "process"
+    host_id: str = ""  # the host's boot id: agents that share a host (and so its MPI transports) can tell
     started_at: float
     heartbeat_at: float
     heartbeat_interval: float
@@ -334,12 +339,13 @@ class Assignment(Message, frozen=True, kw_only=True):
     node_id: str
     spec: RunSpec
     placement: list[RankSlot]  # the whole rank map; the agent starts the ranks whose node_id is its own
+    hosts: dict[str, str] = {}  # node id -> host id, for the nodes of the placement (agents sharing a machine)
 
 
 # --- logs --------------------------------------------------------------------------------------------------
 class LogLine(msgspec.Struct, frozen=True, array_like=True):
     t: float
-    stream: Literal["o", "e"]
+    stream: Literal["o", "e", "p"]  # stdout, stderr, or the node preparing the run (environment build)
     text: str
 
 

@@ -20,6 +20,11 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
+def secret_env(name: str) -> str | None:
+    """A setting that may be a secret: from ``NAME`` or from the file ``NAME_FILE`` names."""
+    return _env(name)
+
+
 def _require(name: str) -> str:
     value = _env(name)
     if not value:

@@ -13,7 +13,7 @@ from cadre._estimator import Estimator, render_params
 from cadre._snapshot import collect, pack
 from services.scheduler.placement import NodeState, place
 from shared import schemas
-from shared.errors import ConflictError, NotSupportedError, ValidationError
+from shared.errors import ConflictError, ValidationError
 from shared.runs import fold, validate_spec
 from shared.settings import Limits
 from shared.states import TRANSITIONS, RunState, can_transition, check_transition
@@ -158,12 +158,28 @@ class TestEstimator:
         with pytest.raises(ValidationError, match="inside"):
             Estimator(source_directory=tmp_path / "src", entry_script="../outside.py")
 
-    def test_later_features_say_not_yet_supported(self, tmp_path: Path) -> None:
+    def test_environment_is_checked_before_anything_is_sent(self, tmp_path: Path) -> None:
         (tmp_path / "t.py").write_text("")
-        with pytest.raises(NotSupportedError, match="issue #6"):
-            Estimator(source_directory=tmp_path, entry_script="t.py", pip_packages=["scikit-learn"])
-        with pytest.raises(NotSupportedError, match="issue #6"):
-            Estimator(source_directory=tmp_path, entry_script="t.py", custom_docker_image="x:1")
+        ok = Estimator(
+            source_directory=tmp_path,
+            entry_script="t.py",
+            pip_packages=["scikit-learn==1.5.0", "torch>=2.1,<3", "uvicorn[standard]"],
+            custom_docker_image="registry.local:5000/team/pytorch:2.3-cuda12",
+            shm_size="2g",
+            memory_per_process="512m",
+            cpus_per_process=1.5,
+        )
+        assert (ok.shm_size, ok.memory_per_process) == (2 << 30, 512 << 20)
+        for bad in ("Not An Image!", "UPPER/case:1", "x:", "a//b"):
+            with pytest.raises(ValidationError, match="not a valid image reference"):
+                Estimator(source_directory=tmp_path, entry_script="t.py", custom_docker_image=bad)
+        for pkg in ("--index-url=http://evil/", "-e .", "git+https://x/y.git", ""):
+            with pytest.raises(ValidationError, match="not a package requirement"):
+                Estimator(source_directory=tmp_path, entry_script="t.py", pip_packages=[pkg])
+        with pytest.raises(ValidationError, match="shm_size"):
+            Estimator(source_directory=tmp_path, entry_script="t.py", shm_size="lots")
+        with pytest.raises(ValidationError, match="cpus_per_process"):
+            Estimator(source_directory=tmp_path, entry_script="t.py", cpus_per_process=0)
 
     def test_reserved_environment_is_refused(self) -> None:
         with pytest.raises(ValidationError, match="RANK"):

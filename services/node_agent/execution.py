@@ -29,16 +29,15 @@ import structlog
 from services.node_agent.logship import LogShipper
 from services.node_agent.pmi import PmiServer
 from services.node_agent.runcontext import RunContextServer
-from services.node_agent.runtime import ProcessHandle, ProcessSpec, Runtime
+from services.node_agent.runtime import Mount, Prepared, ProcessHandle, ProcessSpec, Runtime
 from shared import bus, files, schemas, subjects
+from shared.environments import Environment
 from shared.errors import CadreError, ConflictError, ServiceUnavailableError, StorageError
 from shared.states import RunState
 
 if TYPE_CHECKING:
     from services.node_agent.service import NodeAgentService
 
-# Only these variables of the agent's own environment reach a job: never its credentials.
-PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM")
 UPLOAD_DIRS = ("outputs", "logs")
 UPLOAD_WORKERS = 4
 UPLOAD_ATTEMPTS = 4
@@ -80,6 +79,9 @@ class Execution:
         self.run_dir = agent.config.work_dir / "runs" / self.run_id
         self.pid_file = agent.config.work_dir / "runs" / f"{self.run_id}.pids"
         self.handles: dict[int, ProcessHandle] = {}
+        self.shippers: dict[int, LogShipper] = {}
+        self.prepared: Prepared | None = None
+        self.group: str | None = None  # the namespaces this node's ranks share (a sandbox container)
         self.cancel_requested = asyncio.Event()
         self.abort = asyncio.Event()  # another node failed, was lost, or the run ended
         self.abort_reason: str | None = None
@@ -99,19 +101,26 @@ class Execution:
         try:
             for event in await self.agent.events.history(self.run_id):  # what happened before we listened
                 self._observe(event)
+            for slot in self.my_slots:
+                self.shippers[slot.rank] = LogShipper(self.agent.js, self.run_id, slot.rank, self.node_id)
             try:
                 await self._prepare()
             except (CadreError, OSError) as exc:
                 code = exc.code if isinstance(exc, CadreError) else "prepare_failed"
-                await self._report(Outcome("failed", {}, schemas.ErrorInfo(code=code, message=str(exc))), {})
+                self.log.warning("prepare_failed", error=str(exc))
+                counts = await self._close_shippers()
+                await self._report(Outcome("failed", {}, schemas.ErrorInfo(code=code, message=str(exc))), counts)
                 return
             outcome, line_counts = await self._execute()
             await self._report(outcome, line_counts)
         except asyncio.CancelledError:
             # The agent is stopping: the ranks must not outlive it.
             await asyncio.gather(*(h.terminate(1.0) for h in self.handles.values()), return_exceptions=True)
+            await asyncio.gather(*(h.cleanup() for h in self.handles.values()), return_exceptions=True)
             raise
         finally:
+            if self.group is not None:
+                await asyncio.shield(self.runtime.close_group(self.group))
             await sub.unsubscribe()
             if self.pmi is not None:
                 await self.pmi.close()
@@ -159,6 +168,9 @@ class Execution:
                 timeout=30,
             )
             self.dataset_paths[ds.name] = await asyncio.to_thread(self._materialize, ds, urls)
+        # Build (or reuse) the job's environment; what the build prints goes to the run's logs as "prepare" lines.
+        first = self.shippers[min(self.shippers)]
+        self.prepared = await self.runtime.prepare(Environment.of(self.spec), lambda line: first.add("p", line))
 
     def _materialize(self, ds: schemas.DatasetInput, urls: schemas.DatasetFiles) -> Path:
         """Download a dataset version once per node (cached by content hash, shared read-only by runs); a
@@ -219,9 +231,14 @@ class Execution:
         for name in UPLOAD_DIRS:
             (self.run_dir / name).mkdir(exist_ok=True)
 
-    def _env(self, slot: schemas.RankSlot, rdv: schemas.Rendezvous) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in PASSTHROUGH_ENV}
-        env.update(self.spec.environment_variables)
+    def _env(self, slot: schemas.RankSlot, rdv: schemas.Rendezvous, co_hosted: bool) -> dict[str, str]:
+        env = dict(self.spec.environment_variables)
+        if self.spec.distributed == "mpi" and self.runtime.kind == "docker":
+            # Ranks in separate containers cannot attach to each other's memory (CMA); ranks of agents that share
+            # a host must not try UCX's shared-memory transports across containers either. The job may override.
+            env.setdefault("MPIR_CVAR_CH4_CMA_ENABLE", "0")
+            if co_hosted:
+                env.setdefault("UCX_TLS", "tcp,self")
         world = len(self.a.placement)
         env.update(
             {
@@ -253,6 +270,35 @@ class Execution:
                 }
             )
         return env
+
+    async def _close_shippers(self) -> dict[int, int]:
+        return {rank: await shipper.close() for rank, shipper in self.shippers.items()}
+
+    def _process_spec(
+        self, argv: list[str], rank: int | str, env: dict[str, str], slot: schemas.RankSlot | None
+    ) -> ProcessSpec:
+        labels = {"io.cadre.node": self.node_id, "io.cadre.run": self.run_id, "io.cadre.rank": str(rank)}
+        mounts = [Mount(self.run_dir)]
+        mounts += [Mount(p, read_only=True) for p in self.dataset_paths.values() if not p.is_relative_to(self.run_dir)]
+        return ProcessSpec(
+            argv=argv,
+            cwd=self.run_dir,
+            env=env,
+            name=f"cadre-{self.node_id}-{self.run_id}-{rank}",
+            prepared=self.prepared,
+            labels=labels,
+            mounts=mounts,
+            gpu_ids=list(slot.gpu_ids) if slot else [],
+            shm_size=self.spec.shm_size,
+            cpus=self.spec.cpus_per_process,
+            memory=self.spec.memory_per_process,
+            share_with=self.group,
+        )
+
+    def _shares_host_with_other_nodes(self) -> bool:
+        """Whether another node of this run runs on this very host (two agents on one machine)."""
+        me = self.agent.base_advert["host_id"]
+        return any(host == me for node, host in self.a.hosts.items() if node != self.node_id)
 
     async def _meet(self) -> schemas.Rendezvous | None:
         """The master publishes where to meet; the others wait for it (or for a reason to give up)."""
@@ -306,32 +352,35 @@ class Execution:
 
     async def _execute(self) -> tuple[Outcome, dict[int, int]]:
         if self.cancel_requested.is_set() or self.abort.is_set():
-            return self._outcome({}, {}), {}
+            return self._outcome({}, {}), await self._close_shippers()
         await self._move(schemas.Starting, RunState.STARTING)
         rdv = await self._meet()
         if rdv is None:
-            return self._outcome({}, {}), {}
-        shippers: dict[int, LogShipper] = {}
+            return self._outcome({}, {}), await self._close_shippers()
+        shippers = self.shippers
         self.started_ns = time.time_ns()
         arguments = list(self.spec.arguments)
         for ds in self.spec.datasets:
             arguments = [str(self.dataset_paths[ds.name]) if a == ds.placeholder else a for a in arguments]
-        argv = [self.agent.python, self.spec.entry_script, *arguments]
+        assert self.prepared is not None
+        argv = [self.prepared.python, self.spec.entry_script, *arguments]
+        co_hosted = self._shares_host_with_other_nodes()
         self.context = RunContextServer(self.agent.js, self.run_id, self.run_dir)
         await self.context.start()
         try:
+            if len(self.my_slots) > 1:
+                self.group = await self.runtime.open_group(self._process_spec(argv, "sandbox", {}, None))
             for slot in self.my_slots:
-                shippers[slot.rank] = LogShipper(self.agent.js, self.run_id, slot.rank, self.node_id)
-                env = {**self._env(slot, rdv), **self.context.env()}
-                self.handles[slot.rank] = await self.runtime.start(
-                    ProcessSpec(argv=argv, cwd=self.run_dir, env=env, name=f"rank-{slot.rank}")
-                )
-        except OSError as exc:
+                env = {**self._env(slot, rdv, co_hosted), **self.context.env()}
+                self.handles[slot.rank] = await self.runtime.start(self._process_spec(argv, slot.rank, env, slot))
+        except Exception as exc:  # OSError, or the Docker API refusing a container
             for handle in self.handles.values():
                 await handle.terminate(self.agent.config.kill_grace)
-            counts = {r: await s.close() for r, s in shippers.items()}
+                await handle.cleanup()
+            counts = await self._close_shippers()
             await self.context.close()
-            return Outcome("failed", {}, schemas.ErrorInfo(code="launch_failed", message=str(exc))), counts
+            message = f"starting the ranks on {self.node_id} failed: {exc}"
+            return Outcome("failed", {}, schemas.ErrorInfo(code="launch_failed", message=message)), counts
         self.pid_file.write_text(json.dumps([h.pid for h in self.handles.values()]))
         await self._move(schemas.Running, RunState.RUNNING)
         self.log.info("ranks_started", ranks=sorted(self.handles))
@@ -344,7 +393,7 @@ class Execution:
             async for stream, text in handle.lines():
                 shippers[rank].add(stream, text)
             code = await handle.wait()
-            handle.kill_leftovers()
+            await handle.cleanup()
             exit_codes[rank] = code
             if code != 0 and not (self.abort.is_set() or self.cancel_requested.is_set() or local_failure.is_set()):
                 self.first_failure = rank  # the cause; ranks stopped because of it fail after
@@ -368,7 +417,7 @@ class Execution:
         for task in stoppers:
             task.cancel()
         syncer.cancel()
-        counts = {r: await s.close() for r, s in shippers.items()}
+        counts = await self._close_shippers()
         await self.context.close()
         return self._outcome(exit_codes, shippers), counts
 
@@ -396,6 +445,9 @@ class Execution:
             failed.sort(key=lambda rc: rc[0] != self.first_failure)
         rank, code = failed[0]
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        death = self.handles[rank].death if rank in self.handles else None
+        if death is not None:
+            how = f"was {death} (exit code {code})"
         tail = "\n".join(shippers[rank].tail) if rank in shippers else ""
         message = f"rank {rank} on node {self.node_id} {how}; last log lines:\n{tail}"
         return Outcome("failed", exit_codes, schemas.ErrorInfo(code="nonzero_exit", message=message))

@@ -1,19 +1,53 @@
-"""How a rank's process is started and stopped. The Docker runtime (issue #6) implements the same interface."""
+"""How a rank's process is started and stopped, and how a job's environment is made ready.
+
+Two runtimes implement the same interface: :class:`ProcessRuntime` (plain child processes, for hosts without
+Docker and the local cluster) and :class:`~services.node_agent.docker_runtime.DockerRuntime` (one container per
+rank). The agent picks one by configuration (``--runtime``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import os
+import shutil
 import signal
+import site
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-LINE_LIMIT = 1 << 20
-PR_SET_PDEATHSIG = 1  # a single line longer than this is split, not fatal
+from shared.environments import Environment
+from shared.errors import CadreError
+
+LINE_LIMIT = 1 << 20  # a single line longer than this is split, not fatal
+PR_SET_PDEATHSIG = 1
+# Only these variables of the agent's own environment reach a plain-process job: never its credentials.
+PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM")
+
+
+class EnvironmentBuildError(CadreError):
+    """The job's environment could not be made ready (missing image, failed package install, no conda)."""
+
+    code = "environment_build_failed"
+
+
+@dataclass(frozen=True)
+class Mount:
+    path: Path  # mounted at the same path inside a container, so every path the job is told stays valid
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a runtime made of an environment: the interpreter to run, and for containers the image."""
+
+    python: str
+    image: str | None = None
+    key: str | None = None  # the build key, when something was built or reused
 
 
 @dataclass(frozen=True)
@@ -22,6 +56,14 @@ class ProcessSpec:
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)
     name: str = "rank"
+    prepared: Prepared | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # run, rank and node: how leftovers are found
+    mounts: list[Mount] = field(default_factory=list)
+    gpu_ids: list[int] = field(default_factory=list)
+    shm_size: int | None = None
+    cpus: float | None = None
+    memory: int | None = None
+    share_with: str | None = None  # the run's group on this node (open_group), whose IPC/PID namespaces to join
 
 
 class ProcessHandle(Protocol):
@@ -30,8 +72,18 @@ class ProcessHandle(Protocol):
         """The process (and process group) id, recorded so a restarted agent can clean up after a crash."""
         ...
 
+    @property
+    def ident(self) -> str:
+        """What other ranks of the run on this node can name to share namespaces (a container id)."""
+        ...
+
+    @property
+    def death(self) -> str | None:
+        """How the process died when its exit code does not say it (``"killed: out of memory"``)."""
+        ...
+
     def lines(self) -> AsyncIterator[tuple[str, str]]:
-        """(stream, text) pairs, stream being "o" or "e", until both pipes close."""
+        """(stream, text) pairs, stream being "o" or "e", until both pipes close. Whole lines only."""
         ...
 
     async def wait(self) -> int: ...
@@ -40,13 +92,36 @@ class ProcessHandle(Protocol):
         """SIGTERM, then SIGKILL after ``grace`` seconds, to the whole process tree."""
         ...
 
-    def kill_leftovers(self) -> None:
-        """SIGKILL whatever the rank left behind in its process group once it has exited."""
+    async def cleanup(self) -> None:
+        """Once the rank has exited: kill what it left behind (its process group, or its container)."""
         ...
 
 
+Say = Callable[[str], None]
+
+
 class Runtime(Protocol):
+    kind: str  # "process" | "docker"
+
+    async def prepare(self, env: Environment, say: Say) -> Prepared:
+        """Make the environment ready (build once per hash, reuse after), telling ``say`` what happens."""
+        ...
+
     async def start(self, spec: ProcessSpec) -> ProcessHandle: ...
+
+    async def open_group(self, spec: ProcessSpec) -> str | None:
+        """Namespaces that the node's ranks of one run share (None where they share the host's anyway)."""
+        ...
+
+    async def close_group(self, ident: str) -> None: ...
+
+    async def leftovers(self, node_id: str) -> set[str]:
+        """Kill whatever a previous life of this agent left running; return the run ids it belonged to."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the agent's start-up log: which runtime, and why."""
+        ...
 
 
 class _Process:
@@ -56,6 +131,14 @@ class _Process:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    @property
+    def ident(self) -> str:
+        return str(self._proc.pid)
+
+    @property
+    def death(self) -> str | None:
+        return None
 
     async def lines(self) -> AsyncIterator[tuple[str, str]]:
         queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
@@ -96,7 +179,7 @@ class _Process:
             self._signal(signal.SIGKILL)
             await self._proc.wait()
 
-    def kill_leftovers(self) -> None:
+    async def cleanup(self) -> None:
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -116,13 +199,71 @@ def _die_with_parent() -> None:
 
 
 class ProcessRuntime:
-    """Runs a rank as a plain child process in its own session (for hosts without Docker, and the local cluster)."""
+    """Runs a rank as a plain child process in its own session (for hosts without Docker, and the local cluster).
+
+    pip packages go into a venv per environment hash under ``<work_dir>/envs``, layered over the agent's own
+    Python (so mpi4py and the like stay importable) and reused by every later run with the same packages.
+    """
+
+    kind = "process"
+
+    def __init__(self, work_dir: Path, pip_options: dict[str, str] | None = None, reason: str = "") -> None:
+        self.envs_dir = work_dir / "envs"
+        self.pip_options = dict(pip_options or {})
+        self.reason = reason or "configured with --runtime process"
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def describe(self) -> str:
+        return f"process runtime ({self.reason}): ranks run as child processes of the agent, with its Python"
+
+    async def prepare(self, env: Environment, say: Say) -> Prepared:
+        if env.image is not None:
+            raise EnvironmentBuildError(
+                f"custom_docker_image {env.image!r} needs the Docker runtime; this node runs plain processes"
+            )
+        if env.conda_packages:
+            raise EnvironmentBuildError(
+                "conda_packages need the Docker runtime and an image with conda; this node runs plain processes "
+                "(use pip_packages, or a compute target whose agents run --runtime docker)"
+            )
+        if not env.pip_packages:
+            return Prepared(python=sys.executable)
+        key = env.build_key(f"{sys.executable} {sys.version}", _index_fingerprint(self.pip_options))
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            return await self._venv(env, key, say)
+
+    async def _venv(self, env: Environment, key: str, say: Say) -> Prepared:
+        home = self.envs_dir / key
+        python = home / "bin" / "python"
+        if (home / ".ready").exists():
+            say(f"environment {key}: reusing the venv built earlier ({env.describe()})")
+            return Prepared(python=str(python), key=key)
+        shutil.rmtree(home, ignore_errors=True)  # a build that died half-way
+        started = time.monotonic()
+        say(f"environment {key}: building a venv ({env.describe()})")
+        await _stream([sys.executable, "-m", "venv", "--without-pip", str(home)], say, {})
+        # Layer the venv over the agent's packages: what the job installs comes first on sys.path.
+        (Path(_site_packages(python)) / "_cadre_base.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+        pip_env = {**{k: v for k, v in os.environ.items() if k in PASSTHROUGH_ENV}, **self.pip_options}
+        pip_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+        argv = [sys.executable, "-m", "pip", "--python", str(python), "install", "--progress-bar", "off"]
+        code, tail = await _stream([*argv, *env.pip_packages], say, pip_env)
+        if code != 0:
+            shutil.rmtree(home, ignore_errors=True)
+            raise EnvironmentBuildError(f"pip install failed (exit code {code}):\n" + "\n".join(tail))
+        (home / ".ready").write_text(f"{time.time()}\n")
+        say(f"environment {key}: built in {time.monotonic() - started:.1f}s")
+        return Prepared(python=str(python), key=key)
 
     async def start(self, spec: ProcessSpec) -> ProcessHandle:
+        argv = list(spec.argv)
+        if spec.prepared is not None:
+            argv[0] = spec.prepared.python
         proc = await asyncio.create_subprocess_exec(
-            *spec.argv,
+            *argv,
             cwd=spec.cwd,
-            env=spec.env,
+            env={**{k: v for k, v in os.environ.items() if k in PASSTHROUGH_ENV}, **spec.env},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -131,3 +272,43 @@ class ProcessRuntime:
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         return _Process(proc)
+
+    async def open_group(self, spec: ProcessSpec) -> str | None:
+        return None  # processes on one host share IPC and PIDs already
+
+    async def close_group(self, ident: str) -> None:
+        return None
+
+    async def leftovers(self, node_id: str) -> set[str]:
+        return set()  # ranks die with the agent (PR_SET_PDEATHSIG); the pid files cover the rest
+
+
+def _site_packages(python: Path) -> str:
+    lib = python.parent.parent / "lib"
+    return str(next(lib.glob("python3*/site-packages")))
+
+
+def _index_fingerprint(options: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(options.items()))
+
+
+async def _stream(argv: list[str], say: Say, env: dict[str, str], keep: int = 40) -> tuple[int, list[str]]:
+    """Run a build step, passing each output line to ``say``; returns the exit code and the last lines."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env or None,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        limit=LINE_LIMIT,
+    )
+    tail: list[str] = []
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace").rstrip()
+        say(line)
+        tail = [*tail[-(keep - 1) :], line]
+    code = await proc.wait()
+    if code != 0 and argv[1:3] == ["-m", "venv"]:
+        raise EnvironmentBuildError(f"creating the venv failed (exit code {code}):\n" + "\n".join(tail))
+    return code, tail

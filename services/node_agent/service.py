@@ -8,9 +8,8 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nats.js import api as js_api
@@ -21,6 +20,7 @@ from services.node_agent import capacity
 from services.node_agent.execution import Execution
 from services.node_agent.runtime import ProcessRuntime, Runtime
 from shared import bus, schemas, subjects
+from shared.environments import PULL_POLICIES
 from shared.errors import ValidationError
 from shared.service import Service
 from shared.settings import BusSettings
@@ -37,6 +37,50 @@ class AgentConfig:
     heartbeat_interval: float = 2.0
     kill_grace: float = 10.0
     address: str = "127.0.0.1"  # how ranks on other nodes reach this one
+    runtime: str = "process"  # process | docker | auto (docker when a Docker engine answers)
+    default_image: str = "python:3.11-slim"  # for runs that name no custom_docker_image (Docker runtime)
+    pull_policy: str = "if-not-present"
+    docker_host: str | None = None  # default: DOCKER_HOST, else the local socket
+    container_python: str = "python3"
+    # PIP_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST for environment builds (may hold credentials: never logged)
+    pip_options: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def make_runtime(config: AgentConfig, real_gpus: bool) -> Runtime:
+    """The runtime the configuration asks for; ``auto`` takes Docker when an engine answers, and says why."""
+    if config.pull_policy not in PULL_POLICIES:
+        raise ValidationError(f"--pull must be one of {', '.join(PULL_POLICIES)}, not {config.pull_policy!r}")
+    if config.runtime not in ("process", "docker", "auto"):
+        raise ValidationError(f"--runtime must be process, docker or auto, not {config.runtime!r}")
+    if config.runtime == "process":
+        return ProcessRuntime(config.work_dir, config.pip_options, reason="configured with --runtime process")
+    from services.node_agent.docker_runtime import DockerRuntime
+
+    reason = "configured with --runtime docker"
+    try:
+        runtime = DockerRuntime(
+            config.default_image,
+            pull_policy=config.pull_policy,
+            python=config.container_python,
+            base_url=config.docker_host,
+            gpu_devices=real_gpus,
+            pip_options=config.pip_options,
+            reason=reason if config.runtime == "docker" else "--runtime auto, and a Docker engine answered",
+        )
+        runtime.client.ping()
+        return runtime
+    except Exception as exc:
+        if config.runtime == "docker":
+            raise ValidationError(f"--runtime docker, but no Docker engine answers: {exc}") from None
+        why = f"--runtime auto, and no Docker engine answers ({str(exc).splitlines()[0][:160]})"
+        return ProcessRuntime(config.work_dir, config.pip_options, reason=why)
+
+
+def host_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 # Other nodes of a gang may have moved the run on before this node's assignment arrives.
@@ -52,10 +96,9 @@ class NodeAgentService(Service):
             raise ValidationError(f"node id {config.node_id!r} is invalid: use letters, digits, '_' or '-'")
         super().__init__(bus_settings)
         self.config = config
-        self.runtime = runtime or ProcessRuntime()
-        self.python = sys.executable
         self.log = self.log.bind(node_id=config.node_id)
         gpus = capacity.gpus_for(config.declared_gpus)
+        self.runtime = runtime or make_runtime(config, real_gpus=bool(gpus) and config.declared_gpus is None)
         cpus = capacity.cpu_count()
         self.started_at = time.time()
         self.base_advert = dict(
@@ -67,7 +110,8 @@ class NodeAgentService(Service):
             memory_bytes=capacity.memory_bytes(),
             gpus=gpus,
             slots=config.slots or (len(gpus) if gpus else cpus),
-            runtime="process",
+            runtime=self.runtime.kind,
+            host_id=host_id(),
             started_at=self.started_at,
             heartbeat_interval=config.heartbeat_interval,
         )
@@ -98,19 +142,27 @@ class NodeAgentService(Service):
         await self._heartbeat_once()  # only now: a node that shows up can take work
         self.spawn(self._heartbeat_loop(), "heartbeat")
         self.spawn(self._take_assignments(psub), "assignments")
-        self.log.info("agent_ready", slots=self.base_advert["slots"], gpus=len(self.base_advert["gpus"]))
+        self.log.info(
+            "agent_ready",
+            slots=self.base_advert["slots"],
+            gpus=len(self.base_advert["gpus"]),
+            runtime=await asyncio.to_thread(self.runtime.describe),
+        )
 
     async def _clean_up_after_crash(self) -> None:
         """Ranks of a previous life of this agent must not run on unwatched: kill them and report the node done."""
         runs_dir = self.config.work_dir / "runs"
+        orphans = await self.runtime.leftovers(self.config.node_id)  # containers left by a previous life
         for pid_file in sorted(runs_dir.glob("*.pids")) if runs_dir.is_dir() else []:
-            run_id = pid_file.stem
-            for pid in json.loads(pid_file.read_text() or "[]"):
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            orphans.add(pid_file.stem)
+            if self.runtime.kind == "process":
+                for pid in json.loads(pid_file.read_text() or "[]"):
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             pid_file.unlink(missing_ok=True)
+        for run_id in sorted(orphans):
             shutil.rmtree(runs_dir / run_id, ignore_errors=True)
             self.log.warning("orphaned_ranks_killed", run_id=run_id)
             error = schemas.ErrorInfo(code="agent_restarted", message=f"node agent {self.config.node_id} restarted")

@@ -6,6 +6,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from shared import schemas
+from shared.environments import needs_container
 
 
 @dataclass
@@ -47,6 +48,17 @@ def place(spec: schemas.RunSpec, nodes: list[NodeState], known: list[schemas.Nod
     """
     ppn, want = spec.process_count_per_node, spec.node_count
     target = spec.compute_target
+    if needs_container(spec):
+        # Another image, or conda packages: only agents running the Docker runtime can run it.
+        if known and not any(a.runtime == "docker" for a in known):
+            return Decision(
+                impossible=(
+                    f"needs the Docker runtime (it names a custom_docker_image or conda_packages), but no node of "
+                    f"compute target {target!r} runs it (agents started with --runtime docker do)"
+                )
+            )
+        nodes = [n for n in nodes if n.advert.runtime == "docker"]
+        known = [a for a in known if a.runtime == "docker"] if known else known
     free = [n for n in nodes if n.fits(ppn)]
     if len(free) < want:
         # Only now is it worth asking whether it could ever fit (the common case never pays for this pass).

@@ -206,8 +206,12 @@ class SchedulerService(Service):
         return True
 
     async def _send_assignments(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> None:
-        for node_id in sorted({s.node_id for s in placement}):
-            msg = schemas.Assignment(run_id=record.run_id, node_id=node_id, spec=record.spec, placement=placement)
+        nodes = sorted({s.node_id for s in placement})
+        hosts = {n: self.nodes[n].host_id for n in nodes if n in self.nodes}
+        for node_id in nodes:
+            msg = schemas.Assignment(
+                run_id=record.run_id, node_id=node_id, spec=record.spec, placement=placement, hosts=hosts
+            )
             await self.js.publish(
                 subjects.node_assignments(node_id),
                 schemas.encode(msg),

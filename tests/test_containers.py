@@ -1,0 +1,289 @@
+"""The Docker runtime against a real dockerd: jobs in containers, MPI across containers, environments, failures.
+
+dockerd (Debian's docker.io) is started here, inside the session's loopback-only network namespace
+(``--bridge=none --iptables=false``), with a data root of its own; the only image is built locally from a Debian
+rootfs (tests/docker/build-rootfs.sh, run by ``make test``) with ``docker import``. No test ever pulls: the agents
+run with ``--pull never``, and dockerd could not reach a registry anyway.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import docker.errors
+import pytest
+from conftest import ISOLATED
+from helpers import PackageIndex, eventually
+
+from cadre import Estimator, Experiment, MpiConfiguration, Run, RunFailedError, Workspace, _local
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parent.parent
+ROOTFS = ROOT / ".cache" / "test-rootfs.tar"
+IMAGE = "cadre-test:1"
+IMAGE_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ALLREDUCE = ROOT / "examples" / "mpi-allreduce"
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("CI"):  # CI installs everything these tests need: missing pieces are a failure there
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real dockerd of the tests' own; yields its API address."""
+    binary = shutil.which("dockerd")
+    if binary is None:
+        _unavailable("dockerd is not installed (apt-get install docker.io; .ci/run does)")
+    if not ROOTFS.is_file():
+        _unavailable(f"{ROOTFS} is missing: `make test` builds it (tests/docker/build-rootfs.sh, needs debootstrap)")
+    if os.geteuid() != 0 or not ISOLATED:
+        _unavailable("the Docker tests run dockerd as root inside a loopback-only network namespace")
+    data = tmp_path_factory.mktemp("dockerd")
+    run = Path(tempfile.mkdtemp(prefix="cadre-dockerd-", dir="/tmp"))  # short: unix socket paths are limited
+    url = f"unix://{run}/docker.sock"
+    log = open(data / "dockerd.log", "wb")
+    argv = [binary, "--data-root", str(data / "root"), "--exec-root", str(run / "exec"), "--pidfile", str(run / "pid"),
+            "-H", url, "--bridge=none", "--iptables=false", "--ip6tables=false"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client: docker.DockerClient | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while client is None:
+            try:
+                client = docker.DockerClient(base_url=url, version="auto")  # asks the server's API version
+            except docker.errors.DockerException:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError((data / "dockerd.log").read_text()[-3000:]) from None
+                time.sleep(0.1)
+        client.api.import_image(src=str(ROOTFS), repository="cadre-test", tag="1", changes=[f"ENV PATH={IMAGE_PATH}"])
+        yield url
+    finally:
+        if client is not None:
+            for c in client.containers.list(all=True):
+                c.remove(force=True)
+            client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        _unmount_under(run, data)  # dockerd leaves its netns handle (and data root) mounted
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(data / "root", ignore_errors=True)
+
+
+def _unmount_under(*roots: Path) -> None:
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh]
+    for point in sorted(points, key=len, reverse=True):
+        if any(point == str(r) or point.startswith(f"{r}/") for r in roots):
+            subprocess.run(["umount", "--lazy", point], check=False)
+
+
+@pytest.fixture(scope="module")
+def docker_client(dockerd: str) -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url=dockerd, version="auto")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def docker_home(tmp_path_factory: pytest.TempPathFactory, dockerd: str, package_index: PackageIndex) -> Iterator[Path]:
+    """Two agents with the Docker runtime on this host (as two GPU hosts would be), 2 slots each."""
+    home = tmp_path_factory.mktemp("cadre-docker-home")
+    agent_args = ["--runtime", "docker", "--image", IMAGE, "--pull", "never", "--docker-host", dockerd,
+                  "--grace", "3", "--pip-index-url", package_index.url]  # fmt: skip
+    _local.up(home=home, agents=2, gpus_per_agent=0, slots_per_agent=2, heartbeat=0.5, timeout=120,
+              agent_args=agent_args)  # fmt: skip
+    try:
+        yield home
+    finally:
+        _local.down(home=home)
+
+
+@pytest.fixture(scope="module")
+def dws(docker_home: Path) -> Iterator[Workspace]:
+    with Workspace.from_config(docker_home / "profile.json") as workspace:
+        yield workspace
+
+
+def containers_of(client: docker.DockerClient, run: Run) -> list:
+    return client.containers.list(all=True, filters={"label": f"io.cadre.run={run.id}"})
+
+
+def output_of(run: Run) -> str:
+    out = io.StringIO()
+    run.wait_for_completion(show_output=True, output=out, raise_on_error=False, timeout=180)
+    return out.getvalue()
+
+
+def test_a_job_runs_in_a_container_end_to_end(
+    dws: Workspace, docker_home: Path, docker_client: docker.DockerClient, make_project: Callable[..., Path]
+) -> None:
+    project = make_project(
+        **{
+            "train.py": """
+                import os, sys
+                print("in a container:", os.path.exists("/.dockerenv"), sys.executable)
+                print("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], os.environ.get("GREETING"))
+                print("to stderr", file=sys.stderr)
+                print("x" * 200_000)  # one long line arrives as one line, however the stream is framed
+                os.makedirs("outputs", exist_ok=True)
+                with open("outputs/result.txt", "w") as fh:
+                    fh.write("42")
+                sys.exit(int(sys.argv[2]))
+            """
+        }
+    )
+    est = Estimator(project, "train.py", script_params={"--exit": 0}, environment_variables={"GREETING": "hello"})
+    run = Experiment(dws, "container").submit(est)
+    text = output_of(run)
+    assert run.get_status() == "Completed", text
+    lines = text.splitlines()
+    assert "in a container: True /opt/venv/bin/python3" in lines
+    assert "rank 0 of 1 hello" in lines and "to stderr" in lines
+    assert "x" * 200_000 in lines
+    (tmp := Path(tempfile.mkdtemp())).mkdir(exist_ok=True)
+    run.download_file("outputs/result.txt", tmp / "result.txt")
+    assert (tmp / "result.txt").read_text() == "42"
+    eventually(lambda: not containers_of(docker_client, run), timeout=10)  # removed once the rank exited
+    # The exit code comes back as such.
+    failing = Experiment(dws, "container").submit(Estimator(project, "train.py", script_params={"--exit": 3}))
+    with pytest.raises(RunFailedError, match=r"rank 0 on node agent-\d exited with code 3"):
+        failing.wait_for_completion(timeout=60)
+    log = (docker_home / "cluster" / "logs" / "agent-0.log").read_text()
+    assert "docker runtime (configured with --runtime docker): dockerd" in log  # says which runtime, and why
+
+
+def test_mpi_ranks_in_separate_containers_on_two_nodes(dws: Workspace, make_project: Callable[..., Path]) -> None:
+    project = make_project(
+        **{
+            "train.py": """
+                import os, re
+                from mpi4py import MPI
+                comm = MPI.COMM_WORLD
+                rank = comm.Get_rank()
+                container = re.search(r"docker[/-]([0-9a-f]{12})", open("/proc/self/cgroup").read()).group(1)
+                total = comm.allreduce(rank + 1)
+                blob = comm.bcast(b"x" * (8 << 20) if rank == 0 else None)  # large: shared memory and TCP paths
+                print(f"rank {rank} node {os.environ['NODE_RANK']} container {container} sum {total} big {len(blob)}")
+            """
+        }
+    )
+    mpi = MpiConfiguration()
+    est = Estimator(project, "train.py", node_count=2, process_count_per_node=2, distributed_training=mpi)
+    run = Experiment(dws, "container-mpi").submit(est)
+    text = output_of(run)
+    assert run.get_status() == "Completed", text
+    found = re.findall(r"rank (\d) node (\d) container ([0-9a-f]{12}) sum 10 big 8388608", text)
+    assert sorted(int(r) for r, _, _ in found) == [0, 1, 2, 3], text
+    assert len({c for _, _, c in found}) == 4  # one container per rank
+    assert {n for _, n, _ in found} == {"0", "1"}
+    # The repository's example (NumPy from the image) runs unchanged.
+    example = Estimator(ALLREDUCE, "train.py", node_count=2, distributed_training=MpiConfiguration())
+    assert Experiment(dws, "container-mpi").submit(example).wait_for_completion(timeout=120)["status"] == "Completed"
+
+
+def test_pip_packages_build_an_image_once_then_reuse_it(
+    dws: Workspace, docker_client: docker.DockerClient, make_project: Callable[..., Path]
+) -> None:
+    project = make_project(
+        **{"train.py": "import cadre_demo_pkg, sys\nprint('value:', cadre_demo_pkg.VALUE, sys.executable)\n"}
+    )
+    est = Estimator(project, "train.py", pip_packages=[f"{PackageIndex.NAME}=={PackageIndex.VERSION}"])
+    texts, seconds = [], []
+    for _ in range(2):
+        started = time.monotonic()
+        run = Experiment(dws, "container-env").submit(est)
+        texts.append(output_of(run))
+        seconds.append(time.monotonic() - started)
+        assert run.get_status() == "Completed", texts[-1]
+    first, second = texts
+    assert f"value: {PackageIndex.VALUE} /opt/venv/bin/python3" in first and f"value: {PackageIndex.VALUE}" in second
+    built = re.search(r"\[prepare\] environment ([0-9a-f]{24}): building image cadre-env:\1 from cadre-test:1", first)
+    assert built, first
+    assert "[prepare] Successfully installed cadre-demo-pkg-1.0" in first
+    assert f"[prepare] environment {built.group(1)}: reusing image cadre-env:{built.group(1)}" in second
+    assert "Successfully installed" not in second
+    image = docker_client.images.get(f"cadre-env:{built.group(1)}")
+    assert image.labels["io.cadre.environment"] == built.group(1)
+    print(f"\ndocker environment: first run {seconds[0]:.2f}s (image built), second {seconds[1]:.2f}s (reused)")
+    assert seconds[1] < seconds[0]
+
+
+def test_cancel_stops_then_removes_the_containers(
+    dws: Workspace, docker_client: docker.DockerClient, make_project: Callable[..., Path]
+) -> None:
+    project = make_project(**{"train.py": "import time\nprint('holding', flush=True)\ntime.sleep(600)\n"})
+    run = Experiment(dws, "container-cancel").submit(Estimator(project, "train.py", process_count_per_node=2))
+    eventually(lambda: len([c for c in containers_of(docker_client, run) if c.status == "running"]) >= 2, 60)
+    started = time.monotonic()
+    run.cancel()
+    assert run.wait_for_completion(timeout=30)["status"] == "Canceled"
+    assert time.monotonic() - started < 3  # SIGTERM reached the job through the container's init
+    eventually(lambda: not containers_of(docker_client, run), timeout=10)
+
+
+def test_a_container_over_its_memory_limit_is_reported_out_of_memory(
+    dws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    project = make_project(
+        **{
+            "train.py": """
+                block = bytearray(512 << 20)
+                for i in range(0, len(block), 4096):
+                    block[i] = 1
+                print("survived")
+            """
+        }
+    )
+    run = Experiment(dws, "container-oom").submit(Estimator(project, "train.py", memory_per_process="64m"))
+    oom = r"rank 0 on node agent-\d was killed: out of memory \(memory limit 64 MiB\)"
+    with pytest.raises(RunFailedError, match=oom):
+        run.wait_for_completion(timeout=60)
+
+
+def test_a_missing_image_or_conda_without_conda_fails_before_the_run_starts(
+    dws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    project = make_project(**{"train.py": "print('never runs')"})
+    run = Experiment(dws, "container-bad").submit(Estimator(project, "train.py", custom_docker_image="cadre-missing:1"))
+    with pytest.raises(RunFailedError, match=r"image 'cadre-missing:1' is not on node .* pull policy is 'never'"):
+        run.wait_for_completion(timeout=30)
+    assert run.get_details()["error"]["code"] == "environment_build_failed"
+    assert "Running" not in [h["state"] for h in run.get_details()["history"]]
+    conda = Experiment(dws, "container-bad").submit(Estimator(project, "train.py", conda_packages=["numpy"]))
+    with pytest.raises(RunFailedError, match=r"conda_packages need conda in the image, and cadre-test:1 has none"):
+        conda.wait_for_completion(timeout=60)
+
+
+def test_a_restarted_agent_removes_the_containers_it_left(
+    dws: Workspace, docker_home: Path, docker_client: docker.DockerClient, make_project: Callable[..., Path]
+) -> None:
+    project = make_project(**{"train.py": "import time\nprint('holding', flush=True)\ntime.sleep(600)\n"})
+    run = Experiment(dws, "container-orphan").submit(Estimator(project, "train.py"))
+    eventually(lambda: any(c.status == "running" for c in containers_of(docker_client, run)), 60)
+    node = run.get_details()["placement"][0]["node_id"]
+    _local.restart(node, home=docker_home, crash=True)  # SIGKILL: the agent cannot clean up on its way out
+    with pytest.raises(RunFailedError, match=rf"node agent {node} restarted"):
+        run.wait_for_completion(timeout=60)
+    assert not containers_of(docker_client, run)
+    # The restarted agent takes work again.
+    again = Experiment(dws, "container-orphan").submit(Estimator(project, "train.py", max_run_duration_seconds=1))
+    with pytest.raises(RunFailedError, match="max_run_duration_seconds"):
+        again.wait_for_completion(timeout=60)
