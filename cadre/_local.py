@@ -283,7 +283,8 @@ def down(home: Path | None = None, timeout: float = 40.0) -> bool:
 
 
 def restart(name: str, home: Path | None = None, crash: bool = False, timeout: float = 20.0) -> None:
-    """Stop one service or agent of the running cluster (SIGKILL when ``crash``) and start it again.
+    """Stop one service or agent of the running cluster (SIGKILL when ``crash``), start it again, and return once
+    it serves (a service answers its ping, an agent has heartbeated).
 
     For operators replacing a wedged process, and for tests that prove nothing is lost across a restart.
     """
@@ -302,9 +303,24 @@ def restart(name: str, home: Path | None = None, crash: bool = False, timeout: f
         for r in left:
             _signal_group(r, signal.SIGKILL)
         _wait_exit(left, time.monotonic() + 5.0)
-    new, _ = _spawn(rec.name, rec.role, rec.argv, _child_env(envs[name]), REPO_ROOT, Path(rec.log))
+    spawned_at = time.time()
+    new, proc = _spawn(rec.name, rec.role, rec.argv, _child_env(envs[name]), REPO_ROOT, Path(rec.log))
     state.processes = [new if r.name == name else r for r in state.processes]
     _write_state(state_path, state)
+    # Return once it serves again: a service answers its ping, an agent heartbeats.
+    profile = load_profile(home / "profile.json")
+    _run_async(
+        _await_bus_processes(
+            BusSettings(url=profile.nats_url, user=profile.user, password=profile.password, name="cadre-restart"),
+            [new] if new.role == "service" else [],
+            [new] if new.role == "agent" else [],
+            [(new, proc)],
+            spawned_at,
+            time.monotonic() + timeout,
+            timeout,
+            lambda _name, _what: None,
+        )
+    )
 
 
 def is_running(home: Path | None = None) -> bool:

@@ -145,7 +145,7 @@ def parse_agents(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Render deploy/nats/nats.conf (and deploy/.env secrets) for compose.")
-    p.add_argument("--agents", default="agent-0", help="comma-separated node ids, one NATS user each (agent-0)")
+    p.add_argument("--agents", default="agent-0,agent-1", help="comma-separated node ids, one NATS user each")
     p.add_argument("--env-file", type=Path, default=DEPLOY_DIR / ".env", help="secrets file (deploy/.env)")
     p.add_argument("--out", type=Path, default=DEPLOY_DIR / "nats" / "nats.conf", help="(deploy/nats/nats.conf)")
     p.add_argument("--store-dir", default="/data/jetstream", help="JetStream store_dir inside the nats container")

@@ -87,11 +87,6 @@ class Environment:
         )
 
     @property
-    def needs_container(self) -> bool:
-        """Only the Docker runtime can run another image, or conda packages (conda must be in the image)."""
-        return self.image is not None or bool(self.conda_packages)
-
-    @property
     def needs_build(self) -> bool:
         return bool(self.pip_packages or self.conda_packages)
 

@@ -1,7 +1,12 @@
+"""``python -m services.node_agent``: every flag can also come from ``CADRE_AGENT_<FLAG>`` (``--work-dir`` from
+``CADRE_AGENT_WORK_DIR``), so a systemd EnvironmentFile or a compose ``environment:`` block can configure an agent;
+a flag on the command line wins."""
+
 import argparse
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 from services.node_agent.service import AgentConfig, NodeAgentService
 from shared.environments import PULL_POLICIES
@@ -14,23 +19,31 @@ PIP_OPTIONS = {"PIP_INDEX_URL": "--pip-index-url", "PIP_FIND_LINKS": "--pip-find
 
 def parse() -> AgentConfig:
     p = argparse.ArgumentParser(prog="python -m services.node_agent", description="cadre node agent")
-    p.add_argument("--node-id", required=True, help="this node's name (letters, digits, '_' or '-')")
-    p.add_argument("--compute-target", default="local", help="the pool this node serves (default: local)")
-    p.add_argument("--gpus", type=int, default=None, help="declare N GPUs (for hosts without NVML)")
-    p.add_argument("--slots", type=int, default=None, help="processes at once (default: GPUs, else CPUs)")
-    p.add_argument("--work-dir", type=Path, required=True, help="where snapshots and run directories live")
-    p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
-    p.add_argument("--address", default="127.0.0.1", help="address other nodes' ranks reach this host at")
+
+    def opt(group: Any, flag: str, help: str, **kwargs: Any) -> None:
+        env = "CADRE_AGENT_" + flag.lstrip("-").upper().replace("-", "_")
+        if env in os.environ:
+            kwargs["default"] = kwargs.get("type", str)(os.environ[env])
+            kwargs.pop("required", None)
+        group.add_argument(flag, help=f"{help} [env {env}]", **kwargs)
+
+    opt(p, "--node-id", "this node's name (letters, digits, '_' or '-')", required=True)
+    opt(p, "--compute-target", "the pool this node serves", default="local")
+    opt(p, "--gpus", "declare N GPUs (for hosts without NVML)", type=int, default=None)
+    opt(p, "--slots", "processes at once (default: GPUs, else CPUs)", type=int, default=None)
+    opt(p, "--work-dir", "where snapshots, environments and run directories live", type=Path, required=True)
+    opt(p, "--heartbeat", "seconds between heartbeats", type=float, default=2.0)
+    opt(p, "--grace", "seconds between SIGTERM and SIGKILL", type=float, default=10.0)
+    opt(p, "--address", "address other nodes' ranks reach this host at", default="127.0.0.1")
     g = p.add_argument_group("runtime")
-    runtime_help = "ranks in containers (docker) or plain processes; auto: docker if an engine answers"
-    g.add_argument("--runtime", choices=("auto", "docker", "process"), default="auto", help=runtime_help)
-    g.add_argument("--image", default="python:3.11-slim", help="image for runs that name no custom_docker_image")
-    g.add_argument("--pull", choices=PULL_POLICIES, default="if-not-present", help="image pull policy")
-    g.add_argument("--docker-host", default=None, help="Docker API address (default: DOCKER_HOST, else the socket)")
-    g.add_argument("--container-python", default="python3", help="the interpreter inside job images")
+    opt(g, "--runtime", "ranks in containers (docker) or plain processes; auto: docker if an engine answers",
+        choices=("auto", "docker", "process"), default="auto")  # fmt: skip
+    opt(g, "--image", "image for runs that name no custom_docker_image", default="python:3.11-slim")
+    opt(g, "--pull", "image pull policy", choices=PULL_POLICIES, default="if-not-present")
+    opt(g, "--docker-host", "Docker API address (default: DOCKER_HOST, else the local socket)", default=None)
+    opt(g, "--container-python", "the interpreter inside job images", default="python3")
     for var, flag in PIP_OPTIONS.items():
-        g.add_argument(flag, default=None, help=f"{var} for environment builds (or env CADRE_{var}[_FILE])")
+        g.add_argument(flag, default=None, help=f"{var} for environment builds [env CADRE_{var}, or CADRE_{var}_FILE]")
     a = p.parse_args()
     pip_options = {}
     for var, flag in PIP_OPTIONS.items():

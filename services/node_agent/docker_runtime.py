@@ -273,10 +273,6 @@ class _Container:
         return self._pid
 
     @property
-    def ident(self) -> str:
-        return str(self._container.id)
-
-    @property
     def death(self) -> str | None:
         return self._death
 

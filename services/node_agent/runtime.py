@@ -73,11 +73,6 @@ class ProcessHandle(Protocol):
         ...
 
     @property
-    def ident(self) -> str:
-        """What other ranks of the run on this node can name to share namespaces (a container id)."""
-        ...
-
-    @property
     def death(self) -> str | None:
         """How the process died when its exit code does not say it (``"killed: out of memory"``)."""
         ...
@@ -131,10 +126,6 @@ class _Process:
     @property
     def pid(self) -> int:
         return self._proc.pid
-
-    @property
-    def ident(self) -> str:
-        return str(self._proc.pid)
 
     @property
     def death(self) -> str | None:

@@ -21,6 +21,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from shared import bus, files, runs, schemas, subjects
+from shared.environments import Environment
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, StoreSettings
@@ -134,11 +135,14 @@ class RegistryService(Service):
                 await self.store.copy(subjects.run_file_key(req.run_id, f.name), blob)
             entries.append(schemas.FileEntry(name=rel, size=f.size, md5=f.md5, sha256=sha))
         spec = record.spec
-        environment = {"compute_target": spec.compute_target, "runtime": "process"}
-        if spec.custom_docker_image:
-            environment["image"] = spec.custom_docker_image
-        if spec.pip_packages:
-            environment["pip_packages"] = " ".join(spec.pip_packages)
+        env = Environment.of(spec)
+        environment = {"compute_target": spec.compute_target, "environment_hash": env.digest()}
+        if env.image:
+            environment["image"] = env.image
+        if env.pip_packages:
+            environment["pip_packages"] = " ".join(env.pip_packages)
+        if env.conda_packages:
+            environment["conda_packages"] = " ".join(env.conda_packages)
         lineage = schemas.Lineage(
             run_id=req.run_id,
             experiment=spec.experiment,
