@@ -494,6 +494,7 @@ class Execution:
         stored = await asyncio.to_thread(self._collect_files)
         error = None
         parts: dict[str, schemas.MultipartDone] = {}
+        started = time.monotonic()
         try:
             if stored:
                 urls = await self._patiently(
@@ -517,10 +518,20 @@ class Execution:
             error = schemas.ErrorInfo(
                 code="upload_failed", message=f"uploading run files failed on {self.node_id}: {exc}"
             )
+        uploaded = time.monotonic()
         await self._patiently(
             subjects.AgentApi.COMMIT,
             schemas.CommitRequest(run_id=self.run_id, node_id=self.node_id, files=stored, error=error, parts=parts),
             schemas.RunSummary,
+        )
+        size = sum(f.size for f in stored)
+        self.log.info(
+            "files_committed",
+            files=len(stored),
+            bytes=size,
+            upload_s=round(uploaded - started, 3),
+            commit_s=round(time.monotonic() - uploaded, 3),
+            mb_per_s=round(size / (1 << 20) / max(uploaded - started, 1e-6), 1),
         )
 
     async def _patiently(self, subject: str, payload: msgspec.Struct, reply_type: type[T]) -> T:
@@ -608,12 +619,7 @@ class Execution:
             for attempt in range(UPLOAD_ATTEMPTS):
                 try:
                     # Exactly the bytes that were hashed, even if the script is still appending to the file.
-                    with files.Prefix(path, offset + size) as fh:
-                        fh.skip(offset)
-                        req = urllib.request.Request(url, data=fh, method="PUT", headers={"Content-Length": str(size)})
-                        with urllib.request.urlopen(req, timeout=300) as resp:
-                            resp.read()
-                            return (resp.headers.get("ETag") or "").strip('"')
+                    return files.put_range(url, path, offset, size)
                 except OSError as exc:
                     last_exc = exc
                     time.sleep(0.2 * (attempt + 1))
