@@ -24,7 +24,7 @@ import pytest
 from conftest import ISOLATED
 from helpers import PackageIndex, eventually
 
-from cadre import Estimator, Experiment, MpiConfiguration, Run, RunFailedError, Workspace, _local
+from cadre import Dataset, Estimator, Experiment, MpiConfiguration, Run, RunFailedError, Workspace, _local
 
 pytestmark = pytest.mark.docker
 
@@ -108,7 +108,9 @@ def docker_home(tmp_path_factory: pytest.TempPathFactory, dockerd: str, package_
     home = tmp_path_factory.mktemp("cadre-docker-home")
     agent_args = ["--runtime", "docker", "--image", IMAGE, "--pull", "never", "--docker-host", dockerd,
                   "--grace", "3", "--pip-index-url", package_index.url]  # fmt: skip
-    _local.up(home=home, agents=2, gpus_per_agent=0, slots_per_agent=2, heartbeat=0.5, timeout=120,
+    # 2 declared GPUs per agent: ranks get GPU ids (and NVIDIA_VISIBLE_DEVICES), but no device requests, since
+    # NVML found no real GPU behind them.
+    _local.up(home=home, agents=2, gpus_per_agent=2, slots_per_agent=2, heartbeat=0.5, timeout=120,
               agent_args=agent_args)  # fmt: skip
     try:
         yield home
@@ -141,6 +143,7 @@ def test_a_job_runs_in_a_container_end_to_end(
                 import os, sys
                 print("in a container:", os.path.exists("/.dockerenv"), sys.executable)
                 print("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], os.environ.get("GREETING"))
+                print("gpus", os.environ["NVIDIA_VISIBLE_DEVICES"], os.environ["CUDA_VISIBLE_DEVICES"])
                 print("to stderr", file=sys.stderr)
                 print("x" * 200_000)  # one long line arrives as one line, however the stream is framed
                 os.makedirs("outputs", exist_ok=True)
@@ -157,6 +160,7 @@ def test_a_job_runs_in_a_container_end_to_end(
     lines = text.splitlines()
     assert "in a container: True /opt/venv/bin/python3" in lines
     assert "rank 0 of 1 hello" in lines and "to stderr" in lines
+    assert "gpus 0 0" in lines
     assert "x" * 200_000 in lines
     (tmp := Path(tempfile.mkdtemp())).mkdir(exist_ok=True)
     run.download_file("outputs/result.txt", tmp / "result.txt")
@@ -224,6 +228,39 @@ def test_pip_packages_build_an_image_once_then_reuse_it(
     assert image.labels["io.cadre.environment"] == built.group(1)
     print(f"\ndocker environment: first run {seconds[0]:.2f}s (image built), second {seconds[1]:.2f}s (reused)")
     assert seconds[1] < seconds[0]
+
+
+def test_datasets_are_mounted_read_only_and_downloads_are_private(
+    dws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("x,y\n1,2\n")
+    Dataset.upload(dws, data, name="container-data")
+    project = make_project(
+        **{
+            "train.py": """
+                import sys
+                mount, copy = sys.argv[2], sys.argv[4]
+                print("mounted:", open(f"{mount}/train.csv").read().splitlines()[1])
+                for where in (mount, copy):
+                    try:
+                        open(f"{where}/train.csv", "a").write("3,4\\n")
+                        print("writable:", where == copy)
+                    except OSError as exc:
+                        print("read-only:", where == mount, exc.strerror)
+            """
+        }
+    )
+    ds = Dataset.get(dws, "container-data")
+    params = {"--mount": ds.as_named_input("m").as_mount(), "--copy": ds.as_named_input("c").as_download()}
+    run = Experiment(dws, "container-data").submit(Estimator(project, "train.py", script_params=params))
+    text = output_of(run)
+    assert run.get_status() == "Completed", text
+    lines = text.splitlines()
+    assert "mounted: 1,2" in lines
+    assert "read-only: True Read-only file system" in lines  # even root in the container cannot change it
+    assert "writable: True" in lines
 
 
 def test_cancel_stops_then_removes_the_containers(
