@@ -21,12 +21,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cadre import _local
 
     started = time.monotonic()
+    agent_args = ["--runtime", args.runtime]
+    if args.image:
+        agent_args += ["--image", args.image]
+    if args.pull:
+        agent_args += ["--pull", args.pull]
     _local.up(
         agents=args.agents,
         gpus_per_agent=args.gpus_per_agent,
         slots_per_agent=args.slots_per_agent,
         timeout=args.timeout,
         echo=print,
+        agent_args=agent_args,
     )
     print(f"cadre cluster up ({args.agents} agent(s)) in {time.monotonic() - started:.1f}s; stop it with `cadre down`")
     return 0
@@ -350,6 +356,11 @@ def parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--slots-per-agent", type=int, default=None, help="processes each agent runs at once")
     up.add_argument("--timeout", type=float, default=90.0)
+    up.add_argument(
+        "--runtime", choices=("process", "docker", "auto"), default="process", help="how agents run jobs (process)"
+    )
+    up.add_argument("--image", default=None, help="Docker runtime: the image for runs that name none")
+    up.add_argument("--pull", choices=("never", "if-not-present", "always"), default=None, help="image pull policy")
     up.set_defaults(fn=cmd_up)
 
     sub.add_parser("down", help="stop the embedded local cluster").set_defaults(fn=cmd_down)

@@ -300,7 +300,8 @@ def test_a_missing_image_or_conda_without_conda_fails_before_the_run_starts(
 ) -> None:
     project = make_project(**{"train.py": "print('never runs')"})
     run = Experiment(dws, "container-bad").submit(Estimator(project, "train.py", custom_docker_image="cadre-missing:1"))
-    with pytest.raises(RunFailedError, match=r"image 'cadre-missing:1' is not on node .* pull policy is 'never'"):
+    missing = r"image 'cadre-missing:1' is not on this node and the agent's pull policy is 'never'"
+    with pytest.raises(RunFailedError, match=missing):
         run.wait_for_completion(timeout=30)
     assert run.get_details()["error"]["code"] == "environment_build_failed"
     assert "Running" not in [h["state"] for h in run.get_details()["history"]]

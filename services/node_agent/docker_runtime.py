@@ -85,7 +85,8 @@ class DockerRuntime:
         base = env.image or self.default_image
         image = await asyncio.to_thread(self._image, base, say)
         if not env.needs_build:
-            return Prepared(python=self.python, image=base)
+            # By id: every rank of the run gets the same image, even if the tag moves meanwhile.
+            return Prepared(python=self.python, image=image.id)
         key = env.build_key(image.id, _index_fingerprint(self.pip_options))
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
@@ -110,8 +111,8 @@ class DockerRuntime:
             except docker.errors.ImageNotFound:
                 if self.pull_policy == "never":
                     raise EnvironmentBuildError(
-                        f"image {name!r} is not on node and the agent's pull policy is 'never': load or build it "
-                        f"there first (docker load / docker build), or run the agent with --pull if-not-present"
+                        f"image {name!r} is not on this node and the agent's pull policy is 'never': load or build "
+                        "it there first (docker load / docker build), or run the agent with --pull if-not-present"
                     ) from None
         say(f"pulling image {name}")
         try:

@@ -171,6 +171,9 @@ class Execution:
         # Build (or reuse) the job's environment; what the build prints goes to the run's logs as "prepare" lines.
         first = self.shippers[min(self.shippers)]
         self.prepared = await self.runtime.prepare(Environment.of(self.spec), lambda line: first.add("p", line))
+        self.log.info(
+            "environment_ready", environment=self.prepared.key, image=self.prepared.image, python=self.prepared.python
+        )
 
     def _materialize(self, ds: schemas.DatasetInput, urls: schemas.DatasetFiles) -> Path:
         """Download a dataset version once per node (cached by content hash, shared read-only by runs); a
