@@ -171,6 +171,7 @@ def test_a_rank_that_dies_fails_the_whole_run_and_leaves_no_process(
         distributed_training=MpiConfiguration(),
         environment_variables={"SPOOL": str(spool)},
     )
+    segments_before = set(Path("/dev/shm").glob("mpich_shm_*"))
     started = time.monotonic()
     run = Experiment(gws, "dies").submit(est)
     with pytest.raises(RunFailedError, match=r"rank 1 on node agent-\d exited with code 7"):
@@ -180,6 +181,8 @@ def test_a_rank_that_dies_fails_the_whole_run_and_leaves_no_process(
     eventually(lambda: not any(alive(p) for p in pids), timeout=10)
     details = run.get_details()
     assert details["exitCodes"][1] == 7 and details["error"]["code"] == "nonzero_exit"
+    # The killed ranks never unlinked their shared-memory segments (RAM until reboot): the agents did.
+    eventually(lambda: not set(Path("/dev/shm").glob("mpich_shm_*")) - segments_before, timeout=10)
 
 
 def test_agent_killed_mid_run_fails_the_run_with_node_lost(

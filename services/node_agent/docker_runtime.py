@@ -248,6 +248,9 @@ class DockerRuntime:
 
         await asyncio.to_thread(remove)
 
+    async def reclaim(self, since: float) -> int:
+        return 0  # a container's /dev/shm goes with the container
+
     async def leftovers(self, node_id: str) -> set[str]:
         def sweep() -> set[str]:
             runs = set()

@@ -121,6 +121,10 @@ class Execution:
         finally:
             if self.group is not None:
                 await asyncio.shield(self.runtime.close_group(self.group))
+            if self.handles and self.spec.distributed == "mpi":
+                freed = await self.runtime.reclaim(self.started_ns / 1e9)
+                if freed:
+                    self.log.info("shared_memory_reclaimed", bytes=freed)
             await sub.unsubscribe()
             if self.pmi is not None:
                 await self.pmi.close()

@@ -114,6 +114,10 @@ class Runtime(Protocol):
         """Kill whatever a previous life of this agent left running; return the run ids it belonged to."""
         ...
 
+    async def reclaim(self, since: float) -> int:
+        """Once a run's ranks on this node are gone: free what they left on the host (shared memory)."""
+        ...
+
     def describe(self) -> str:
         """One line for the agent's start-up log: which runtime, and why."""
         ...
@@ -270,8 +274,58 @@ class ProcessRuntime:
     async def close_group(self, ident: str) -> None:
         return None
 
+    async def reclaim(self, since: float) -> int:
+        return await asyncio.to_thread(reclaim_shared_memory, since)
+
     async def leftovers(self, node_id: str) -> set[str]:
         return set()  # ranks die with the agent (PR_SET_PDEATHSIG); the pid files cover the rest
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PATTERNS = ("mpich_shm_*",)  # MPICH's intra-node segments; a job that is killed never unlinks them
+SHM_SETTLE = 0.2  # seconds between the two looks: a segment just created is mapped by its creator by then
+
+
+def reclaim_shared_memory(since: float) -> int:
+    """Unlink the MPI shared-memory segments, written since ``since``, that no live process maps.
+
+    They live in RAM (tmpfs) until the host reboots: without this, every killed MPI job leaks a few MB. A segment
+    must be unmapped at two looks ``SHM_SETTLE`` apart, so one that a starting job has just created is left alone.
+    Returns how many bytes were freed.
+    """
+    if not SHM_DIR.is_dir():
+        return 0
+    candidates = _unmapped({p for pattern in SHM_PATTERNS for p in SHM_DIR.glob(pattern)}, since)
+    if not candidates:
+        return 0
+    time.sleep(SHM_SETTLE)
+    freed = 0
+    for path in _unmapped(candidates, since):
+        try:
+            size = path.stat().st_size
+            path.unlink()
+            freed += size
+        except OSError:
+            continue
+    return freed
+
+
+def _unmapped(paths: set[Path], since: float) -> set[Path]:
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            lines = [line for line in maps.read_text().splitlines() if "/dev/shm/" in line]
+            mapped.update(line.split(None, 5)[5].strip() for line in lines)
+        except (OSError, IndexError):
+            continue  # the process went away, or is not ours to read
+    out = set()
+    for path in paths:
+        try:
+            if str(path) not in mapped and path.stat().st_mtime >= since:
+                out.add(path)
+        except OSError:
+            continue
+    return out
 
 
 def _site_packages(python: Path) -> str:
