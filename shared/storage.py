@@ -96,6 +96,21 @@ class ObjectStore:
         parts = [Part(number, etag) for number, etag in sorted(etags)]
         await self._call(self._client._complete_multipart_upload, self.bucket, key, upload_id, parts)
 
+    async def abort_incomplete(self, prefix: str) -> int:
+        """Abort every multipart upload still open under ``prefix`` (an uploader that failed or died half-way);
+        the parts it stored go with it. Returns how many were aborted."""
+
+        def _abort() -> int:
+            aborted = 0
+            result = self._client._list_multipart_uploads(self.bucket, prefix=prefix, max_uploads=1000)
+            for upload in result.uploads:
+                if upload.object_name.startswith(prefix):
+                    self._client._abort_multipart_upload(self.bucket, upload.object_name, upload.upload_id)
+                    aborted += 1
+            return aborted
+
+        return await self._call(_abort)
+
     async def remove(self, key: str) -> None:
         await self._call(self._client.remove_object, self.bucket, key)
 

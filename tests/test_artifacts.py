@@ -137,6 +137,27 @@ while not os.path.exists({str(tmp_path / "go")!r}):
     assert digest.hexdigest() == run.download_file("outputs/big.sha256", tmp_path / "big.sha").read_text()
 
 
+def test_an_upload_left_half_way_is_aborted_when_the_run_ends(
+    ws: Workspace, cluster_home: Path, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    hold = f"import os, time\nwhile not os.path.exists({str(tmp_path / 'go')!r}):\n    time.sleep(0.05)\n"
+    run = Experiment(ws, "half").submit(Estimator(source_directory=make_project(**{"t.py": hold}), entry_script="t.py"))
+    eventually(lambda: run.get_status() == "Running")
+    # What an agent that died (or failed) half-way through a multipart upload leaves: an open upload with parts.
+    env = json.loads((cluster_home / "cluster" / "process-env.json").read_text())["artifact"]
+    s3 = Minio(env["CADRE_S3_ENDPOINT"], env["CADRE_S3_ACCESS_KEY"], env["CADRE_S3_SECRET_KEY"], secure=False,
+               region="us-east-1")  # fmt: skip
+    key = subjects.run_file_key(run.id, "outputs/half.bin")
+    upload_id = s3._create_multipart_upload("cadre", key, {})
+    s3._upload_part("cadre", key, os.urandom(5 << 20), None, upload_id, 1)
+    prefix = subjects.run_file_prefix(run.id)
+    assert [u.upload_id for u in s3._list_multipart_uploads("cadre", prefix=prefix).uploads] == [upload_id]
+    (tmp_path / "go").touch()
+    assert run.wait_for_completion(timeout=60)["status"] == "Completed"
+    assert not s3._list_multipart_uploads("cadre", prefix=prefix).uploads
+    assert "outputs/half.bin" not in run.get_file_names()
+
+
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "a\0b", "", "a\\..\\b"])
 def test_names_that_escape_are_refused(name: str, tmp_path: Path) -> None:
     with pytest.raises(ValidationError):

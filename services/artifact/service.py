@@ -220,6 +220,13 @@ class ArtifactService(Service):
     ) -> None:
         """Store the logs and the manifest, then end the run. Idempotent: rerun after a crash, it writes the same."""
         events = events if events is not None else await self.events.history(run_id)
+        # Every node has committed or is lost: an upload still open under the run is one that failed or whose
+        # agent died half-way. Its parts would sit in the store, unlisted, forever.
+        try:
+            if aborted := await self.store.abort_incomplete(subjects.run_file_prefix(run_id)):
+                self.log.info("incomplete_uploads_aborted", run_id=run_id, count=aborted)
+        except CadreError as exc:
+            self.log.warning("incomplete_uploads_not_aborted", run_id=run_id, error=str(exc))
         stored = [f for ev in events if isinstance(ev, schemas.NodeCommitted) for f in ev.files]
         stored += await self._persist_logs(run_id, decided.log_lines)
         unique = {f.name: f for f in stored}  # several nodes may write the same name: the last commit wins
