@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from cadre._estimator import Estimator, render_params
 from cadre._snapshot import collect, pack
+from services.node_agent.cache import NodeCache
 from services.scheduler.placement import NodeState, place
 from shared import schemas
 from shared.errors import ConflictError, ValidationError
@@ -264,3 +267,60 @@ def test_fold_gives_state_reason_and_error() -> None:
         RunState.FINALIZING,
         RunState.FAILED,
     ]
+
+
+class TestNodeCache:
+    """The node's cache budget, on real files: least recently used first, never what a run holds or builds."""
+
+    def make(self, root: Path, rel: str, size: int, age: float) -> Path:
+        path = root / rel
+        if rel.startswith(("datasets/", "envs/")):
+            path.mkdir(parents=True)
+            (path / "data.bin").write_bytes(b"x" * size)
+            if rel.startswith("envs/"):
+                (path / ".ready").write_text("")
+            if rel.startswith("datasets/"):  # shared dataset copies are read-only
+                (path / "data.bin").chmod(0o444)
+                path.chmod(0o555)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x" * size)
+        stamp = time.time() - age
+        os.utime(path, (stamp, stamp))
+        return path
+
+    def test_trim_evicts_least_recently_used_but_not_what_is_held_or_being_built(self, tmp_path: Path) -> None:
+        oldest = self.make(tmp_path, "snapshots/a.tar.gz", 400, age=500)
+        held = self.make(tmp_path, "datasets/b", 400, age=400)
+        old_env = self.make(tmp_path, "envs/c", 400, age=300)
+        recent = self.make(tmp_path, "snapshots/d.tar.gz", 400, age=10)
+        building = tmp_path / "envs" / "e"
+        building.mkdir()
+        (building / "half.bin").write_bytes(b"x" * 4000)  # no .ready yet
+        partial = self.make(tmp_path, "snapshots/.f.tar.gz.1.run.part", 4000, age=900)
+        cache = NodeCache(tmp_path, max_bytes=900)
+        cache.hold(held)
+        freed = asyncio.run(cache.trim())
+        assert freed == 800
+        assert not oldest.exists() and not old_env.exists()  # the two oldest that nobody holds
+        assert held.exists() and recent.exists() and building.exists() and partial.exists()
+        assert not [p for p in (tmp_path / "envs").iterdir() if p.name.startswith(".evicted")]
+        cache.release(held)
+        cache.max_bytes = 0
+        assert asyncio.run(cache.trim()) == 800 and not held.exists() and not recent.exists()  # read-only, yet gone
+
+    def test_holding_counts_as_a_use(self, tmp_path: Path) -> None:
+        first = self.make(tmp_path, "snapshots/a.tar.gz", 400, age=500)
+        second = self.make(tmp_path, "snapshots/b.tar.gz", 400, age=100)
+        cache = NodeCache(tmp_path, max_bytes=400)
+        cache.hold(first)  # used again just now: the other one is now the least recently used
+        cache.release(first)
+        asyncio.run(cache.trim())
+        assert first.exists() and not second.exists()
+
+    def test_sweep_removes_what_a_previous_life_left_half_done(self, tmp_path: Path) -> None:
+        partial = self.make(tmp_path, "snapshots/.a.tar.gz.7.run.part", 10, age=5)
+        evicted = self.make(tmp_path, "datasets/.evicted-b-1", 10, age=5)
+        kept = self.make(tmp_path, "snapshots/c.tar.gz", 10, age=5)
+        asyncio.run(NodeCache(tmp_path, max_bytes=1 << 30).sweep())
+        assert not partial.exists() and not evicted.exists() and kept.exists()

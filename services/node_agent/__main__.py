@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from services.node_agent.service import AgentConfig, NodeAgentService
-from shared.environments import PULL_POLICIES
+from shared.environments import PULL_POLICIES, parse_size
 from shared.logging import configure
 from shared.settings import BusSettings, log_level, secret_env
 
@@ -35,6 +35,7 @@ def parse() -> AgentConfig:
     opt(p, "--heartbeat", "seconds between heartbeats", type=float, default=2.0)
     opt(p, "--grace", "seconds between SIGTERM and SIGKILL", type=float, default=10.0)
     opt(p, "--address", "address other nodes' ranks reach this host at", default="127.0.0.1")
+    opt(p, "--cache-size", "disk for cached snapshots, datasets and venvs, e.g. 100g", default="100g")
     g = p.add_argument_group("runtime")
     opt(g, "--runtime", "ranks in containers (docker) or plain processes; auto: docker if an engine answers",
         choices=("auto", "docker", "process"), default="auto")  # fmt: skip
@@ -65,6 +66,7 @@ def parse() -> AgentConfig:
         docker_host=a.docker_host or os.environ.get("DOCKER_HOST"),
         container_python=a.container_python,
         pip_options=pip_options,
+        cache_bytes=parse_size(a.cache_size, "--cache-size"),
     )
 
 

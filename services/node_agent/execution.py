@@ -82,6 +82,7 @@ class Execution:
         self.shippers: dict[int, LogShipper] = {}
         self.prepared: Prepared | None = None
         self.group: str | None = None  # the namespaces this node's ranks share (a sandbox container)
+        self.held: list[Path] = []  # cache entries this run uses: never evicted under it
         self.cancel_requested = asyncio.Event()
         self.abort = asyncio.Event()  # another node failed, was lost, or the run ended
         self.abort_reason: str | None = None
@@ -125,7 +126,13 @@ class Execution:
                 freed = await self.runtime.reclaim(self.started_ns / 1e9)
                 if freed:
                     self.log.info("shared_memory_reclaimed", bytes=freed)
+            for path in self.held:
+                self.agent.cache.release(path)
             await sub.unsubscribe()
+            try:
+                await self.agent.cache.trim()
+            except OSError as exc:
+                self.log.warning("cache_trim_failed", error=str(exc))
             if self.pmi is not None:
                 await self.pmi.close()
             self.pid_file.unlink(missing_ok=True)
@@ -158,8 +165,13 @@ class Execution:
         snap = await bus.request(
             self.agent.nc, subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef(run_id=self.run_id), schemas.SnapshotUrl
         )
-        cache = await asyncio.to_thread(self._fetch_snapshot, snap)
-        await asyncio.to_thread(self._unpack, cache)
+        archive = self.agent.config.work_dir / "snapshots" / f"{snap.snapshot.content_hash}.tar.gz"
+        self.agent.cache.hold(archive)  # the cache may not evict it while it is fetched and unpacked
+        try:
+            await asyncio.to_thread(self._fetch_snapshot, snap, archive)
+            await asyncio.to_thread(self._unpack, archive)
+        finally:
+            self.agent.cache.release(archive)
         entry = self.run_dir / self.spec.entry_script
         if not entry.is_file():
             raise CadreError(f"entry_script {self.spec.entry_script!r} is not in the snapshot")
@@ -171,10 +183,13 @@ class Execution:
                 schemas.DatasetFiles,
                 timeout=30,
             )
+            self._hold(self.agent.config.work_dir / "datasets" / ds.content_hash)
             self.dataset_paths[ds.name] = await asyncio.to_thread(self._materialize, ds, urls)
         # Build (or reuse) the job's environment; what the build prints goes to the run's logs as "prepare" lines.
         first = self.shippers[min(self.shippers)]
         self.prepared = await self.runtime.prepare(Environment.of(self.spec), lambda line: first.add("p", line))
+        if self.prepared.cache_path is not None:
+            self._hold(self.prepared.cache_path)
         self.log.info(
             "environment_ready", environment=self.prepared.key, image=self.prepared.image, python=self.prepared.python
         )
@@ -211,14 +226,12 @@ class Execution:
             path.chmod(0o755 if path.is_dir() else 0o644)
         return private
 
-    def _fetch_snapshot(self, snap: schemas.SnapshotUrl) -> Path:
+    def _fetch_snapshot(self, snap: schemas.SnapshotUrl, path: Path) -> None:
         """Download once per content hash; runs of the same code share the cached archive."""
-        cache_dir = self.agent.config.work_dir / "snapshots"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        path = cache_dir / f"{snap.snapshot.content_hash}.tar.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            return path
-        tmp = path.with_suffix(f".{os.getpid()}.{self.run_id}.part")
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{self.run_id}.part")  # dot: not a cache entry yet
         digest = hashlib.sha256()
         with urllib.request.urlopen(snap.url, timeout=60) as resp, open(tmp, "wb") as out:
             while chunk := resp.read(1 << 20):
@@ -228,7 +241,6 @@ class Execution:
             tmp.unlink(missing_ok=True)
             raise StorageError("the downloaded snapshot does not match its content hash")
         tmp.replace(path)
-        return path
 
     def _unpack(self, archive: Path) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -277,6 +289,10 @@ class Execution:
                 }
             )
         return env
+
+    def _hold(self, path: Path) -> None:
+        self.agent.cache.hold(path)
+        self.held.append(path)
 
     async def _close_shippers(self) -> dict[int, int]:
         return {rank: await shipper.close() for rank, shipper in self.shippers.items()}

@@ -48,6 +48,7 @@ class Prepared:
     python: str
     image: str | None = None
     key: str | None = None  # the build key, when something was built or reused
+    cache_path: Path | None = None  # what the node's cache must keep while the run uses it (a venv)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ class ProcessRuntime:
         python = home / "bin" / "python"
         if (home / ".ready").exists():
             say(f"environment {key}: reusing the venv built earlier ({env.describe()})")
-            return Prepared(python=str(python), key=key)
+            return Prepared(python=str(python), key=key, cache_path=home)
         shutil.rmtree(home, ignore_errors=True)  # a build that died half-way
         started = time.monotonic()
         say(f"environment {key}: building a venv ({env.describe()})")
@@ -249,7 +250,7 @@ class ProcessRuntime:
             raise EnvironmentBuildError(f"pip install failed (exit code {code}):\n" + "\n".join(tail))
         (home / ".ready").write_text(f"{time.time()}\n")
         say(f"environment {key}: built in {time.monotonic() - started:.1f}s")
-        return Prepared(python=str(python), key=key)
+        return Prepared(python=str(python), key=key, cache_path=home)
 
     async def start(self, spec: ProcessSpec) -> ProcessHandle:
         argv = list(spec.argv)

@@ -17,6 +17,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from services.node_agent import capacity
+from services.node_agent.cache import NodeCache
 from services.node_agent.execution import Execution
 from services.node_agent.runtime import ProcessRuntime, Runtime
 from shared import bus, schemas, subjects
@@ -42,6 +43,7 @@ class AgentConfig:
     pull_policy: str = "if-not-present"
     docker_host: str | None = None  # default: DOCKER_HOST, else the local socket
     container_python: str = "python3"
+    cache_bytes: int = 100 << 30  # snapshots, datasets and venvs kept on this node, least recently used go first
     # PIP_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST for environment builds (may hold credentials: never logged)
     pip_options: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -99,6 +101,7 @@ class NodeAgentService(Service):
         self.log = self.log.bind(node_id=config.node_id)
         gpus = capacity.gpus_for(config.declared_gpus)
         self.runtime = runtime or make_runtime(config, real_gpus=bool(gpus) and config.declared_gpus is None)
+        self.cache = NodeCache(config.work_dir, config.cache_bytes)
         cpus = capacity.cpu_count()
         self.started_at = time.time()
         self.base_advert = dict(
@@ -123,6 +126,7 @@ class NodeAgentService(Service):
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self.events = bus.RunEventLog(self.js)
         await self._clean_up_after_crash()
+        await self.cache.sweep()
         # The services create the topology; an agent started first waits for it.
         self.nodes_kv = await bus.retry(lambda: self.js.key_value(subjects.NODES_BUCKET))
         targets = await bus.retry(lambda: self.js.key_value(subjects.TARGETS_BUCKET))
