@@ -276,6 +276,18 @@ def test_cancel_stops_then_removes_the_containers(
     eventually(lambda: not containers_of(docker_client, run), timeout=10)
 
 
+def test_a_container_removed_from_under_the_agent_fails_the_run(
+    dws: Workspace, docker_client: docker.DockerClient, make_project: Callable[..., Path]
+) -> None:
+    project = make_project(**{"train.py": "import time\nprint('holding', flush=True)\ntime.sleep(600)\n"})
+    run = Experiment(dws, "container-gone").submit(Estimator(project, "train.py"))
+    eventually(lambda: any(c.status == "running" for c in containers_of(docker_client, run)), 60)
+    for container in containers_of(docker_client, run):
+        container.remove(force=True)  # an operator's `docker rm -f`
+    with pytest.raises(RunFailedError, match=r"rank 0 on node agent-\d (was killed by signal 9|was lost|exited)"):
+        run.wait_for_completion(timeout=60)
+
+
 def test_a_container_over_its_memory_limit_is_reported_out_of_memory(
     dws: Workspace, make_project: Callable[..., Path]
 ) -> None:

@@ -315,8 +315,13 @@ class _Container:
 
     async def wait(self) -> int:
         if self._exit is None:
-            result = await asyncio.to_thread(self._container.wait)
-            await asyncio.to_thread(self._container.reload)
+            try:
+                result = await asyncio.to_thread(self._container.wait)
+                await asyncio.to_thread(self._container.reload)
+            except Exception as exc:  # the engine restarted or the container vanished: the rank is lost
+                self._death = f"lost: the Docker engine no longer knows its container ({str(exc)[:200]})"
+                self._exit = -1
+                return self._exit
             state = self._container.attrs.get("State", {})
             code = int(result.get("StatusCode", state.get("ExitCode", -1)))
             if state.get("OOMKilled"):

@@ -106,7 +106,7 @@ class Execution:
                 self.shippers[slot.rank] = LogShipper(self.agent.js, self.run_id, slot.rank, self.node_id)
             try:
                 await self._prepare()
-            except (CadreError, OSError) as exc:
+            except Exception as exc:  # a failed build, a missing image, the Docker engine gone: the run fails
                 code = exc.code if isinstance(exc, CadreError) else "prepare_failed"
                 self.log.warning("prepare_failed", error=str(exc))
                 counts = await self._close_shippers()
