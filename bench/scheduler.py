@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from services.scheduler.placement import NodeState, allocate, place
+from services.scheduler.service import SETTLE_SECONDS
 from shared import bus, schemas, subjects
 from shared.settings import BusSettings
 from shared.states import RunState
@@ -91,7 +92,14 @@ async def end_to_end(home: Path, runs: int, node_count: int, ppn: int) -> dict[s
     run_ids = [f"{tag}_{i}" for i in range(runs)]
     for run_id in run_ids:
         await runs_kv.put(run_id, schemas.encode(schemas.RunRecord(run_id=run_id, spec=spec, submitted_at=now)))
-    await asyncio.sleep(1.0)  # let the scheduler see every node before the burst
+    # The burst starts once the scheduler sees every node (and the target has settled): only placement is timed.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = await bus.request(nc, subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+        if sum(1 for n in state.nodes if n.advert.compute_target == target) == NODES:
+            break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(SETTLE_SECONDS)
 
     assigned: dict[str, float] = {}
     done = asyncio.Event()

@@ -249,13 +249,20 @@ class RunEventLog:
         raise ConflictError(f"run {run_id}: too much contention appending an event")
 
     async def history(self, run_id: str) -> list[schemas.RunEvent]:
-        _, last_seq = await self.last(run_id)
-        if last_seq == 0:
-            return []
-        return [
-            schemas.run_event_decoder.decode(msg.data)
-            async for msg in replay(self._js, subjects.EVENTS_STREAM, subjects.run_events(run_id), last_seq)
-        ]
+        """Every event of the run, in order: read one by one ("next message on this subject after seq"), so that
+        no consumer is created on the server. Thousands of these at once (a node with many runs leaves) would
+        otherwise pile up ephemeral consumers until the server refuses more."""
+        subject = subjects.run_events(run_id)
+        out: list[schemas.RunEvent] = []
+        seq = 0
+        while True:
+            try:
+                raw = await self._js.get_msg(subjects.EVENTS_STREAM, seq=seq + 1, subject=subject, next=True)
+            except JsNotFound:
+                return out
+            assert raw.data is not None and raw.seq is not None
+            out.append(schemas.run_event_decoder.decode(raw.data))
+            seq = raw.seq
 
     async def latest_per_run(self) -> list[schemas.RunEvent]:
         """The newest event of every run (one pass over the stream's last-per-subject index)."""

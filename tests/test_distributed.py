@@ -259,3 +259,17 @@ def test_a_gang_too_large_for_the_target_fails_fast(gws: Workspace) -> None:
     with pytest.raises(RunFailedError, match=r"needs 4 node\(s\) with 1 slot\(s\) each, but compute target 'local' "
                                              r"has 3 such node\(s\)"):  # fmt: skip
         run.wait_for_completion(timeout=20)
+
+
+def test_a_big_gang_waits_while_nodes_are_still_joining(gws: Workspace, gpu_home: Path) -> None:
+    # A restarted scheduler sees every node join again: the target is still growing for a few seconds, so a gang
+    # bigger than it waits (saying why) instead of failing at once, and fails only once the target has settled.
+    _local.restart("scheduler", home=gpu_home)
+    est = Estimator(
+        source_directory=ALLREDUCE, entry_script="train.py", node_count=4, distributed_training=MpiConfiguration()
+    )
+    run = Experiment(gws, "too-big").submit(est)
+    reason = eventually(lambda: run.get_details()["queueReason"], timeout=5)
+    assert reason.endswith("has 3 such node(s) (largest node: 2 slot(s)) so far; nodes are still joining")
+    with pytest.raises(RunFailedError, match=r"compute target 'local' has 3 such node\(s\)"):
+        run.wait_for_completion(timeout=30)

@@ -23,6 +23,10 @@ from shared.settings import BusSettings
 from shared.states import RunState
 
 IO_CONCURRENCY = 64  # placements whose events are in flight at once; decisions themselves stay sequential
+LOST_CONCURRENCY = 32  # runs whose node losses are being recorded at once
+# A run too big for its compute target fails fast, but only once the target has stopped growing for this long:
+# agents that are still registering (a cluster coming up) must not make a big gang fail as impossible.
+SETTLE_SECONDS = 5.0
 ACTIVE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
 
 
@@ -37,6 +41,8 @@ class SchedulerService(Service):
         self.queues: dict[str, OrderedDict[str, schemas.RunRecord]] = {}
         self.reasons: dict[str, str] = {}
         self.allocations: dict[str, list[schemas.RankSlot]] = {}
+        self._lost_locks: dict[str, asyncio.Lock] = {}  # one run's node losses are recorded one at a time
+        self.target_grew_at: dict[str, float] = {}  # when a node last joined each compute target
         self._wake = asyncio.Event()
         # The last event (and its stream sequence) of each queued run, for compare-and-set without a lookup.
         self.last_seen: dict[str, tuple[schemas.RunEvent, int]] = {}
@@ -77,11 +83,14 @@ class SchedulerService(Service):
                 self.not_responding.discard(entry.key)
                 if self.nodes.pop(entry.key, None) is not None:
                     self.log.info("node_left", node_id=entry.key)
-                    await self._nodes_gone({entry.key})
+                    # In the background: the watch must go on seeing nodes join while those runs are failed.
+                    self.spawn(self._nodes_gone({entry.key}), f"node_left:{entry.key}")
                 if gone is not None:
                     await self._node_event(gone, "left", "the agent deregistered")
             else:
                 advert = schemas.node_decoder.decode(entry.value)
+                if advert.node_id not in self.known:
+                    self.target_grew_at[advert.compute_target] = time.monotonic()
                 self.known[advert.node_id] = advert
                 if advert.node_id not in self.nodes:
                     self.log.info("node_joined", node_id=advert.node_id, slots=advert.slots, gpus=len(advert.gpus))
@@ -165,9 +174,11 @@ class SchedulerService(Service):
         """Decide every queued run in FIFO order (sequentially, in memory), then write the decisions concurrently."""
         table = self._node_table(time.time())
         writes = []
+        recheck = False
         for target, queue in self.queues.items():
             nodes = [n for n in table.values() if n.advert.compute_target == target]
             known = [a for a in self.known.values() if a.compute_target == target]
+            settling = time.monotonic() - self.target_grew_at.get(target, -SETTLE_SECONDS) < SETTLE_SECONDS
             for run_id, record in list(queue.items()):
                 decision = place(record.spec, nodes, known)
                 if decision.placement is not None:
@@ -175,12 +186,20 @@ class SchedulerService(Service):
                     self.allocations[run_id] = decision.placement  # held now; released if the write loses
                     queue.pop(run_id, None)
                     writes.append(self._assign(record, decision.placement))
-                elif decision.impossible is not None:
+                elif decision.impossible is not None and not settling:
                     queue.pop(run_id, None)
                     writes.append(self._fail(run_id, "unschedulable", decision.impossible))
+                elif decision.impossible is not None:  # nodes are still joining: look again once they settle
+                    reason = f"{decision.impossible} so far; nodes are still joining"
+                    recheck = True
+                    if reason != self.reasons.get(run_id):
+                        self.reasons[run_id] = reason
+                        writes.append(self._annotate(run_id, reason))
                 elif decision.reason != self.reasons.get(run_id):
                     self.reasons[run_id] = decision.reason or ""
                     writes.append(self._annotate(run_id, decision.reason or ""))
+        if recheck:
+            asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._wake.set)
         await asyncio.gather(*writes)
 
     async def _assign(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> bool:
@@ -303,10 +322,23 @@ class SchedulerService(Service):
         return self.state(time.time())
 
     async def _nodes_gone(self, gone: set[str]) -> None:
-        for run_id, placement in list(self.allocations.items()):
-            nodes = {s.node_id for s in placement}
-            for nid in sorted(nodes & gone):
-                await self._node_lost(run_id, nid, nodes)
+        """Record the loss on every run that had ranks there: runs concurrently, each run's losses in order."""
+        affected = [
+            (run_id, nodes)
+            for run_id, placement in list(self.allocations.items())
+            if (nodes := {s.node_id for s in placement}) & gone
+        ]
+        limit = asyncio.Semaphore(LOST_CONCURRENCY)
+
+        async def one(run_id: str, nodes: set[str]) -> None:
+            lock = self._lost_locks.setdefault(run_id, asyncio.Lock())
+            async with limit, lock:
+                for nid in sorted(nodes & gone):
+                    await self._node_lost(run_id, nid, nodes)
+            if not lock.locked() and self._lost_locks.get(run_id) is lock:
+                del self._lost_locks[run_id]
+
+        await asyncio.gather(*(one(run_id, nodes) for run_id, nodes in affected))
 
     async def _node_lost(self, run_id: str, node_id: str, nodes: set[str]) -> None:
         history = await self.events.history(run_id)
