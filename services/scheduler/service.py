@@ -262,17 +262,19 @@ class SchedulerService(Service):
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
-            for nid, advert in self.nodes.items():
+            # Snapshots: the node watch changes self.nodes while this loop awaits its events.
+            for nid, advert in list(self.nodes.items()):
                 if nid not in self.not_responding and not advert.alive(now, missed=1.5):
                     self.not_responding.add(nid)
                     await self._node_event(advert, "not_responding", "missed a heartbeat")
-            dead = {nid for nid, advert in self.nodes.items() if not advert.alive(now)}
+            dead = {nid for nid, advert in list(self.nodes.items()) if not advert.alive(now)}
             if not dead:
                 continue
-            for nid in dead:
+            for nid in sorted(dead):
                 self.log.warning("node_lost", node_id=nid)
                 self.not_responding.discard(nid)
-                await self._node_event(self.nodes.pop(nid), "lost", "stopped heartbeating")
+                if (advert := self.nodes.pop(nid, None)) is not None:
+                    await self._node_event(advert, "lost", "stopped heartbeating")
             await self._nodes_gone(dead)
             self._wake.set()
 
