@@ -29,6 +29,8 @@ import docker.errors
 from docker.types import DeviceRequest, LogConfig
 
 from services.node_agent.runtime import (
+    LABEL_NODE,
+    LABEL_RUN,
     LINE_LIMIT,
     EnvironmentBuildError,
     Prepared,
@@ -39,7 +41,6 @@ from services.node_agent.runtime import (
 )
 from shared.environments import PULL_POLICIES, Environment
 
-LABEL_NODE, LABEL_RUN, LABEL_RANK = "io.cadre.node", "io.cadre.run", "io.cadre.rank"
 ENV_REPOSITORY = "cadre-env"
 _DONE = object()
 

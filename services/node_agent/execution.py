@@ -29,7 +29,16 @@ import structlog
 from services.node_agent.logship import LogShipper
 from services.node_agent.pmi import PmiServer
 from services.node_agent.runcontext import RunContextServer
-from services.node_agent.runtime import Mount, Prepared, ProcessHandle, ProcessSpec, Runtime
+from services.node_agent.runtime import (
+    LABEL_NODE,
+    LABEL_RANK,
+    LABEL_RUN,
+    Mount,
+    Prepared,
+    ProcessHandle,
+    ProcessSpec,
+    Runtime,
+)
 from shared import bus, files, schemas, subjects
 from shared.environments import Environment
 from shared.errors import CadreError, ConflictError, ServiceUnavailableError, StorageError
@@ -300,7 +309,7 @@ class Execution:
     def _process_spec(
         self, argv: list[str], rank: int | str, env: dict[str, str], slot: schemas.RankSlot | None
     ) -> ProcessSpec:
-        labels = {"io.cadre.node": self.node_id, "io.cadre.run": self.run_id, "io.cadre.rank": str(rank)}
+        labels = {LABEL_NODE: self.node_id, LABEL_RUN: self.run_id, LABEL_RANK: str(rank)}
         mounts = [Mount(self.run_dir)]
         mounts += [Mount(p, read_only=True) for p in self.dataset_paths.values() if not p.is_relative_to(self.run_dir)]
         return ProcessSpec(

@@ -25,6 +25,8 @@ from shared.errors import CadreError
 
 LINE_LIMIT = 1 << 20  # a single line longer than this is split, not fatal
 PR_SET_PDEATHSIG = 1
+# What a rank's container (or other runtime object) is labelled with: how a restarted agent finds its leftovers.
+LABEL_NODE, LABEL_RUN, LABEL_RANK = "io.cadre.node", "io.cadre.run", "io.cadre.rank"
 # Only these variables of the agent's own environment reach a plain-process job: never its credentials.
 PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL", "TERM")
 
