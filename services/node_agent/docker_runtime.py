@@ -21,6 +21,7 @@ import io
 import shlex
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -141,7 +142,7 @@ class DockerRuntime:
 
     def _build(self, env: Environment, base: str, tag: str, key: str, say: Say) -> None:
         dockerfile = self._dockerfile(env, base, key).encode()
-        tail: list[str] = []
+        tail: deque[str] = deque(maxlen=30)
         pending = ""
         error = None
         stream = self.client.api.build(
@@ -164,7 +165,7 @@ class DockerRuntime:
             for line in complete:
                 if line.strip():
                     say(line.rstrip())
-                    tail = [*tail[-29:], line.rstrip()]
+                    tail.append(line.rstrip())
         if pending.strip():
             say(pending.rstrip())
             tail.append(pending.rstrip())
@@ -195,10 +196,10 @@ class DockerRuntime:
             kwargs["memswap_limit"] = spec.memory  # no swap: over the limit is an OOM kill, not a crawl
         if spec.cpus:
             kwargs["nano_cpus"] = int(spec.cpus * 1e9)
-        argv = [spec.prepared.python if spec.prepared else self.python, *spec.argv[1:]]
+        assert spec.prepared is not None
         container = self.client.containers.create(
-            spec.prepared.image if spec.prepared else self.default_image,
-            command=argv,
+            spec.prepared.image,
+            command=spec.argv,
             name=spec.name,
             environment=env,
             working_dir=str(spec.cwd),
@@ -270,12 +271,10 @@ class _Container:
         self._frames = frames
         self._death: str | None = None
         self._exit: int | None = None
-        container.reload()
-        self._pid = int(container.attrs.get("State", {}).get("Pid") or 0)
 
     @property
     def pid(self) -> int:
-        return self._pid
+        return 0  # no host process group to kill: a restarted agent finds containers by their labels
 
     @property
     def death(self) -> str | None:

@@ -15,6 +15,7 @@ import signal
 import site
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,10 +241,13 @@ class ProcessRuntime:
         shutil.rmtree(home, ignore_errors=True)  # a build that died half-way
         started = time.monotonic()
         say(f"environment {key}: building a venv ({env.describe()})")
-        await _stream([sys.executable, "-m", "venv", "--without-pip", str(home)], say, {})
+        code, tail = await _stream([sys.executable, "-m", "venv", "--without-pip", str(home)], say, {})
+        if code != 0:
+            shutil.rmtree(home, ignore_errors=True)
+            raise EnvironmentBuildError(f"creating the venv failed (exit code {code}):\n" + "\n".join(tail))
         # Layer the venv over the agent's packages: what the job installs comes first on sys.path.
         (Path(_site_packages(python)) / "_cadre_base.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-        pip_env = {**{k: v for k, v in os.environ.items() if k in PASSTHROUGH_ENV}, **self.pip_options}
+        pip_env = {**_passthrough_env(), **self.pip_options}
         pip_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         argv = [sys.executable, "-m", "pip", "--python", str(python), "install", "--progress-bar", "off"]
         code, tail = await _stream([*argv, *env.pip_packages], say, pip_env)
@@ -255,13 +259,10 @@ class ProcessRuntime:
         return Prepared(python=str(python), key=key, cache_path=home)
 
     async def start(self, spec: ProcessSpec) -> ProcessHandle:
-        argv = list(spec.argv)
-        if spec.prepared is not None:
-            argv[0] = spec.prepared.python
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *spec.argv,
             cwd=spec.cwd,
-            env={**{k: v for k, v in os.environ.items() if k in PASSTHROUGH_ENV}, **spec.env},
+            env={**_passthrough_env(), **spec.env},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -350,13 +351,14 @@ async def _stream(argv: list[str], say: Say, env: dict[str, str], keep: int = 40
         stderr=asyncio.subprocess.STDOUT,
         limit=LINE_LIMIT,
     )
-    tail: list[str] = []
+    tail: deque[str] = deque(maxlen=keep)
     assert proc.stdout is not None
     async for raw in proc.stdout:
         line = raw.decode("utf-8", "replace").rstrip()
         say(line)
-        tail = [*tail[-(keep - 1) :], line]
-    code = await proc.wait()
-    if code != 0 and argv[1:3] == ["-m", "venv"]:
-        raise EnvironmentBuildError(f"creating the venv failed (exit code {code}):\n" + "\n".join(tail))
-    return code, tail
+        tail.append(line)
+    return await proc.wait(), list(tail)
+
+
+def _passthrough_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in PASSTHROUGH_ENV}
