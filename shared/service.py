@@ -39,7 +39,7 @@ class Service:
         self.nc: NATS
         self.js: JetStreamContext
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def setup(self) -> None:
         """Register endpoints and start background work. Called once connected."""
@@ -93,7 +93,9 @@ class Service:
                 self.log.exception("task_crashed", task=name)
                 self.shutdown()  # a dead loop must not leave a zombie service: exit, let the supervisor restart
 
-        self._tasks.append(asyncio.create_task(guarded(), name=name))
+        task = asyncio.create_task(guarded(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)  # short-lived tasks (one per node that left) do not pile up
 
     async def _ping(self, _: schemas.Empty) -> schemas.Ping:
         return schemas.Ping(service=self.name, instance=self.instance)
@@ -113,7 +115,7 @@ class Service:
         await self._stop.wait()
         self.log.info("service_stopping")
         await self.teardown()
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:

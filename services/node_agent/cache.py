@@ -23,6 +23,7 @@ class NodeCache:
         self.roots = [work_dir / kind for kind in KINDS]
         self.max_bytes = max_bytes
         self._held: Counter[Path] = Counter()
+        self._sizes: dict[Path, int] = {}  # entries never change once complete: walk each one once
         self._trimming = asyncio.Lock()
         self.log = structlog.get_logger().bind(component="cache")
 
@@ -66,6 +67,7 @@ class NodeCache:
                     path.rename(doomed)
                 except OSError:
                     continue
+                self._sizes.pop(path, None)
                 await asyncio.to_thread(_remove, doomed)
                 freed += size
                 self.log.info("cache_evicted", path=str(path), bytes=size)
@@ -82,7 +84,9 @@ class NodeCache:
                 if root.name == "envs" and not (path / ".ready").exists():  # a venv still being built
                     continue
                 try:
-                    out.append((path, _size(path), path.lstat().st_mtime))
+                    if path not in self._sizes:
+                        self._sizes[path] = _size(path)
+                    out.append((path, self._sizes[path], path.lstat().st_mtime))
                 except OSError:
                     continue
         return out

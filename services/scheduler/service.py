@@ -178,7 +178,8 @@ class SchedulerService(Service):
         for target, queue in self.queues.items():
             nodes = [n for n in table.values() if n.advert.compute_target == target]
             known = [a for a in self.known.values() if a.compute_target == target]
-            settling = time.monotonic() - self.target_grew_at.get(target, -SETTLE_SECONDS) < SETTLE_SECONDS
+            grew_at = self.target_grew_at.get(target)
+            settling = grew_at is not None and time.monotonic() - grew_at < SETTLE_SECONDS
             for run_id, record in list(queue.items()):
                 decision = place(record.spec, nodes, known)
                 if decision.placement is not None:
