@@ -5,7 +5,8 @@ this run's processes have (``CADRE_RUN_ENDPOINT``, ``CADRE_RUN_TOKEN``): the scr
 and the agent writes only to this run's history. Outside cadre the same calls make an offline run that prints
 and appends to ``./logs/offline_run.jsonl``, so a script runs unchanged on a laptop.
 
-Standard library only: this is imported inside jobs.
+Standard library only, and Python 3.8 or newer: the node agent brings this module into every job's environment
+(see ``cadre/_jobside.py``), whatever Python or image the job runs on.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
-Value = int | float | str | bool | None
+Value = Union[int, float, str, bool, None]  # evaluated at import: Python 3.8 has no `int | str`
 
 
 class RunContextError(Exception):

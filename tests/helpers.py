@@ -31,42 +31,51 @@ def eventually(fn: Callable[[], T], timeout: float = 20.0, interval: float = 0.0
 
 
 class PackageIndex:
-    """A "simple" package index (PEP 503) served over HTTP on loopback, with one wheel written here by hand.
+    """A "simple" package index (PEP 503) served over HTTP on loopback, with wheels written here by hand.
 
     ``cadre-demo-pkg==1.0`` provides the module ``cadre_demo_pkg`` with ``VALUE = "from the demo package"``.
+    ``cadre==0.0.1`` is another cadre than the one under test (its client has only ``Workspace``): what a job's
+    environment may bring of its own.
     """
 
     NAME, VERSION, VALUE = "cadre-demo-pkg", "1.0", "from the demo package"
+    OTHER_CADRE = "0.0.1"
 
     def __init__(self, root: Path) -> None:
-        wheel = f"cadre_demo_pkg-{self.VERSION}-py3-none-any.whl"
+        packages = {
+            self.NAME: (self.VERSION, {"cadre_demo_pkg/__init__.py": f"VALUE = {self.VALUE!r}\n"}),
+            "cadre": (self.OTHER_CADRE, {"cadre/__init__.py": f"VERSION = {self.OTHER_CADRE!r}\nWorkspace = 'old'\n"}),
+        }
         (root / "files").mkdir(parents=True)
-        self._write_wheel(root / "files" / wheel)
-        page = root / "simple" / self.NAME
-        page.mkdir(parents=True)
-        (page / "index.html").write_text(f'<a href="../../files/{wheel}">{wheel}</a>\n')
-        (root / "simple" / "index.html").write_text(f'<a href="{self.NAME}/">{self.NAME}</a>\n')
+        for name, (version, files) in packages.items():
+            wheel = f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+            self._write_wheel(root / "files" / wheel, name, version, files)
+            page = root / "simple" / name
+            page.mkdir(parents=True)
+            (page / "index.html").write_text(f'<a href="../../files/{wheel}">{wheel}</a>\n')
+        (root / "simple" / "index.html").write_text("".join(f'<a href="{n}/">{n}</a>\n' for n in packages))
         handler = functools.partial(_QuietHandler, directory=str(root))
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/simple/"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def _write_wheel(self, path: Path) -> None:
-        dist = f"cadre_demo_pkg-{self.VERSION}.dist-info"
+    @staticmethod
+    def _write_wheel(path: Path, name: str, version: str, files: dict[str, str]) -> None:
+        dist = f"{name.replace('-', '_')}-{version}.dist-info"
         files = {
-            "cadre_demo_pkg/__init__.py": f"VALUE = {self.VALUE!r}\n",
-            f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {self.NAME}\nVersion: {self.VERSION}\n",
+            **files,
+            f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: cadre-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
         }
         record = []
-        for name, body in files.items():
+        for file, body in files.items():
             digest = base64.urlsafe_b64encode(hashlib.sha256(body.encode()).digest()).rstrip(b"=").decode()
-            record.append(f"{name},sha256={digest},{len(body.encode())}")
+            record.append(f"{file},sha256={digest},{len(body.encode())}")
         files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
         with zipfile.ZipFile(path, "w") as zf:
-            for name, body in files.items():
-                zf.writestr(name, body)
+            for file, body in files.items():
+                zf.writestr(file, body)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -337,3 +338,86 @@ def test_a_restarted_agent_removes_the_containers_it_left(
     again = Experiment(dws, "container-orphan").submit(Estimator(project, "train.py", max_run_duration_seconds=1))
     with pytest.raises(RunFailedError, match="max_run_duration_seconds"):
         again.wait_for_completion(timeout=60)
+
+
+PYENV_38 = Path("/root/.pyenv/versions/3.8.18")
+CONTEXT_IN_IMAGE = """
+    import importlib.util, os, sys
+    from cadre import Run
+    run = Run.get_context()
+    run.log("accuracy", 0.5)
+    run.log_row("epochs", epoch=1, loss=0.25)
+    run.tag("python", "%d.%d" % sys.version_info[:2])
+    with open("outputs/model.txt", "w") as fh:
+        fh.write("m")
+    run.upload_file("outputs/copy.txt", "outputs/model.txt")
+    print("python", sys.executable, "pip:", importlib.util.find_spec("pip") is not None)
+    print("pythonpath", os.environ["PYTHONPATH"])
+    try:
+        from cadre import Workspace
+    except ImportError as exc:
+        print("client:", exc)
+"""
+
+
+def _build_image(client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, Path] | None = None) -> None:
+    """A local build from a context written here (FROM a local image: nothing is pulled)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        body = dockerfile.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+        for name, source in (files or {}).items():
+            tar.add(source, arcname=name, filter=_lean)
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=tag, pull=False, rm=True, network_mode="host")
+
+
+def _lean(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    """What a Python install needs to run a script: no tests, caches, headers, static libraries or site-packages."""
+    skip = ("/test/", "/tests/", "__pycache__", "/site-packages/", "/include/", "/idlelib/", "/tkinter/", "/ensurepip/")
+    name = f"/{info.name}/"
+    return None if any(s in name for s in skip) or info.name.endswith(".a") else info
+
+
+@pytest.fixture(scope="module")
+def bare_image(docker_client: docker.DockerClient) -> str:
+    """The test image's system Python: no pip, no cadre, and a PYTHONPATH of the image's own."""
+    tag = "cadre-test-bare:1"
+    _build_image(docker_client, tag, f"FROM {IMAGE}\nENV PATH=/usr/bin:/bin PYTHONPATH=/opt/image-lib\n")
+    return tag
+
+
+@pytest.fixture(scope="module")
+def py38_image(docker_client: docker.DockerClient) -> str:
+    """Python 3.8 (this machine's pyenv build, at the same path) and nothing else: no cadre, no site-packages."""
+    if not PYENV_38.is_dir():
+        pytest.skip(f"{PYENV_38} is not on this machine: no Python 3.8 to put in an image")
+    tag = "cadre-test-py38:1"
+    dockerfile = f"FROM {IMAGE}\nCOPY py {PYENV_38}\nENV PATH={PYENV_38}/bin:/usr/bin:/bin\n"
+    _build_image(docker_client, tag, dockerfile, {"py": PYENV_38})
+    return tag
+
+
+@pytest.mark.parametrize("image", ["bare_image", "py38_image"])
+def test_run_context_in_an_image_without_cadre(
+    image: str, dws: Workspace, make_project: Callable[..., Path], request: pytest.FixtureRequest
+) -> None:
+    """Run.get_context() works in any image: the agent mounts its stdlib-only job package, first on the path."""
+    tag = request.getfixturevalue(image)
+    project = make_project(**{"train.py": CONTEXT_IN_IMAGE})
+    run = Experiment(dws, "container-context").submit(Estimator(project, "train.py", custom_docker_image=tag))
+    text = output_of(run)
+    assert run.get_status() == "Completed", text
+    want = "3.11" if image == "bare_image" else "3.8"
+    assert run.get_metrics() == {"accuracy": 0.5, "epochs": {"epoch": [1], "loss": [0.25]}}
+    assert run.get_tags()["python"] == want
+    assert {"outputs/model.txt", "outputs/copy.txt"} <= set(run.get_file_names())
+    assert "pip: False" in text if image == "bare_image" else "pip:" in text
+    path = re.search(r"^pythonpath (\S+)$", text, re.M)
+    assert path, text
+    first, *rest = path.group(1).split(":")
+    assert re.search(r"/job-python/[0-9a-f]{16}$", first), first  # the job's cadre package comes first ...
+    assert rest == (["/opt/image-lib"] if image == "bare_image" else [])  # ... then the image's own PYTHONPATH
+    assert "client: cadre.Workspace is not available in this job" in text

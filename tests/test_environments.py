@@ -47,6 +47,46 @@ def test_pip_packages_get_a_venv_built_once_then_reused(ws: Workspace, make_proj
     print(f"\nvenv environment: first run {timings[0]:.2f}s (built), second {timings[1]:.2f}s (reused)")
 
 
+CONTEXT_SCRIPT = """
+    import os, sys
+    import cadre, cadre_demo_pkg
+    from cadre import Run
+    run = Run.get_context()
+    run.log("accuracy", 0.75)
+    run.log_row("epochs", epoch=1, loss=0.5)
+    run.tag("python", sys.version.split()[0])
+    print("cadre from:", os.path.dirname(cadre.__file__), "mode:", oct(os.stat(cadre.__file__).st_mode & 0o777))
+    from cadre import Workspace  # the rest of the client: whatever cadre the environment has
+    print("client:", getattr(Workspace, "__module__", Workspace))
+"""
+
+
+def test_run_context_in_a_pip_venv(ws: Workspace, make_project: Callable[..., Path]) -> None:
+    """The tutorial's case: pip_packages and Run.get_context() together (ModuleNotFoundError before)."""
+    project = make_project(**{"train.py": CONTEXT_SCRIPT})
+    est = Estimator(project, "train.py", pip_packages=[f"{PackageIndex.NAME}=={PackageIndex.VERSION}"])
+    run = Experiment(ws, "env-context").submit(est)
+    out = io.StringIO()
+    run.wait_for_completion(show_output=True, output=out)
+    assert run.get_metrics() == {"accuracy": 0.75, "epochs": {"epoch": [1], "loss": [0.5]}}
+    assert run.get_tags()["python"].startswith("3.")
+    text = out.getvalue()
+    assert re.search(r"cadre from: \S+/job-python/[0-9a-f]{16}/cadre mode: 0o444", text), text
+    # The agent's own cadre (an editable install: an import hook in a .pth file) stays reachable under the venv.
+    assert "client: cadre._workspace" in text, text
+
+
+def test_run_context_beside_another_cadre_in_the_environment(ws: Workspace, make_project: Callable[..., Path]) -> None:
+    """The environment's own cadre (another version) gives the client's names; Run stays the agent's."""
+    project = make_project(**{"train.py": CONTEXT_SCRIPT})
+    pins = [f"{PackageIndex.NAME}=={PackageIndex.VERSION}", f"cadre=={PackageIndex.OTHER_CADRE}"]
+    run = Experiment(ws, "env-context").submit(Estimator(project, "train.py", pip_packages=pins))
+    out = io.StringIO()
+    run.wait_for_completion(show_output=True, output=out)
+    assert run.get_metrics()["accuracy"] == 0.75
+    assert "client: old" in out.getvalue().splitlines()  # cadre 0.0.1's Workspace
+
+
 def test_a_failed_package_install_fails_the_run_with_pips_error(
     ws: Workspace, make_project: Callable[..., Path]
 ) -> None:

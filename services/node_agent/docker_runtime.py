@@ -74,6 +74,7 @@ class DockerRuntime:
             docker.from_env(version="auto", max_pool_size=128)
         )  # fmt: skip
         self._locks: dict[str, asyncio.Lock] = {}
+        self._image_envs: dict[str, dict[str, str]] = {}  # by image id or env tag: the variables it sets
 
     def describe(self) -> str:
         version = self.client.version().get("Version", "?")
@@ -179,6 +180,10 @@ class DockerRuntime:
 
     def _start(self, spec: ProcessSpec) -> _Container:
         env = dict(spec.env)
+        assert spec.prepared is not None and spec.prepared.image is not None
+        if spec.python_path:  # before the job's own PYTHONPATH: the one it sets, or else the image's
+            base = env.get("PYTHONPATH") or self._image_env(spec.prepared.image, "PYTHONPATH")
+            env["PYTHONPATH"] = spec.pythonpath(base)
         kwargs: dict[str, Any] = {}
         if spec.gpu_ids:
             env["NVIDIA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpu_ids))
@@ -196,7 +201,6 @@ class DockerRuntime:
             kwargs["memswap_limit"] = spec.memory  # no swap: over the limit is an OOM kill, not a crawl
         if spec.cpus:
             kwargs["nano_cpus"] = int(spec.cpus * 1e9)
-        assert spec.prepared is not None
         container = self.client.containers.create(
             spec.prepared.image,
             command=spec.argv,
@@ -220,6 +224,12 @@ class DockerRuntime:
             container.remove(force=True)
             raise
         return _Container(self.client, container, frames)
+
+    def _image_env(self, image: str, name: str) -> str | None:
+        if image not in self._image_envs:
+            pairs = self.client.images.get(image).attrs.get("Config", {}).get("Env") or []
+            self._image_envs[image] = dict(pair.partition("=")[::2] for pair in pairs)
+        return self._image_envs[image].get(name)
 
     async def open_group(self, spec: ProcessSpec) -> str | None:
         """The sandbox whose namespaces the node's ranks of one run join (its /dev/shm gets ``shm_size``)."""

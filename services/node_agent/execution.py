@@ -310,7 +310,7 @@ class Execution:
         self, argv: list[str], rank: int | str, env: dict[str, str], slot: schemas.RankSlot | None
     ) -> ProcessSpec:
         labels = {LABEL_NODE: self.node_id, LABEL_RUN: self.run_id, LABEL_RANK: str(rank)}
-        mounts = [Mount(self.run_dir)]
+        mounts = [Mount(self.run_dir), Mount(self.agent.job_python, read_only=True)]
         mounts += [Mount(p, read_only=True) for p in self.dataset_paths.values() if not p.is_relative_to(self.run_dir)]
         return ProcessSpec(
             argv=argv,
@@ -325,6 +325,7 @@ class Execution:
             cpus=self.spec.cpus_per_process,
             memory=self.spec.memory_per_process,
             share_with=self.group,
+            python_path=[self.agent.job_python],
         )
 
     def _shares_host_with_other_nodes(self) -> bool:

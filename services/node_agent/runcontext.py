@@ -8,11 +8,14 @@ touch another run.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import os
 import secrets
 import shutil
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,35 @@ from shared.errors import ValidationError
 LINGER = 0.05  # seconds: metrics are batched, and stored within a blink
 MAX_LINE = 1 << 20
 UPLOAD_DIRS = ("outputs/", "logs/")
+JOB_PACKAGE_DIR = "job-python"
+# The job's ``cadre`` package: the file in this package that each becomes (see cadre/_jobside.py).
+JOB_PACKAGE_FILES = {"__init__.py": "_jobside.py", "_context.py": "_context.py"}
+
+
+def job_package(work_dir: Path) -> Path:
+    """Write (once per content) the folder that goes first on every rank's PYTHONPATH; returns it.
+
+    The folder is named by the content's hash, so an upgraded agent never changes what a running job imports,
+    and its files are read-only (a container gets it mounted read-only too).
+    """
+    sources = {name: (resources.files("cadre") / src).read_bytes() for name, src in JOB_PACKAGE_FILES.items()}
+    digest = hashlib.sha256(b"".join(name.encode() + b"\0" + data for name, data in sources.items())).hexdigest()
+    root = work_dir / JOB_PACKAGE_DIR / digest[:16]
+    if (root / "cadre" / "__init__.py").is_file():
+        return root
+    tmp = root.with_name(f".{root.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "cadre").mkdir(parents=True)
+    for name, data in sources.items():
+        (tmp / "cadre" / name).write_bytes(data)
+        (tmp / "cadre" / name).chmod(0o444)
+    for folder in (tmp / "cadre", tmp):
+        folder.chmod(0o555)
+    try:
+        tmp.rename(root)
+    except OSError:  # another agent sharing this work directory wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 class RunContextServer:

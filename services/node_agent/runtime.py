@@ -26,6 +26,7 @@ from shared.errors import CadreError
 
 LINE_LIMIT = 1 << 20  # a single line longer than this is split, not fatal
 PR_SET_PDEATHSIG = 1
+VENV_LAYOUT = "site-2"  # part of a venv's build key: venvs built the old way (no .pth processing) are not reused
 # What a rank's container (or other runtime object) is labelled with: how a restarted agent finds its leftovers.
 LABEL_NODE, LABEL_RUN, LABEL_RANK = "io.cadre.node", "io.cadre.run", "io.cadre.rank"
 # Only these variables of the agent's own environment reach a plain-process job: never its credentials.
@@ -68,6 +69,11 @@ class ProcessSpec:
     cpus: float | None = None
     memory: int | None = None
     share_with: str | None = None  # the run's group on this node (open_group), whose IPC/PID namespaces to join
+    python_path: list[Path] = field(default_factory=list)  # first on PYTHONPATH: the job's cadre package
+
+    def pythonpath(self, base: str | None) -> str:
+        """``python_path``, then the job's own PYTHONPATH (``base``: the user's, or else the image's)."""
+        return os.pathsep.join([*(str(p) for p in self.python_path), *([base] if base else [])])
 
 
 class ProcessHandle(Protocol):
@@ -227,7 +233,7 @@ class ProcessRuntime:
             )
         if not env.pip_packages:
             return Prepared(python=sys.executable)
-        key = env.build_key(f"{sys.executable} {sys.version}", _index_fingerprint(self.pip_options))
+        key = env.build_key(f"{sys.executable} {sys.version} {VENV_LAYOUT}", _index_fingerprint(self.pip_options))
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             return await self._venv(env, key, say)
@@ -245,8 +251,11 @@ class ProcessRuntime:
         if code != 0:
             shutil.rmtree(home, ignore_errors=True)
             raise EnvironmentBuildError(f"creating the venv failed (exit code {code}):\n" + "\n".join(tail))
-        # Layer the venv over the agent's packages: what the job installs comes first on sys.path.
-        (Path(_site_packages(python)) / "_cadre_base.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+        # Layer the venv over the agent's packages: what the job installs comes first on sys.path. addsitedir, not
+        # plain path lines, so the .pth files there run too (an editable install's import hook, for one).
+        bases = [p for p in site.getsitepackages() if Path(p).is_dir()]
+        layer = f"import site; list(map(site.addsitedir, {bases!r}))\n"
+        (Path(_site_packages(python)) / "_cadre_base.pth").write_text(layer)
         pip_env = {**_passthrough_env(), **self.pip_options}
         pip_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         argv = [sys.executable, "-m", "pip", "--python", str(python), "install", "--progress-bar", "off"]
@@ -259,10 +268,13 @@ class ProcessRuntime:
         return Prepared(python=str(python), key=key, cache_path=home)
 
     async def start(self, spec: ProcessSpec) -> ProcessHandle:
+        env = {**_passthrough_env(), **spec.env}
+        if spec.python_path:
+            env["PYTHONPATH"] = spec.pythonpath(spec.env.get("PYTHONPATH"))
         proc = await asyncio.create_subprocess_exec(
             *spec.argv,
             cwd=spec.cwd,
-            env={**_passthrough_env(), **spec.env},
+            env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

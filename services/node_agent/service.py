@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 from services.node_agent import capacity
 from services.node_agent.cache import NodeCache
 from services.node_agent.execution import Execution
+from services.node_agent.runcontext import job_package
 from services.node_agent.runtime import ProcessRuntime, Runtime
 from shared import bus, schemas, subjects
 from shared.environments import PULL_POLICIES
@@ -119,6 +120,7 @@ class NodeAgentService(Service):
             heartbeat_interval=config.heartbeat_interval,
         )
         self.executions: dict[str, asyncio.Task[None]] = {}
+        self.job_python: Path  # the folder first on every rank's PYTHONPATH (the job's cadre package)
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
 
@@ -127,6 +129,7 @@ class NodeAgentService(Service):
         self.events = bus.RunEventLog(self.js)
         await self._clean_up_after_crash()
         await self.cache.sweep()
+        self.job_python = await asyncio.to_thread(job_package, self.config.work_dir)
         # The services create the topology; an agent started first waits for it.
         self.nodes_kv = await bus.retry(lambda: self.js.key_value(subjects.NODES_BUCKET))
         targets = await bus.retry(lambda: self.js.key_value(subjects.TARGETS_BUCKET))
