@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import cluster_costs, latency, ray, scheduler, transfer
+from bench import cluster_costs, environments, latency, ray, scheduler, transfer
 from cadre import Workspace, _local
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +65,7 @@ def main() -> int:
         try:
             with Workspace.from_config(home / "profile.json") as ws:
                 rows += latency.run(ws, 30 if quick else 100)
+                rows += environments.run(ws, 10 if quick else 30)
                 rows += transfer.run(ws, home, quick)
                 rows += cluster_costs.mpi_overhead(ws, 5 if quick else 20)
             rows += scheduler.run(home, quick)

@@ -4,8 +4,17 @@
 >>> ws = Workspace.from_config()  # doctest: +SKIP
 """
 
+from cadre._config import (
+    CondaDependencies,
+    ContainerRegistry,
+    DockerSection,
+    Environment,
+    PythonSection,
+    RunConfiguration,
+    ScriptRunConfig,
+)
 from cadre._dataset import Dataset, DatasetConsumptionConfig
-from cadre._estimator import Estimator, MpiConfiguration, PyTorchConfiguration
+from cadre._estimator import Estimator, MpiConfiguration, PyTorchConfiguration, TensorflowConfiguration
 from cadre._model import Model
 from cadre._run import Experiment, Run
 from cadre._workspace import Workspace
@@ -24,9 +33,13 @@ from shared.states import RunState
 __all__ = [
     "CadreError",
     "ClusterNotRunningError",
+    "CondaDependencies",
     "ConflictError",
+    "ContainerRegistry",
     "Dataset",
     "DatasetConsumptionConfig",
+    "DockerSection",
+    "Environment",
     "Estimator",
     "Experiment",
     "Model",
@@ -34,10 +47,14 @@ __all__ = [
     "NotFoundError",
     "NotSupportedError",
     "PyTorchConfiguration",
+    "PythonSection",
     "Run",
+    "RunConfiguration",
     "RunFailedError",
     "RunState",
+    "ScriptRunConfig",
     "ServiceUnavailableError",
+    "TensorflowConfiguration",
     "ValidationError",
     "Workspace",
 ]

@@ -7,25 +7,79 @@ from pathlib import Path
 from typing import Any
 
 from shared import environments, schemas
-from shared.errors import ValidationError
+from shared.errors import NotSupportedError, ValidationError
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MpiConfiguration:
     """Run ``node_count`` x ``process_count_per_node`` processes as one MPI job (MPICH, wired up through PMI-1).
 
-    ``process_count_per_node`` here overrides the Estimator's, as in Azure ML.
+    ``process_count_per_node`` (and ``node_count``, when given) here override the Estimator's, as in Azure ML.
     """
 
     process_count_per_node: int | None = None
+    node_count: int | None = None
 
 
-@dataclass(frozen=True)
+TORCH_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
+
+
+@dataclass(slots=True)
 class PyTorchConfiguration:
     """torch.distributed wiring only: every process gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK,
-    MASTER_ADDR and MASTER_PORT, so ``init_process_group(init_method="env://")`` works; no MPI."""
+    MASTER_ADDR and MASTER_PORT, so ``init_process_group(init_method="env://")`` works; no MPI.
 
-    communication_backend: str = "gloo"
+    ``communication_backend`` reaches the job as ``CADRE_COMMUNICATION_BACKEND`` (the script passes it to
+    ``init_process_group``). ``process_count`` is the total over all nodes, as in Azure ML.
+    """
+
+    communication_backend: str | None = None
+    process_count: int | None = None
+    node_count: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.communication_backend is not None and self.communication_backend.lower() not in TORCH_BACKENDS:
+            raise ValidationError(
+                f"communication_backend must be one of {', '.join(TORCH_BACKENDS)}, not {self.communication_backend!r}"
+            )
+
+
+class TensorflowConfiguration:
+    """Azure's parameter-server TensorFlow wiring (``TF_CONFIG``). Not supported yet: refused at construction."""
+
+    def __init__(self, worker_count: int = 1, parameter_server_count: int = 1) -> None:
+        raise NotSupportedError(
+            "TensorflowConfiguration (TF_CONFIG for parameter servers) is not supported yet: use "
+            "PyTorchConfiguration, or MpiConfiguration with Horovod or tf.distribute's MultiWorkerMirroredStrategy "
+            "configured by the script"
+        )
+
+
+ArgValue = Any  # str | int | float | bool | DatasetConsumptionConfig (a dataset input's local path)
+
+
+def render_arguments(arguments: list[ArgValue]) -> tuple[list[str], list[schemas.DatasetInput]]:
+    """ScriptRunConfig's ``arguments``: a list of values, where a dataset input becomes its local path."""
+    from cadre._dataset import DatasetConsumptionConfig
+
+    if not isinstance(arguments, list | tuple):
+        raise ValidationError(f"arguments must be a list, not {type(arguments).__name__}")
+    argv: list[str] = []
+    datasets: list[schemas.DatasetInput] = []
+    for i, value in enumerate(arguments):
+        if isinstance(value, DatasetConsumptionConfig):
+            ds = value.to_input()
+            if any(d.name == ds.name for d in datasets):
+                raise ValidationError(f"two dataset inputs are named {ds.name!r}")
+            datasets.append(ds)
+            argv.append(ds.placeholder)
+        elif isinstance(value, str | int | float | bool | Path):
+            argv.append(str(value))
+        else:
+            raise ValidationError(
+                f"arguments[{i}] is a {type(value).__name__}; values must be str, int, float, bool or a dataset input"
+            )
+    return argv, datasets
 
 
 def render_params(
@@ -94,6 +148,8 @@ class Estimator:
         shm_size: str | int | None = None,
         cpus_per_process: float | None = None,
         memory_per_process: str | int | None = None,
+        environment_definition: Any = None,
+        arguments: list[ArgValue] | None = None,
     ) -> None:
         source = Path(source_directory).expanduser()
         if not source.is_dir():
@@ -106,20 +162,52 @@ class Estimator:
         if not full.is_file():
             raise ValidationError(f"entry_script {entry_script!r} not found in source_directory {source}")
         self.entry_script = full.relative_to(self.source_directory).as_posix()
+        if script_params is not None and arguments is not None:
+            raise ValidationError("give script_params or arguments, not both")
         self.script_params, self.arguments, self.datasets = render_params(script_params)
+        if arguments is not None:
+            self.arguments, self.datasets = render_arguments(arguments)
         self.compute_target = compute_target if isinstance(compute_target, str) else str(compute_target.name)
+        self.distributed_training = distributed_training
+        self._distributed()  # an unknown configuration fails here, not at submit
+        if isinstance(distributed_training, MpiConfiguration) and distributed_training.process_count_per_node:
+            process_count_per_node = distributed_training.process_count_per_node
+        if getattr(distributed_training, "node_count", None) is not None:
+            node_count = distributed_training.node_count  # type: ignore[union-attr]
         for name, value in (("node_count", node_count), ("process_count_per_node", process_count_per_node)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValidationError(f"{name} must be a positive integer, not {value!r}")
-        if isinstance(distributed_training, MpiConfiguration) and distributed_training.process_count_per_node:
-            process_count_per_node = distributed_training.process_count_per_node
+        if isinstance(distributed_training, PyTorchConfiguration) and distributed_training.process_count is not None:
+            total = distributed_training.process_count
+            if isinstance(total, bool) or not isinstance(total, int) or total < 1 or total % node_count:
+                raise ValidationError(
+                    f"PyTorchConfiguration.process_count must be a positive multiple of node_count ({node_count}), "
+                    f"not {total!r}"
+                )
+            process_count_per_node = total // node_count
         self.node_count = node_count
         self.process_count_per_node = process_count_per_node
-        self.distributed_training = distributed_training
         if placement_policy not in ("pack", "spread"):
             raise ValidationError(f"placement_policy must be 'pack' or 'spread', not {placement_policy!r}")
         self.placement_policy = placement_policy
-        self._distributed()  # an unknown configuration fails here, not at submit
+        self.environment: schemas.EnvironmentDefinition | None = None
+        if environment_definition is not None:
+            from cadre._config import Environment
+
+            if not isinstance(environment_definition, Environment):
+                raise ValidationError(
+                    f"environment_definition must be an Environment, not {type(environment_definition).__name__}"
+                )
+            if pip_packages or conda_packages or custom_docker_image:
+                raise ValidationError(
+                    "give environment_definition or pip_packages/conda_packages/custom_docker_image, not both"
+                )
+            self.environment = environment_definition.to_definition()
+            pip_packages, conda_packages = self.environment.pip_packages, self.environment.conda_packages
+            custom_docker_image = self.environment.base_image
+            environment_variables = {**self.environment.environment_variables, **(environment_variables or {})}
+            if shm_size is None:
+                shm_size = self.environment.shm_size
         self.pip_packages = list(pip_packages or [])
         self.conda_packages = list(conda_packages or [])
         environments.check_packages(self.pip_packages, "pip_packages")
@@ -180,4 +268,12 @@ class Estimator:
             shm_size=self.shm_size,
             cpus_per_process=self.cpus_per_process,
             memory_per_process=self.memory_per_process,
+            environment=self.environment,
+            communication_backend=self._backend(),
         )
+
+    def _backend(self) -> str | None:
+        config = self.distributed_training
+        if isinstance(config, PyTorchConfiguration) and config.communication_backend:
+            return config.communication_backend.lower()
+        return None

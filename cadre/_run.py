@@ -26,9 +26,11 @@ from shared.runs import fold_run_data, validate_spec
 from shared.states import RunState
 
 if TYPE_CHECKING:
+    from cadre._config import Environment, ScriptRunConfig
     from cadre._model import Model
 
 LOG_DRAIN_TIMEOUT = 15.0
+LOG_FILE_LIMIT = 4 << 20
 
 
 class Experiment:
@@ -40,10 +42,14 @@ class Experiment:
         self.workspace = workspace
         self.name = name
 
-    def submit(self, config: Estimator, tags: dict[str, str] | None = None) -> Run:
+    def submit(self, config: Estimator | ScriptRunConfig, tags: dict[str, str] | None = None) -> Run:
         """Snapshot ``config.source_directory``, upload it, and queue the run. Returns at once."""
+        from cadre._config import ScriptRunConfig
+
+        if isinstance(config, ScriptRunConfig):
+            config = config._estimator
         if not isinstance(config, Estimator):
-            raise ValidationError(f"submit expects an Estimator, not {type(config).__name__}")
+            raise ValidationError(f"submit expects a ScriptRunConfig or an Estimator, not {type(config).__name__}")
         ws = self.workspace
         snap = _snapshot.pack(config.source_directory)
         spec = config.to_spec(self.name, snap.ref, _snapshot.git_info(config.source_directory))
@@ -107,7 +113,56 @@ class Run:
         return self._details().state.value
 
     def get_details(self) -> dict[str, Any]:
-        return details_dict(self._details())
+        """Azure ML's run details (``runId``, ``status``, ``target``, ``startTimeUtc``, ``endTimeUtc``,
+        ``properties``, ``inputDatasets``, ``runDefinition``, ``error``, ...)."""
+        details = details_dict(self._details())
+        details["properties"] = self.get_properties()
+        return details
+
+    def get_details_with_logs(self) -> dict[str, Any]:
+        """``get_details()`` plus ``logFiles``: every rank's output as ``driver_log.txt`` (one rank) or
+        ``driver_log_rank_<n>.txt``, and the text of each file under ``logs/`` (up to 4 MiB each)."""
+        details = self.get_details()
+        by_rank: dict[int, list[str]] = {}
+        items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        stop = self._ws._loop.call(self._start_follow(items, follow=False))
+        try:
+            while (item := items.get())[0] != "end":
+                if item[0] == "error":
+                    raise item[1]
+                if item[0] == "line":
+                    rank, line = item[1]
+                    by_rank.setdefault(rank, []).append(line.text)
+        finally:
+            self._ws._loop.call(stop())
+        single = len(details["placement"]) <= 1
+        logs = {
+            "driver_log.txt" if single else f"driver_log_rank_{rank}.txt": "".join(f"{t}\n" for t in lines)
+            for rank, lines in sorted(by_rank.items())
+        }
+        for f in self._files("logs/"):
+            if f.size <= LOG_FILE_LIMIT:
+                info = self._ws._request(
+                    subjects.Api.FILE_URL, schemas.FileUrlRequest(run_id=self.id, name=f.name), schemas.FileUrl
+                )
+                with urllib.request.urlopen(info.url, timeout=60) as resp:
+                    logs[f.name] = resp.read().decode("utf-8", "replace")
+        details["logFiles"] = logs
+        return details
+
+    def get_environment(self) -> Environment:
+        """The environment the run was given (an ``Environment``, or one made of the Estimator's packages)."""
+        from cadre._config import DEFAULT_ENVIRONMENT, Environment
+
+        spec = self._details().spec
+        definition = spec.environment or schemas.EnvironmentDefinition(
+            name=DEFAULT_ENVIRONMENT, pip_packages=spec.pip_packages, conda_packages=spec.conda_packages,
+            base_image=spec.custom_docker_image, environment_variables=spec.environment_variables,
+        )  # fmt: skip
+        stored = schemas.EnvironmentVersion(definition=definition, version=0, digest="", created_at=0.0)
+        env = Environment._from_stored(stored)
+        env.version = None
+        return env
 
     def cancel(self) -> str:
         return self._ws._request(
@@ -386,6 +441,9 @@ def details_dict(d: schemas.RunDetails) -> dict[str, Any]:
         "endTimeUtc": d.ended_at,
         "queueReason": d.queue_reason,
         "placement": msgspec.to_builtins(d.placement),
+        "inputDatasets": [
+            {"name": ds.name, "dataset": ds.dataset, "version": ds.version, "mode": ds.mode} for ds in d.spec.datasets
+        ],
         "exitCodes": dict(d.exit_codes),
         "error": msgspec.to_builtins(d.error) if d.error else None,
         "runDefinition": msgspec.to_builtins(d.spec),

@@ -151,6 +151,7 @@ async def ensure_topology(js: JetStreamContext) -> None:
         (subjects.RUNS_BUCKET, 1),
         (subjects.MODELS_BUCKET, 1),
         (subjects.DATASETS_BUCKET, 1),
+        (subjects.ENVIRONMENTS_BUCKET, 1),
     ):
         await js.create_key_value(
             js_api.KeyValueConfig(bucket=bucket, history=history, storage=js_api.StorageType.FILE)

@@ -12,7 +12,9 @@ import json
 import re
 from dataclasses import dataclass
 
-from shared import schemas
+import msgspec
+
+from shared import schemas, subjects
 from shared.errors import ValidationError
 
 # Docker's reference grammar, simplified: [registry[:port]/]path[:tag][@digest], lower-case path components.
@@ -114,3 +116,20 @@ class Environment:
 
 def _hash(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def check_definition(d: schemas.EnvironmentDefinition) -> None:
+    """What the registry checks before storing a named environment (the client checked the same already)."""
+    if not subjects.NAME_RE.match(d.name):
+        raise ValidationError(f"environment name {d.name!r} is invalid: use letters, digits, '_' or '-' (at most 128)")
+    check_packages(d.pip_packages, "pip_packages")
+    check_packages(d.conda_packages, "conda_packages")
+    if d.base_image is not None:
+        check_image(d.base_image)
+    if d.user_managed_dependencies and (d.pip_packages or d.conda_packages):
+        raise ValidationError("user_managed_dependencies environments install nothing: list no packages")
+
+
+def definition_digest(d: schemas.EnvironmentDefinition) -> str:
+    """The same definition registered again is the same version (as datasets do with the same content)."""
+    return _hash(msgspec.to_builtins(d))

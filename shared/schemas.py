@@ -51,6 +51,19 @@ class DatasetInput(msgspec.Struct, frozen=True, kw_only=True):
         return f"{{cadre.dataset.{self.name}}}"
 
 
+class EnvironmentDefinition(msgspec.Struct, frozen=True, kw_only=True):
+    """A named environment as Azure ML's ``Environment`` defines it (what ``register`` stores, and a run records)."""
+
+    name: str
+    pip_packages: list[str] = []
+    conda_packages: list[str] = []
+    python_version: str | None = None  # recorded; the interpreter is the image's (or the node's)
+    base_image: str | None = None
+    environment_variables: dict[str, str] = {}
+    user_managed_dependencies: bool = False
+    shm_size: int | None = None
+
+
 class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     experiment: str
     entry_script: str
@@ -73,6 +86,8 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     shm_size: int | None = None  # bytes of /dev/shm
     cpus_per_process: float | None = None
     memory_per_process: int | None = None  # bytes; a process over it is killed and reported "out of memory"
+    environment: EnvironmentDefinition | None = None  # the Environment object the run was given, if any
+    communication_backend: str | None = None  # PyTorchConfiguration's; reaches the job as CADRE_COMMUNICATION_BACKEND
 
 
 class RunRecord(Message, frozen=True, kw_only=True):
@@ -240,6 +255,26 @@ class DatasetRegisterRequest(Message, frozen=True, kw_only=True):
     name: str
     files: list[FileEntry]
     description: str | None = None
+
+
+class EnvironmentVersion(Message, frozen=True, kw_only=True):
+    definition: EnvironmentDefinition
+    version: int
+    digest: str  # of the definition: registering the same definition again returns this version
+    created_at: float
+
+
+class EnvironmentRegisterRequest(Message, frozen=True, kw_only=True):
+    definition: EnvironmentDefinition
+
+
+class EnvironmentRef(Message, frozen=True, kw_only=True):
+    name: str
+    version: int | None = None  # None: the latest
+
+
+class EnvironmentList(Message, frozen=True, kw_only=True):
+    environments: list[EnvironmentVersion]  # the latest version of each name
 
 
 class DatasetRef(Message, frozen=True, kw_only=True):
@@ -649,6 +684,7 @@ record_decoder = msgspec.json.Decoder(RunRecord)
 model_decoder = msgspec.json.Decoder(ModelVersion)
 model_event_decoder = msgspec.json.Decoder(ModelEvent)
 dataset_decoder = msgspec.json.Decoder(DatasetVersion)
+environment_decoder = msgspec.json.Decoder(EnvironmentVersion)
 run_data_decoder = msgspec.json.Decoder(RunData)
 node_event_decoder = msgspec.json.Decoder(NodeEvent)
 

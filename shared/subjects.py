@@ -23,6 +23,7 @@ NODES_BUCKET = "cadre_nodes"  # node_id -> NodeAdvert (capacity + heartbeat)
 TARGETS_BUCKET = "cadre_targets"  # compute target name -> ComputeTargetInfo
 RUNS_BUCKET = "cadre_runs"  # run_id -> RunRecord (immutable spec of a run)
 DATASETS_BUCKET = "cadre_datasets"  # "<name>.v<n>" -> DatasetVersion, "<name>.latest" -> n
+ENVIRONMENTS_BUCKET = "cadre_environments"  # "<name>.v<n>" -> EnvironmentVersion
 MODELS_BUCKET = "cadre_models"  # "<name>.v<n>" -> ModelVersion, "<name>.latest" -> n, "<name>.alias.<a>" -> n
 
 # --- object store --------------------------------------------------------------------------------------
@@ -114,6 +115,9 @@ class Api:
     DATASET_REGISTER = f"{PREFIX}.api.datasets.register"
     DATASET_GET = f"{PREFIX}.api.datasets.get"
     DATASET_LIST = f"{PREFIX}.api.datasets.list"
+    ENVIRONMENT_REGISTER = f"{PREFIX}.api.environments.register"
+    ENVIRONMENT_GET = f"{PREFIX}.api.environments.get"
+    ENVIRONMENT_LIST = f"{PREFIX}.api.environments.list"
     SCHEDULER_STATE = f"{PREFIX}.api.scheduler.state"
 
 
@@ -156,6 +160,10 @@ def dataset_blob_key(sha256: str) -> str:
 
 
 def dataset_version_key(name: str, version: int) -> str:
+    return f"{name}.v{version}"
+
+
+def environment_version_key(name: str, version: int) -> str:
     return f"{name}.v{version}"
 
 

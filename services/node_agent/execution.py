@@ -285,6 +285,8 @@ class Execution:
                 "CADRE_LOGS_DIR": str(self.run_dir / "logs"),
             }
         )
+        if self.spec.communication_backend:
+            env["CADRE_COMMUNICATION_BACKEND"] = self.spec.communication_backend
         for name, path in self.dataset_paths.items():
             env[f"CADRE_DATASET_{name.upper().replace('-', '_')}"] = str(path)
         if self.spec.distributed == "mpi" and rdv.pmi_port is not None:

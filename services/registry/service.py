@@ -20,6 +20,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from services.registry.environments import Environments
 from shared import bus, files, runs, schemas, subjects
 from shared.environments import Environment
 from shared.errors import ConflictError, NotFoundError, ValidationError
@@ -64,6 +65,10 @@ class RegistryService(Service):
         await self.endpoint(subjects.Api.MODEL_ALIAS, schemas.AliasRequest, self.set_alias)
         await self.endpoint(subjects.Api.MODEL_DELETE, schemas.ModelRef, self.delete)
         await self.endpoint(subjects.Api.MODEL_DOWNLOAD, schemas.ModelRef, self.download_urls)
+        envs = Environments(self.js, await self.js.key_value(subjects.ENVIRONMENTS_BUCKET))
+        await self.endpoint(subjects.Api.ENVIRONMENT_REGISTER, schemas.EnvironmentRegisterRequest, envs.register)
+        await self.endpoint(subjects.Api.ENVIRONMENT_GET, schemas.EnvironmentRef, envs.get)
+        await self.endpoint(subjects.Api.ENVIRONMENT_LIST, schemas.Empty, envs.list)
 
     # --- registering -------------------------------------------------------------------------------------
     async def upload_urls(self, req: schemas.ModelUploadRequest) -> schemas.ModelFiles:
