@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import AGENT_SLOTS, PackageIndex
+from helpers import AGENT_SLOTS, TEST_WHEELS, PackageIndex
 
 from cadre import Workspace, _local
 
@@ -64,8 +64,10 @@ ISOLATED = _loopback_only_network()
 
 @pytest.fixture(scope="session")
 def package_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PackageIndex]:
-    """A PEP 503 package index on loopback holding one small wheel built here (what an operator's mirror is)."""
-    index = PackageIndex(tmp_path_factory.mktemp("package-index"))
+    """A PEP 503 package index on loopback (what an operator's mirror is): small wheels built here, and the wheels
+    `make test` downloaded into .cache/test-wheels when they are there."""
+    wheels = TEST_WHEELS if TEST_WHEELS.is_dir() else None
+    index = PackageIndex(tmp_path_factory.mktemp("package-index"), wheels=wheels)
     try:
         yield index
     finally:

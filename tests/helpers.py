@@ -6,6 +6,7 @@ import base64
 import functools
 import hashlib
 import http.server
+import re
 import threading
 import time
 import zipfile
@@ -16,6 +17,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 AGENT_SLOTS = 2  # slots of the session cluster's agent
+# Wheels from PyPI for the agents' package index, downloaded by `make test` (the tests themselves have no network).
+TEST_WHEELS = Path(__file__).resolve().parent.parent / ".cache" / "test-wheels"
 
 
 def eventually(fn: Callable[[], T], timeout: float = 20.0, interval: float = 0.05) -> T:
@@ -31,7 +34,8 @@ def eventually(fn: Callable[[], T], timeout: float = 20.0, interval: float = 0.0
 
 
 class PackageIndex:
-    """A "simple" package index (PEP 503) served over HTTP on loopback, with wheels written here by hand.
+    """A "simple" package index (PEP 503) served over HTTP on loopback, with wheels written here by hand, and every
+    wheel in ``wheels`` (a folder `make test` downloaded outside the tests' network namespace) when given.
 
     ``cadre-demo-pkg==1.0`` provides the module ``cadre_demo_pkg`` with ``VALUE = "from the demo package"``.
     ``cadre==0.0.1`` is another cadre than the one under test (its client has only ``Workspace``): what a job's
@@ -41,19 +45,28 @@ class PackageIndex:
     NAME, VERSION, VALUE = "cadre-demo-pkg", "1.0", "from the demo package"
     OTHER_CADRE = "0.0.1"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, wheels: Path | None = None) -> None:
         packages = {
             self.NAME: (self.VERSION, {"cadre_demo_pkg/__init__.py": f"VALUE = {self.VALUE!r}\n"}),
             "cadre": (self.OTHER_CADRE, {"cadre/__init__.py": f"VERSION = {self.OTHER_CADRE!r}\nWorkspace = 'old'\n"}),
         }
         (root / "files").mkdir(parents=True)
+        links: dict[str, list[str]] = {}  # project (PEP 503 name) -> its files' links, relative to its page
         for name, (version, files) in packages.items():
             wheel = f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
             self._write_wheel(root / "files" / wheel, name, version, files)
-            page = root / "simple" / name
+            links.setdefault(normalize(name), []).append(f"../../files/{wheel}")
+        if wheels is not None:
+            (root / "wheels").symlink_to(wheels.resolve(), target_is_directory=True)
+            for wheel in sorted(wheels.glob("*.whl")):
+                # A wheel's name starts with its project's name, "-" escaped as "_" (and never holding a "-").
+                links.setdefault(normalize(wheel.name.split("-", 1)[0]), []).append(f"../../wheels/{wheel.name}")
+        for project, hrefs in links.items():
+            page = root / "simple" / project
             page.mkdir(parents=True)
-            (page / "index.html").write_text(f'<a href="../../files/{wheel}">{wheel}</a>\n')
-        (root / "simple" / "index.html").write_text("".join(f'<a href="{n}/">{n}</a>\n' for n in packages))
+            (page / "index.html").write_text("".join(f'<a href="{h}">{h.rsplit("/", 1)[-1]}</a>\n' for h in hrefs))
+        (root / "simple" / "index.html").write_text("".join(f'<a href="{n}/">{n}</a>\n' for n in sorted(links)))
+        self.projects = sorted(links)
         handler = functools.partial(_QuietHandler, directory=str(root))
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/simple/"
@@ -80,6 +93,11 @@ class PackageIndex:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def normalize(name: str) -> str:
+    """A project's name as PEP 503 writes it: lower case, each run of "-", "_" and "." one "-"."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
