@@ -306,24 +306,22 @@ class RunConfiguration(_Strict):
         self.framework = framework
         self.mpi = MpiConfiguration()
         self.pytorch = PyTorchConfiguration()
-        self.tensorflow: TensorflowConfiguration | None = None  # refused when chosen (not supported yet)
+        self.tensorflow = TensorflowConfiguration()
         self.environment_variables: dict[str, str] = {}
         self.max_run_duration_seconds: int | None = None
 
-    def distributed(self) -> MpiConfiguration | PyTorchConfiguration | None:
+    def distributed(self) -> MpiConfiguration | PyTorchConfiguration | TensorflowConfiguration | None:
         """The configuration ``communicator`` selects (Azure's names)."""
         if self.framework != "Python":
             raise NotSupportedError(f"framework {self.framework!r} is not supported: cadre runs Python scripts")
         if self.communicator not in self.COMMUNICATORS:
             choices = ", ".join(self.COMMUNICATORS)
             raise ValidationError(f"communicator must be one of {choices}, not {self.communicator!r}")
-        if self.communicator == "ParameterServer":
-            return self.tensorflow or TensorflowConfiguration()  # raises NotSupportedError, naming the alternatives
         if self.communicator in ("Gloo", "Nccl") and self.pytorch.communication_backend is None:
             self.pytorch.communication_backend = self.communicator.lower()
         return {
             "None": None, "Mpi": self.mpi, "IntelMpi": self.mpi, "OpenMpi": self.mpi,
-            "Gloo": self.pytorch, "Nccl": self.pytorch,
+            "ParameterServer": self.tensorflow, "Gloo": self.pytorch, "Nccl": self.pytorch,
         }[self.communicator]  # fmt: skip
 
 
@@ -343,7 +341,7 @@ class ScriptRunConfig:
         run_config: RunConfiguration | None = None,
         compute_target: str | Any | None = None,
         environment: Environment | None = None,
-        distributed_job_config: MpiConfiguration | PyTorchConfiguration | None = None,
+        distributed_job_config: MpiConfiguration | PyTorchConfiguration | TensorflowConfiguration | None = None,
         max_run_duration_seconds: int | None = None,
         command: list[str] | str | None = None,
     ) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from shared import environments, schemas
-from shared.errors import NotSupportedError, ValidationError
+from shared.errors import ValidationError
+from shared.runs import TORCH_BACKENDS
 
 
 @dataclass(slots=True)
@@ -19,9 +20,6 @@ class MpiConfiguration:
 
     process_count_per_node: int | None = None
     node_count: int | None = None
-
-
-TORCH_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 
 
 @dataclass(slots=True)
@@ -44,15 +42,22 @@ class PyTorchConfiguration:
             )
 
 
+@dataclass(slots=True)
 class TensorflowConfiguration:
-    """Azure's parameter-server TensorFlow wiring (``TF_CONFIG``). Not supported yet: refused at construction."""
+    """TensorFlow's parameter-server wiring: ``worker_count`` workers and ``parameter_server_count`` parameter
+    servers, as many processes in all, spread over ``node_count`` nodes. Each gets ``TF_CONFIG`` with every task's
+    address (a port of its own on its node) and its own task type and index; ranks below ``worker_count`` are the
+    workers (worker 0 first), the rest the parameter servers.
+    """
 
-    def __init__(self, worker_count: int = 1, parameter_server_count: int = 1) -> None:
-        raise NotSupportedError(
-            "TensorflowConfiguration (TF_CONFIG for parameter servers) is not supported yet: use "
-            "PyTorchConfiguration, or MpiConfiguration with Horovod or tf.distribute's MultiWorkerMirroredStrategy "
-            "configured by the script"
-        )
+    worker_count: int = 1
+    parameter_server_count: int = 1
+
+    def __post_init__(self) -> None:
+        for name, value, least in (("worker_count", self.worker_count, 1),
+                                   ("parameter_server_count", self.parameter_server_count, 0)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValidationError(f"TensorflowConfiguration.{name} must be an integer >= {least}, not {value!r}")
 
 
 ArgValue = Any  # str | int | float | bool | DatasetConsumptionConfig (a dataset input's local path)
@@ -177,6 +182,15 @@ class Estimator:
         for name, value in (("node_count", node_count), ("process_count_per_node", process_count_per_node)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValidationError(f"{name} must be a positive integer, not {value!r}")
+        if isinstance(distributed_training, TensorflowConfiguration):
+            total = distributed_training.worker_count + distributed_training.parameter_server_count
+            if total % node_count:
+                raise ValidationError(
+                    f"TensorflowConfiguration: {distributed_training.worker_count} workers + "
+                    f"{distributed_training.parameter_server_count} parameter servers do not split evenly over "
+                    f"{node_count} nodes"
+                )
+            process_count_per_node = total // node_count
         if isinstance(distributed_training, PyTorchConfiguration) and distributed_training.process_count is not None:
             total = distributed_training.process_count
             if isinstance(total, bool) or not isinstance(total, int) or total < 1 or total % node_count:
@@ -244,7 +258,11 @@ class Estimator:
             return "mpi"
         if isinstance(self.distributed_training, PyTorchConfiguration):
             return "pytorch"
-        raise ValidationError("distributed_training must be MpiConfiguration() or PyTorchConfiguration()")
+        if isinstance(self.distributed_training, TensorflowConfiguration):
+            return "tensorflow"
+        raise ValidationError(
+            "distributed_training must be MpiConfiguration(), PyTorchConfiguration() or TensorflowConfiguration()"
+        )
 
     def to_spec(self, experiment: str, snapshot: schemas.SnapshotRef, git: schemas.GitInfo | None) -> schemas.RunSpec:
         return schemas.RunSpec(
@@ -270,6 +288,11 @@ class Estimator:
             memory_per_process=self.memory_per_process,
             environment=self.environment,
             communication_backend=self._backend(),
+            parameter_server_count=(
+                self.distributed_training.parameter_server_count
+                if isinstance(self.distributed_training, TensorflowConfiguration)
+                else 0
+            ),
         )
 
     def _backend(self) -> str | None:

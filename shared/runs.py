@@ -15,6 +15,7 @@ HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_PROCESSES_PER_NODE = 1024
 MAX_NODES = 4096
+TORCH_BACKENDS = ("gloo", "nccl", "mpi", "ucc")  # PyTorchConfiguration.communication_backend
 # Variables the system sets for every process; a user may not override them.
 RESERVED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "CADRE_")
 
@@ -40,6 +41,18 @@ def validate_spec(spec: schemas.RunSpec) -> None:
         raise ValidationError(
             f"process_count_per_node must be between 1 and {MAX_PROCESSES_PER_NODE}, not {spec.process_count_per_node}"
         )
+    world = spec.node_count * spec.process_count_per_node
+    if spec.distributed == "tensorflow" and not 0 <= spec.parameter_server_count < world:
+        raise ValidationError(
+            f"parameter_server_count must leave at least one worker among the {world} processes, "
+            f"not {spec.parameter_server_count}"
+        )
+    if spec.distributed == "tensorflow" and "TF_CONFIG" in spec.environment_variables:
+        raise ValidationError("TF_CONFIG is set by cadre for every process of a TensorflowConfiguration run")
+    if spec.distributed != "tensorflow" and spec.parameter_server_count:
+        raise ValidationError("parameter_server_count needs TensorflowConfiguration")
+    if spec.communication_backend is not None and spec.communication_backend not in TORCH_BACKENDS:
+        raise ValidationError(f"communication_backend must be one of {', '.join(TORCH_BACKENDS)}")
     if spec.max_run_duration_seconds is not None and spec.max_run_duration_seconds <= 0:
         raise ValidationError("max_run_duration_seconds must be a positive number of seconds")
     for key in spec.environment_variables:

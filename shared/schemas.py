@@ -72,7 +72,8 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     compute_target: str = "local"
     node_count: int = 1
     process_count_per_node: int = 1
-    distributed: Literal["none", "mpi", "pytorch"] = "none"
+    distributed: Literal["none", "mpi", "pytorch", "tensorflow"] = "none"
+    parameter_server_count: int = 0  # tensorflow: the last ranks are parameter servers, the others workers
     placement: Literal["pack", "spread"] = "pack"
     environment_variables: dict[str, str] = {}
     max_run_duration_seconds: int | None = None
@@ -162,6 +163,14 @@ class Rendezvous(RunEventBase, frozen=True, kw_only=True, tag="rendezvous"):
     master_addr: str
     master_port: int
     pmi_port: int | None = None
+    endpoints: dict[int, str] = {}  # tensorflow: every rank's "host:port" (its task address in TF_CONFIG)
+
+
+class Endpoints(RunEventBase, frozen=True, kw_only=True, tag="endpoints"):
+    """A non-master node's task addresses (tensorflow), which the master gathers into the Rendezvous."""
+
+    node_id: str
+    endpoints: dict[int, str]  # rank -> "host:port"
 
 
 class NodeFinished(RunEventBase, frozen=True, kw_only=True, tag="node_finished"):
@@ -221,6 +230,7 @@ RunEvent = (
     | Running
     | RankExited
     | Rendezvous
+    | Endpoints
     | NodeFinished
     | NodeLost
     | NodeCommitted

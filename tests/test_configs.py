@@ -80,8 +80,11 @@ def test_bad_configurations_fail_at_construction(make_project: Callable[..., Pat
         ScriptRunConfig(project, script="train.py", arguments=["--x", {"a": 1}])
     with pytest.raises(ValidationError, match="needs script="):
         ScriptRunConfig(project)
-    with pytest.raises(NotSupportedError, match="TensorflowConfiguration .* use PyTorchConfiguration"):
-        TensorflowConfiguration(worker_count=2, parameter_server_count=1)
+    with pytest.raises(ValidationError, match="worker_count must be an integer >= 1"):
+        TensorflowConfiguration(worker_count=0)
+    tf = TensorflowConfiguration(worker_count=2, parameter_server_count=1)
+    with pytest.raises(ValidationError, match="2 workers \\+ 1 parameter servers do not split evenly over 2 nodes"):
+        Estimator(project, "train.py", node_count=2, distributed_training=tf)
     with pytest.raises(ValidationError, match="communication_backend must be one of gloo, nccl"):
         PyTorchConfiguration(communication_backend="carrier-pigeon")
     with pytest.raises(ValidationError, match="process_count must be a positive multiple of node_count"):
@@ -98,7 +101,10 @@ def test_bad_configurations_fail_at_construction(make_project: Callable[..., Pat
         Estimator(project, "train.py", environment_definition=env)
     rc = RunConfiguration()
     rc.communicator = "ParameterServer"
-    with pytest.raises(NotSupportedError, match="TensorflowConfiguration"):
+    rc.tensorflow.worker_count = 3
+    assert ScriptRunConfig(project, script="train.py", run_config=rc)._estimator.process_count_per_node == 4
+    rc.communicator = "Carrier"
+    with pytest.raises(ValidationError, match="communicator must be one of None, Mpi"):
         ScriptRunConfig(project, script="train.py", run_config=rc)
 
 

@@ -25,6 +25,7 @@ from cadre import (
     PyTorchConfiguration,
     Run,
     RunFailedError,
+    TensorflowConfiguration,
     Workspace,
     _local,
 )
@@ -273,3 +274,51 @@ def test_a_big_gang_waits_while_nodes_are_still_joining(gws: Workspace, gpu_home
     assert reason.endswith("has 3 such node(s) (largest node: 2 slot(s)) so far; nodes are still joining")
     with pytest.raises(RunFailedError, match=r"compute target 'local' has 3 such node\(s\)"):
         run.wait_for_completion(timeout=30)
+
+
+TF_TASKS = """
+import json, os, socket, threading, time
+from cadre import Run
+config = json.loads(os.environ["TF_CONFIG"])
+task, cluster = config["task"], config["cluster"]
+me = cluster[task["type"]][task["index"]]
+host, port = me.rsplit(":", 1)
+server = socket.create_server((host, int(port)))  # the task's own address: it must be free on this node
+def answer():
+    while True:
+        conn, _ = server.accept()
+        conn.sendall(f"{task['type']}:{task['index']}".encode())
+        conn.close()
+threading.Thread(target=answer, daemon=True).start()
+reached = set()
+peers = [(kind, i, addr) for kind, addrs in cluster.items() for i, addr in enumerate(addrs) if addr != me]
+deadline = time.time() + 60
+for kind, i, addr in peers:
+    while True:
+        try:
+            with socket.create_connection(tuple([addr.rsplit(":", 1)[0], int(addr.rsplit(":", 1)[1])]), 2) as c:
+                assert c.recv(64).decode() == f"{kind}:{i}"
+                reached.add(addr)
+                break
+        except OSError:
+            assert time.time() < deadline, f"{addr} never answered"
+            time.sleep(0.05)
+print("task", task["type"], task["index"], "rank", os.environ["RANK"], "reached", len(reached), flush=True)
+Run.get_context().log("reached", len(reached))
+time.sleep(1)  # the others may still be dialing this task
+"""
+
+
+def test_tensorflow_parameter_server_tasks_get_a_tf_config_across_nodes(
+    gws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    tf = TensorflowConfiguration(worker_count=3, parameter_server_count=1)
+    est = Estimator(make_project(**{"train.py": TF_TASKS}), "train.py", node_count=2, distributed_training=tf)
+    run = Experiment(gws, "tf-config").submit(est)
+    out = io.StringIO()
+    run.wait_for_completion(show_output=True, output=out, timeout=120)
+    tasks = re.findall(r"task (worker|ps) (\d) rank (\d) reached 3", out.getvalue())
+    assert sorted(tasks, key=lambda t: t[2]) == [("worker", "0", "0"), ("worker", "1", "1"), ("worker", "2", "2"),
+                                                ("ps", "0", "3")], out.getvalue()  # fmt: skip
+    assert run.get_metrics()["reached"] == [3, 3, 3, 3]
+    assert len({slot["node_id"] for slot in run.get_details()["placement"]}) == 2

@@ -21,7 +21,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import structlog
@@ -65,6 +65,14 @@ class Outcome:
     aborted: bool = False
 
 
+def tf_config(endpoints: dict[int, str], workers: int, rank: int) -> str:
+    """TensorFlow's cluster spec for one process: ranks below ``workers`` are workers, the rest parameter servers."""
+    ranks = sorted(endpoints)
+    cluster = {"worker": [endpoints[r] for r in ranks[:workers]], "ps": [endpoints[r] for r in ranks[workers:]]}
+    task = {"type": "worker", "index": rank} if rank < workers else {"type": "ps", "index": rank - workers}
+    return json.dumps({"cluster": {k: v for k, v in cluster.items() if v}, "task": task})
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -96,6 +104,8 @@ class Execution:
         self.abort = asyncio.Event()  # another node failed, was lost, or the run ended
         self.abort_reason: str | None = None
         self.rendezvous: asyncio.Future[schemas.Rendezvous] = asyncio.get_running_loop().create_future()
+        self.endpoints: dict[int, str] = {}  # tensorflow: task addresses gathered by the master
+        self.endpoints_complete = asyncio.Event()
         self.pmi: PmiServer | None = None
         self.dataset_paths: dict[str, Path] = {}
         self.mpi_abort: tuple[int, int] | None = None
@@ -153,6 +163,10 @@ class Execution:
     def _observe(self, event: schemas.RunEvent) -> None:
         if isinstance(event, schemas.Rendezvous) and not self.rendezvous.done():
             self.rendezvous.set_result(event)
+        if isinstance(event, schemas.Endpoints):
+            self.endpoints.update(event.endpoints)
+            if len(self.endpoints) >= len(self.a.placement):
+                self.endpoints_complete.set()
         if event.state is RunState.CANCEL_REQUESTED:
             self.cancel_requested.set()
         reason = None
@@ -287,6 +301,8 @@ class Execution:
         )
         if self.spec.communication_backend:
             env["CADRE_COMMUNICATION_BACKEND"] = self.spec.communication_backend
+        if self.spec.distributed == "tensorflow":
+            env["TF_CONFIG"] = tf_config(rdv.endpoints, world - self.spec.parameter_server_count, slot.rank)
         for name, path in self.dataset_paths.items():
             env[f"CADRE_DATASET_{name.upper().replace('-', '_')}"] = str(path)
         if self.spec.distributed == "mpi" and rdv.pmi_port is not None:
@@ -345,6 +361,14 @@ class Execution:
                 self.pmi = PmiServer(len(self.a.placement), per_node, self._on_mpi_abort)
                 pmi_port = await self.pmi.start(address)
             master_port = free_port(address)
+            endpoints: dict[int, str] = {}
+            if self.spec.distributed == "tensorflow":
+                self.endpoints.update(self._my_endpoints())
+                if len(self.endpoints) >= len(self.a.placement):
+                    self.endpoints_complete.set()
+                if not await self._until(self.endpoints_complete, "the other nodes' task addresses"):
+                    return None
+                endpoints = dict(self.endpoints)
 
             def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
                 if last is None or last.state.is_terminal():
@@ -357,22 +381,46 @@ class Execution:
                     master_addr=address,
                     master_port=master_port,
                     pmi_port=pmi_port,
+                    endpoints=endpoints,
                 )
 
             event = await self.agent.events.append(self.run_id, build)
             return event if isinstance(event, schemas.Rendezvous) else None
+        if self.spec.distributed == "tensorflow":
+            mine = self._my_endpoints()
+
+            def announce(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+                if last is None or last.state.is_decided():
+                    return None
+                return bus.make_event(schemas.Endpoints, self.run_id, last.state, node_id=self.node_id, endpoints=mine)
+
+            await self.agent.events.append(self.run_id, announce)
+        if await self._until(self.rendezvous, f"the master node {self.nodes[0]} to start"):
+            return self.rendezvous.result()
+        return None
+
+    async def _until(self, awaitable: asyncio.Future[Any] | asyncio.Event, what: str) -> bool:
+        """Wait for ``awaitable`` unless the run stops first; past RENDEZVOUS_TIMEOUT the run is aborted."""
+        target = asyncio.ensure_future(awaitable.wait()) if isinstance(awaitable, asyncio.Event) else awaitable
         stop = asyncio.ensure_future(self._stopped())
         try:
-            done, _ = await asyncio.wait([self.rendezvous, stop], timeout=RENDEZVOUS_TIMEOUT,
+            done, _ = await asyncio.wait([target, stop], timeout=RENDEZVOUS_TIMEOUT,
                                          return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         finally:
             stop.cancel()
-        if self.rendezvous.done():
-            return self.rendezvous.result()
+            if target is not awaitable:
+                target.cancel()
+        if target.done() and not target.cancelled():
+            return True
         if not done:
-            self.abort_reason = f"the master node {self.nodes[0]} did not start within {RENDEZVOUS_TIMEOUT:.0f}s"
+            self.abort_reason = f"waited {RENDEZVOUS_TIMEOUT:.0f}s for {what}"
             self.abort.set()
-        return None
+        return False
+
+    def _my_endpoints(self) -> dict[int, str]:
+        """A port of its own for each of this node's ranks (tensorflow's task servers), on the node's address."""
+        address = self.agent.config.address
+        return {slot.rank: f"{address}:{free_port(address)}" for slot in self.my_slots}
 
     async def _stopped(self) -> None:
         await asyncio.wait(
