@@ -20,6 +20,7 @@ from shared import environments, schemas, subjects
 from shared.errors import NotSupportedError, ValidationError
 
 DEFAULT_ENVIRONMENT = "cadre-default"
+REGISTRY_RE = re.compile(r"^(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+:[0-9]+)(?::[0-9]+)?$")
 
 
 class _Strict:
@@ -104,12 +105,16 @@ class PythonSection(_Strict):
 
 
 class ContainerRegistry(_Strict):
-    _fields = ("address", "username", "password")
+    """A private registry for ``docker.base_image``. The password travels once, to the service that stores it in
+    the services-only secrets bucket; runs, events, logs and the stored environment name only where it is."""
+
+    _fields = ("address", "username", "password", "_secret")
 
     def __init__(self, address: str | None = None, username: str | None = None, password: str | None = None) -> None:
         self.address = address
         self.username = username
         self.password = password
+        self._secret: str | None = None  # where a registered environment's password is stored
 
     def __repr__(self) -> str:  # never the password
         return f"ContainerRegistry(address={self.address!r}, username={self.username!r})"
@@ -198,7 +203,9 @@ class Environment(_Strict):
         """Store this definition as the next version of its name (or return the version it already is)."""
         stored = workspace._request(
             subjects.Api.ENVIRONMENT_REGISTER,
-            schemas.EnvironmentRegisterRequest(definition=self.to_definition()),
+            schemas.EnvironmentRegisterRequest(
+                definition=self.to_definition(), registry_password=self._registry_password()
+            ),
             schemas.EnvironmentVersion,
         )
         self.version = stored.version
@@ -237,11 +244,22 @@ class Environment(_Strict):
             )
         if docker.enabled is False and docker.base_image is not None:
             raise ValidationError("docker.enabled is False but docker.base_image is set: an image needs Docker")
-        if docker.base_image_registry.address or docker.base_image_registry.password:
-            raise NotSupportedError(
-                "docker.base_image_registry (a private registry) is not supported yet: load the image on the "
-                "nodes first (docker load, or docker login + pull on the node) and set docker.base_image"
-            )
+        reg = docker.base_image_registry
+        registry = None
+        if reg.address:
+            if not isinstance(reg.address, str) or not REGISTRY_RE.match(reg.address):
+                raise ValidationError(
+                    f"docker.base_image_registry.address {reg.address!r} is not a registry host "
+                    "(expected e.g. 'registry.example.com' or 'localhost:5000')"
+                )
+            if not (docker.base_image or "").startswith(f"{reg.address}/"):
+                raise ValidationError(
+                    f"docker.base_image must be an image of the registry {reg.address}, e.g. "
+                    f"'{reg.address}/team/image:tag', not {docker.base_image!r}"
+                )
+            registry = schemas.RegistryAuth(address=reg.address, username=reg.username, secret=reg._secret)
+        elif reg.username or reg.password:
+            raise ValidationError("docker.base_image_registry needs its address when a username or password is set")
         if self.python.user_managed_dependencies and (deps.pip_packages or deps.conda_packages):
             raise ValidationError(
                 "python.user_managed_dependencies is True, so nothing is installed, yet packages are listed: "
@@ -263,7 +281,11 @@ class Environment(_Strict):
             environment_variables=variables,
             user_managed_dependencies=bool(self.python.user_managed_dependencies),
             shm_size=shm,
+            registry=registry,
         )
+
+    def _registry_password(self) -> str | None:
+        return self.docker.base_image_registry.password if self.docker.base_image_registry.address else None
 
     @classmethod
     def _from_stored(cls, stored: schemas.EnvironmentVersion) -> Environment:
@@ -274,6 +296,9 @@ class Environment(_Strict):
         env.python.user_managed_dependencies = d.user_managed_dependencies
         env.docker.base_image = d.base_image
         env.docker.shm_size = d.shm_size
+        if d.registry is not None:
+            env.docker.base_image_registry = ContainerRegistry(d.registry.address, d.registry.username)
+            env.docker.base_image_registry._secret = d.registry.secret
         env.environment_variables = dict(d.environment_variables)
         return env
 

@@ -205,6 +205,7 @@ class Estimator:
             raise ValidationError(f"placement_policy must be 'pack' or 'spread', not {placement_policy!r}")
         self.placement_policy = placement_policy
         self.environment: schemas.EnvironmentDefinition | None = None
+        self._registry_password: str | None = None  # sent with the submit only, to be stored apart
         if environment_definition is not None:
             from cadre._config import Environment
 
@@ -217,6 +218,7 @@ class Estimator:
                     "give environment_definition or pip_packages/conda_packages/custom_docker_image, not both"
                 )
             self.environment = environment_definition.to_definition()
+            self._registry_password = environment_definition._registry_password()
             pip_packages, conda_packages = self.environment.pip_packages, self.environment.conda_packages
             custom_docker_image = self.environment.base_image
             environment_variables = {**self.environment.environment_variables, **(environment_variables or {})}

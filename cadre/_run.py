@@ -62,7 +62,8 @@ class Experiment:
         if not prep.exists:
             assert prep.upload_url is not None
             http_put(prep.upload_url, snap.data)
-        reply = ws._request(subjects.Api.SUBMIT, schemas.SubmitRequest(spec=spec), schemas.SubmitReply)
+        request = schemas.SubmitRequest(spec=spec, registry_password=config._registry_password)
+        reply = ws._request(subjects.Api.SUBMIT, request, schemas.SubmitReply)
         run = Run(self, reply.run_id)
         if tags:
             run.set_tags(tags)

@@ -61,7 +61,11 @@ def agent_permissions(node_id: str) -> Permissions:
     kv_targets = f"KV_{s.TARGETS_BUCKET}"
     return Permissions(
         publish=[
-            f"{s.PREFIX}.agent.>",
+            s.AgentApi.SNAPSHOT_URL,
+            s.AgentApi.UPLOAD_URLS,
+            s.AgentApi.COMMIT,
+            s.AgentApi.DATASET_URLS,
+            s.agent_registry_credential(node_id),  # its own only: a registry password is for the node that pulls
             s.all_run_events(),
             s.all_run_logs(),
             s.all_run_metrics(),

@@ -152,6 +152,7 @@ async def ensure_topology(js: JetStreamContext) -> None:
         (subjects.MODELS_BUCKET, 1),
         (subjects.DATASETS_BUCKET, 1),
         (subjects.ENVIRONMENTS_BUCKET, 1),
+        (subjects.SECRETS_BUCKET, 1),
     ):
         await js.create_key_value(
             js_api.KeyValueConfig(bucket=bucket, history=history, storage=js_api.StorageType.FILE)

@@ -51,6 +51,22 @@ class DatasetInput(msgspec.Struct, frozen=True, kw_only=True):
         return f"{{cadre.dataset.{self.name}}}"
 
 
+class RegistryAuth(msgspec.Struct, frozen=True, kw_only=True):
+    """A private registry, without its password (which lives only in the services' secrets bucket)."""
+
+    address: str
+    username: str | None = None
+    secret: str | None = None  # the secrets bucket key of the password, set by the service that stored it
+
+
+class RegistryCredential(msgspec.Struct, frozen=True, kw_only=True):
+    username: str | None = None
+    password: str
+
+    def __repr__(self) -> str:  # never the password
+        return f"RegistryCredential(username={self.username!r})"
+
+
 class EnvironmentDefinition(msgspec.Struct, frozen=True, kw_only=True):
     """A named environment as Azure ML's ``Environment`` defines it (what ``register`` stores, and a run records)."""
 
@@ -62,6 +78,7 @@ class EnvironmentDefinition(msgspec.Struct, frozen=True, kw_only=True):
     environment_variables: dict[str, str] = {}
     user_managed_dependencies: bool = False
     shm_size: int | None = None
+    registry: RegistryAuth | None = None
 
 
 class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -276,6 +293,7 @@ class EnvironmentVersion(Message, frozen=True, kw_only=True):
 
 class EnvironmentRegisterRequest(Message, frozen=True, kw_only=True):
     definition: EnvironmentDefinition
+    registry_password: str | None = None  # stored apart (secrets bucket); a new one replaces the old
 
 
 class EnvironmentRef(Message, frozen=True, kw_only=True):
@@ -431,6 +449,11 @@ class SnapshotPrepareReply(Message, frozen=True, kw_only=True):
 
 class SubmitRequest(Message, frozen=True, kw_only=True):
     spec: RunSpec
+    registry_password: str | None = None  # stored apart from the run (secrets bucket), never in its record
+
+
+class RegistryCredentialRequest(Message, frozen=True, kw_only=True):
+    run_id: str
 
 
 class SubmitReply(Message, frozen=True, kw_only=True):

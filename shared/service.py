@@ -58,16 +58,21 @@ class Service:
         self,
         subject: str,
         request_type: type[Req],
-        handler: Callable[[Req], Awaitable[msgspec.Struct]],
+        handler: Callable[..., Awaitable[msgspec.Struct]],
         queue: str | None = None,
+        with_subject: bool = False,
     ) -> Awaitable[Any]:
-        """Serve ``subject``: decode the request, call the handler, reply with its value or a typed error."""
+        """Serve ``subject``: decode the request, call the handler, reply with its value or a typed error.
+
+        ``with_subject``: the handler also gets the subject the request came on (a wildcard's token can name the
+        caller, when the bus permissions let each caller publish only on its own).
+        """
         decoder = msgspec.json.Decoder(request_type)
 
         async def on_msg(msg: Msg) -> None:
             try:
                 req = decoder.decode(msg.data)
-                result = await handler(req)
+                result = await (handler(req, msg.subject) if with_subject else handler(req))
                 reply: schemas.Reply[Any] = schemas.Reply(ok=result)
             except msgspec.ValidationError as exc:
                 reply = schemas.Reply(error=schemas.ErrorInfo(code="invalid", message=f"malformed request: {exc}"))

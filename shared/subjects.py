@@ -24,6 +24,8 @@ TARGETS_BUCKET = "cadre_targets"  # compute target name -> ComputeTargetInfo
 RUNS_BUCKET = "cadre_runs"  # run_id -> RunRecord (immutable spec of a run)
 DATASETS_BUCKET = "cadre_datasets"  # "<name>.v<n>" -> DatasetVersion, "<name>.latest" -> n
 ENVIRONMENTS_BUCKET = "cadre_environments"  # "<name>.v<n>" -> EnvironmentVersion
+# Private registry passwords, for the services only: "run.<run_id>" or "environment.<name>.v<n>" -> RegistryCredential
+SECRETS_BUCKET = "cadre_secrets"
 MODELS_BUCKET = "cadre_models"  # "<name>.v<n>" -> ModelVersion, "<name>.latest" -> n, "<name>.alias.<a>" -> n
 
 # --- object store --------------------------------------------------------------------------------------
@@ -126,6 +128,23 @@ class AgentApi:
     UPLOAD_URLS = f"{PREFIX}.agent.artifacts.upload"
     COMMIT = f"{PREFIX}.agent.artifacts.commit"
     DATASET_URLS = f"{PREFIX}.agent.datasets.urls"
+
+
+def agent_registry_credential(node_id: str) -> str:
+    """Per node, so a node's bus user can ask only as itself (the services read the node id off the subject)."""
+    return f"{PREFIX}.agent.credentials.{node_id}"
+
+
+def all_agent_registry_credentials() -> str:
+    return f"{PREFIX}.agent.credentials.*"
+
+
+def run_secret_key(run_id: str) -> str:
+    return f"run.{run_id}"
+
+
+def environment_secret_key(name: str, version: int) -> str:
+    return f"environment.{name}.v{version}"
 
 
 def service_ping(service: str) -> str:

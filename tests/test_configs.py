@@ -95,9 +95,18 @@ def test_bad_configurations_fail_at_construction(make_project: Callable[..., Pat
     with pytest.raises(ValidationError, match="user_managed_dependencies is True"):
         ScriptRunConfig(project, script="train.py", environment=env)
     env = Environment("private")
-    env.docker.base_image = "registry.example:5000/team/image:1"
+    env.docker.base_image = "team/image:1"
     env.docker.base_image_registry.address = "registry.example:5000"
-    with pytest.raises(NotSupportedError, match="private registry"):
+    env.docker.base_image_registry.password = "s3cret-pw"
+    with pytest.raises(ValidationError, match="must be an image of the registry registry.example:5000"):
+        Estimator(project, "train.py", environment_definition=env)
+    assert "s3cret-pw" not in repr(env.docker.base_image_registry)
+    env.docker.base_image_registry.address = "https://registry.example"
+    with pytest.raises(ValidationError, match="is not a registry host"):
+        Estimator(project, "train.py", environment_definition=env)
+    with pytest.raises(NotSupportedError, match="base_dockerfile is not supported"):
+        env = Environment("dockerfile")
+        env.docker.base_dockerfile = "FROM x"
         Estimator(project, "train.py", environment_definition=env)
     rc = RunConfiguration()
     rc.communicator = "ParameterServer"

@@ -8,13 +8,17 @@ run with ``--pull never``, and dockerd could not reach a registry anyway.
 
 from __future__ import annotations
 
+import base64
+import http.server
 import io
+import json
 import os
 import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +29,19 @@ import pytest
 from conftest import ISOLATED
 from helpers import PackageIndex, eventually
 
-from cadre import Dataset, Estimator, Experiment, MpiConfiguration, Run, RunFailedError, Workspace, _local
+from cadre import (
+    ContainerRegistry,
+    Dataset,
+    Environment,
+    Estimator,
+    Experiment,
+    MpiConfiguration,
+    Run,
+    RunFailedError,
+    ScriptRunConfig,
+    Workspace,
+    _local,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -421,3 +437,90 @@ def test_run_context_in_an_image_without_cadre(
     assert re.search(r"/job-python/[0-9a-f]{16}$", first), first  # the job's cadre package comes first ...
     assert rest == (["/opt/image-lib"] if image == "bare_image" else [])  # ... then the image's own PYTHONPATH
     assert "client: cadre.Workspace is not available in this job" in text
+
+
+class RegistryDoor:
+    """The door of a private registry on loopback (the Docker registry HTTP API's first steps): every request
+    without credentials gets a Basic challenge; with them, the manifest is unknown. It records what dockerd sent,
+    so a test sees the password reach the pull and nothing else."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[str] = []
+        door = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                if auth:
+                    door.authorizations.append(auth)
+                if not auth:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="cadre-test"')
+                    self.send_header("Docker-Distribution-API-Version", "registry/2.0")
+                    body = b'{"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}'
+                elif self.path == "/v2/":
+                    self.send_response(200)
+                    body = b"{}"
+                else:
+                    self.send_response(404)
+                    body = b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}'
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_private_registry_password_reaches_the_pull_and_nothing_else(
+    dockerd: str, tmp_path_factory: pytest.TempPathFactory, make_project: Callable[..., Path]
+) -> None:
+    secret = "pw-" + "q7Zr4x" * 3
+    door = RegistryDoor()
+    home = tmp_path_factory.mktemp("cadre-registry-home")
+    agent_args = ["--runtime", "docker", "--image", IMAGE, "--pull", "if-not-present", "--docker-host", dockerd]
+    _local.up(home=home, agents=1, slots_per_agent=1, timeout=120, agent_args=agent_args)
+    try:
+        with Workspace.from_config(home / "profile.json") as ws:
+            env = Environment("private-env")
+            env.docker.base_image = f"{door.address}/team/trainer:1"
+            env.docker.base_image_registry = ContainerRegistry(door.address, "puller", secret)
+            registered = env.register(ws)
+            fetched = Environment.get(ws, "private-env")
+            assert fetched.docker.base_image_registry.password is None  # never handed back
+            project = make_project(**{"train.py": "print('never runs')"})
+            runs = [
+                Experiment(ws, "private").submit(ScriptRunConfig(project, script="train.py", environment=fetched)),
+                Experiment(ws, "private").submit(Estimator(project, "train.py", environment_definition=env)),
+            ]
+            for run in runs:
+                with pytest.raises(RunFailedError, match=rf"pulling image '{door.address}/team/trainer:1' failed"):
+                    run.wait_for_completion(timeout=60)
+            # dockerd sent the credential with each pull ...
+            basic = "Basic " + base64.b64encode(f"puller:{secret}".encode()).decode()
+            assert door.authorizations.count(basic) >= 2, door.authorizations
+            assert {a for a in door.authorizations} == {basic}
+            # ... and it is nowhere a client, an operator or a log can see.
+            seen = [json.dumps(r.get_details_with_logs()) for r in runs] + [repr(registered), repr(fetched)]
+            seen.append(subprocess.run([str(ROOT / ".venv" / "bin" / "cadre"), "events", "--json", "--since", "1"],
+                                       env={**os.environ, "CADRE_HOME": str(home)}, capture_output=True,
+                                       text=True, timeout=60).stdout)  # fmt: skip
+            seen += [p.read_text(errors="replace") for p in (home / "cluster" / "logs").glob("*.log")]
+            assert "runDefinition" in seen[0] and "puller" in seen[0] and runs[1].id in seen[4]  # events were read
+            assert not [text[:200] for text in seen if secret in text]
+            stored = runs[1].get_details()["runDefinition"]["environment"]["registry"]
+            assert stored == {"address": door.address, "username": "puller", "secret": f"run.{runs[1].id}"}
+    finally:
+        _local.down(home=home)
+        door.close()

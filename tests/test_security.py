@@ -55,9 +55,10 @@ def test_client_cannot_forge_run_events_or_write_state(cluster_home: Path) -> No
         await nc.publish(subjects.run_events("forged_1_x"), b"{}")
         await nc.publish(f"$KV.{subjects.MODELS_BUCKET}.m.latest", b"99")
         await nc.publish(subjects.node_assignments("agent-0"), b"{}")
+        await nc.publish(f"$JS.API.DIRECT.GET.KV_{subjects.SECRETS_BUCKET}.$KV.{subjects.SECRETS_BUCKET}.run.x", b"")
 
     found = asyncio.run(violations(creds(cluster_home, "client"), forge))
-    assert len(found) == 3, found
+    assert len(found) == 4, found
 
 
 def test_agent_may_publish_only_as_itself_and_not_call_client_apis(cluster_home: Path) -> None:
@@ -65,11 +66,12 @@ def test_agent_may_publish_only_as_itself_and_not_call_client_apis(cluster_home:
 
     async def impersonate(nc: nats.NATS) -> None:
         await nc.publish(f"$KV.{subjects.NODES_BUCKET}.agent-7", b"{}")
+        await nc.publish(subjects.agent_registry_credential("agent-7"), b"{}")  # another node's registry password
         with pytest.raises(ServiceUnavailableError):
             await request(nc, subjects.Api.MODEL_LIST, schemas.ModelListRequest(), schemas.ModelList, timeout=1)
 
     found = asyncio.run(violations(agent, impersonate))
-    assert len(found) == 2, found
+    assert len(found) == 3, found
 
 
 def test_secrets_never_reach_logs_or_events(cluster_home: Path, ws) -> None:

@@ -41,6 +41,7 @@ from services.node_agent.runtime import (
     _index_fingerprint,
 )
 from shared.environments import PULL_POLICIES, Environment
+from shared.schemas import RegistryCredential
 
 ENV_REPOSITORY = "cadre-env"
 _DONE = object()
@@ -84,9 +85,9 @@ class DockerRuntime:
         )
 
     # --- environments -------------------------------------------------------------------------------------
-    async def prepare(self, env: Environment, say: Say) -> Prepared:
+    async def prepare(self, env: Environment, say: Say, auth: RegistryCredential | None = None) -> Prepared:
         base = env.image or self.default_image
-        image = await asyncio.to_thread(self._image, base, say)
+        image = await asyncio.to_thread(self._image, base, say, auth)
         if not env.needs_build:
             # By id: every rank of the run gets the same image, even if the tag moves meanwhile.
             return Prepared(python=self.python, image=image.id)
@@ -107,7 +108,7 @@ class DockerRuntime:
             say(f"environment {key}: built in {time.monotonic() - started:.1f}s")
             return Prepared(python=self.python, image=tag, key=key)
 
-    def _image(self, name: str, say: Say) -> Any:
+    def _image(self, name: str, say: Say, auth: RegistryCredential | None = None) -> Any:
         if self.pull_policy != "always":
             try:
                 return self.client.images.get(name)
@@ -117,9 +118,10 @@ class DockerRuntime:
                         f"image {name!r} is not on this node and the agent's pull policy is 'never': load or build "
                         "it there first (docker load / docker build), or run the agent with --pull if-not-present"
                     ) from None
-        say(f"pulling image {name}")
+        say(f"pulling image {name}" + (f" as {auth.username or 'the registry user'}" if auth else ""))
+        credential = {"username": auth.username or "", "password": auth.password} if auth else None
         try:
-            return self.client.images.pull(name)
+            return self.client.images.pull(name, auth_config=credential)
         except docker.errors.APIError as exc:
             raise EnvironmentBuildError(f"pulling image {name!r} failed: {exc.explanation or exc}") from None
 

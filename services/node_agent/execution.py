@@ -210,11 +210,25 @@ class Execution:
             self.dataset_paths[ds.name] = await asyncio.to_thread(self._materialize, ds, urls)
         # Build (or reuse) the job's environment; what the build prints goes to the run's logs as "prepare" lines.
         first = self.shippers[min(self.shippers)]
-        self.prepared = await self.runtime.prepare(Environment.of(self.spec), lambda line: first.add("p", line))
+        auth = await self._registry_credential()
+        self.prepared = await self.runtime.prepare(Environment.of(self.spec), lambda line: first.add("p", line), auth)
         if self.prepared.cache_path is not None:
             self._hold(self.prepared.cache_path)
         self.log.info(
             "environment_ready", environment=self.prepared.key, image=self.prepared.image, python=self.prepared.python
+        )
+
+    async def _registry_credential(self) -> schemas.RegistryCredential | None:
+        """The private registry's password, asked for on this node's own subject; held only for the pull."""
+        registry = self.spec.environment.registry if self.spec.environment else None
+        if registry is None or registry.secret is None:
+            return None
+        return await bus.request(
+            self.agent.nc,
+            subjects.agent_registry_credential(self.node_id),
+            schemas.RegistryCredentialRequest(run_id=self.run_id),
+            schemas.RegistryCredential,
+            timeout=30,
         )
 
     def _materialize(self, ds: schemas.DatasetInput, urls: schemas.DatasetFiles) -> Path:

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from shared.environments import Environment
 from shared.errors import CadreError
+from shared.schemas import RegistryCredential
 
 LINE_LIMIT = 1 << 20  # a single line longer than this is split, not fatal
 PR_SET_PDEATHSIG = 1
@@ -108,8 +109,11 @@ Say = Callable[[str], None]
 class Runtime(Protocol):
     kind: str  # "process" | "docker"
 
-    async def prepare(self, env: Environment, say: Say) -> Prepared:
-        """Make the environment ready (build once per hash, reuse after), telling ``say`` what happens."""
+    async def prepare(self, env: Environment, say: Say, auth: RegistryCredential | None = None) -> Prepared:
+        """Make the environment ready (build once per hash, reuse after), telling ``say`` what happens.
+
+        ``auth``: the private registry's credential, used for this pull only and never kept or logged.
+        """
         ...
 
     async def start(self, spec: ProcessSpec) -> ProcessHandle: ...
@@ -221,7 +225,7 @@ class ProcessRuntime:
     def describe(self) -> str:
         return f"process runtime ({self.reason}): ranks run as child processes of the agent, with its Python"
 
-    async def prepare(self, env: Environment, say: Say) -> Prepared:
+    async def prepare(self, env: Environment, say: Say, auth: RegistryCredential | None = None) -> Prepared:
         if env.image is not None:
             raise EnvironmentBuildError(
                 f"custom_docker_image {env.image!r} needs the Docker runtime; this node runs plain processes"

@@ -3,45 +3,97 @@
 A version is taken with an atomic KV create of ``<name>.v<n>``, so concurrent registrations get consecutive
 numbers with no duplicate and no gap; registering the definition the latest version already has returns that
 version instead of making a new one.
+
+A private registry's password is stored apart, in the services-only secrets bucket under
+``environment.<name>.v<n>``; the stored environment names only that key. Registering the same definition with a
+new password replaces the old one (a rotation is not a new environment); a new version made from one fetched
+with ``Environment.get`` (no password in hand) carries its credential over.
 """
 
 from __future__ import annotations
 
 import time
 
+import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from shared import bus, environments, schemas, subjects
-from shared.errors import ConflictError, NotFoundError
+from shared.errors import ConflictError, NotFoundError, ValidationError
 
 MAX_VERSIONS_TRIED = 200
 
 
 class Environments:
-    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, secrets: KeyValue) -> None:
         self.js = js
         self.kv = kv
+        self.secrets = secrets
 
     async def register(self, req: schemas.EnvironmentRegisterRequest) -> schemas.EnvironmentVersion:
         environments.check_definition(req.definition)
-        name = req.definition.name
-        digest = environments.definition_digest(req.definition)
+        registry = req.definition.registry
+        if req.registry_password is not None and registry is None:
+            raise ValidationError("a registry password was given, but the environment names no registry")
+        carried = registry.secret if registry else None  # from Environment.get: the version it came from
+        if carried is not None and not carried.startswith(f"environment.{req.definition.name}.v"):
+            raise ValidationError(f"registry credential {carried!r} belongs to another environment")
+        has_credential = registry is not None and (req.registry_password is not None or carried is not None)
+        plain = req.definition
+        if registry is not None:
+            plain = msgspec.structs.replace(plain, registry=msgspec.structs.replace(registry, secret=None))
+        name = plain.name
+        # Whether a credential goes with it is part of what the environment is; the password itself is not.
+        marked = plain
+        if has_credential:
+            assert registry is not None
+            marked = msgspec.structs.replace(plain, registry=msgspec.structs.replace(registry, secret="(credential)"))
+        digest = environments.definition_digest(marked)
         versions = await self._versions(name)
         if versions and versions[-1].digest == digest:
+            if req.registry_password is not None:
+                await self._store_secret(versions[-1], req.registry_password)
             return versions[-1]
         version = (versions[-1].version if versions else 0) + 1
         for _ in range(MAX_VERSIONS_TRIED):
+            definition = plain
+            if has_credential:
+                assert registry is not None
+                key = subjects.environment_secret_key(name, version)
+                definition = msgspec.structs.replace(plain, registry=msgspec.structs.replace(registry, secret=key))
             stored = schemas.EnvironmentVersion(
-                definition=req.definition, version=version, digest=digest, created_at=time.time()
+                definition=definition, version=version, digest=digest, created_at=time.time()
             )
             try:
                 await self.kv.create(subjects.environment_version_key(name, version), schemas.encode(stored))
-                return stored
             except KeyWrongLastSequenceError:
                 version += 1
+                continue
+            if req.registry_password is not None:
+                await self._store_secret(stored, req.registry_password)
+            elif carried is not None:
+                await self._copy_secret(carried, stored)
+            return stored
         raise ConflictError(f"too many concurrent registrations of environment {name}; try again")
+
+    async def _store_secret(self, stored: schemas.EnvironmentVersion, password: str) -> None:
+        registry = stored.definition.registry
+        assert registry is not None and registry.secret is not None
+        cred = schemas.RegistryCredential(username=registry.username, password=password)
+        await self.secrets.put(registry.secret, schemas.encode(cred))
+
+    async def _copy_secret(self, source: str, stored: schemas.EnvironmentVersion) -> None:
+        registry = stored.definition.registry
+        assert registry is not None and registry.secret is not None
+        try:
+            entry = await self.secrets.get(source)
+        except KeyNotFoundError:
+            raise ValidationError(
+                f"environment {stored.definition.name}: the registry credential it was made from is gone; "
+                "register it with its password"
+            ) from None
+        await self.secrets.put(registry.secret, entry.value or b"")
 
     async def get(self, ref: schemas.EnvironmentRef) -> schemas.EnvironmentVersion:
         if ref.version is None:

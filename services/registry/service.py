@@ -65,7 +65,11 @@ class RegistryService(Service):
         await self.endpoint(subjects.Api.MODEL_ALIAS, schemas.AliasRequest, self.set_alias)
         await self.endpoint(subjects.Api.MODEL_DELETE, schemas.ModelRef, self.delete)
         await self.endpoint(subjects.Api.MODEL_DOWNLOAD, schemas.ModelRef, self.download_urls)
-        envs = Environments(self.js, await self.js.key_value(subjects.ENVIRONMENTS_BUCKET))
+        envs = Environments(
+            self.js,
+            await self.js.key_value(subjects.ENVIRONMENTS_BUCKET),
+            await self.js.key_value(subjects.SECRETS_BUCKET),
+        )
         await self.endpoint(subjects.Api.ENVIRONMENT_REGISTER, schemas.EnvironmentRegisterRequest, envs.register)
         await self.endpoint(subjects.Api.ENVIRONMENT_GET, schemas.EnvironmentRef, envs.get)
         await self.endpoint(subjects.Api.ENVIRONMENT_LIST, schemas.Empty, envs.list)

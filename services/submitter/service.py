@@ -13,7 +13,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from shared import bus, runs, schemas, subjects
-from shared.errors import NotFoundError, ValidationError
+from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, Limits, StoreSettings
 from shared.states import RunState
@@ -31,6 +31,7 @@ class SubmitterService(Service):
         self.targets_kv: KeyValue
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
+        self.secrets_kv: KeyValue
 
     @classmethod
     def from_env(cls) -> SubmitterService:
@@ -50,6 +51,13 @@ class SubmitterService(Service):
         await self.endpoint(subjects.Api.RUN_CANCEL, schemas.RunRef, self.cancel)
         await self.endpoint(subjects.Api.TARGETS_LIST, schemas.Empty, self.list_targets)
         await self.endpoint(subjects.Api.RUN_TAG, schemas.RunTagRequest, self.tag)
+        self.secrets_kv = await self.js.key_value(subjects.SECRETS_BUCKET)
+        await self.endpoint(
+            subjects.all_agent_registry_credentials(),
+            schemas.RegistryCredentialRequest,
+            self.registry_credential,
+            with_subject=True,
+        )
 
     def _check_snapshot_limits(self, snap: schemas.SnapshotRef) -> None:
         if snap.size > self.limits.snapshot_max_bytes:
@@ -91,6 +99,7 @@ class SubmitterService(Service):
         if stat[0] != spec.snapshot.size or (stat[1] and stat[1] != spec.snapshot.md5):
             raise ValidationError("the stored snapshot does not match its description (size or checksum); submit again")
         run_id = runs.new_run_id(spec.experiment)
+        spec = await self._store_registry_secret(run_id, spec, req.registry_password)
         record = schemas.RunRecord(run_id=run_id, spec=spec, submitted_at=time.time())
         await self.runs_kv.create(run_id, schemas.encode(record))
         await self.events.append(
@@ -107,6 +116,56 @@ class SubmitterService(Service):
         await self.events.append(run_id, lambda _: bus.make_event(schemas.Queued, run_id, RunState.QUEUED, spec=spec))
         self.log.info("run_submitted", run_id=run_id, experiment=spec.experiment, target=spec.compute_target)
         return schemas.SubmitReply(run_id=run_id, state=RunState.QUEUED)
+
+    async def _store_registry_secret(self, run_id: str, spec: schemas.RunSpec, password: str | None) -> schemas.RunSpec:
+        """A private registry's password goes to the secrets bucket; the run record names only where it is."""
+        registry = spec.environment.registry if spec.environment else None
+        if registry is None:
+            if password is not None:
+                raise ValidationError("a registry password was given, but the environment names no registry")
+            return spec
+        assert spec.environment is not None
+        if password is not None:
+            key = subjects.run_secret_key(run_id)
+            cred = schemas.RegistryCredential(username=registry.username, password=password)
+            await self.secrets_kv.put(key, schemas.encode(cred))
+        elif registry.secret is not None:
+            key = registry.secret
+            if not key.startswith("environment.") or not await self._secret(key):
+                raise ValidationError(
+                    f"the environment's registry credential {key!r} is not stored: register the environment "
+                    "again with its password, or give the password with this run"
+                )
+        else:
+            return spec  # a registry that needs no password
+        env = msgspec.structs.replace(spec.environment, registry=msgspec.structs.replace(registry, secret=key))
+        return msgspec.structs.replace(spec, environment=env)
+
+    async def _secret(self, key: str) -> schemas.RegistryCredential | None:
+        try:
+            entry = await self.secrets_kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return msgspec.json.decode(entry.value or b"", type=schemas.RegistryCredential)
+
+    async def registry_credential(
+        self, req: schemas.RegistryCredentialRequest, subject: str
+    ) -> schemas.RegistryCredential:
+        """A run's registry password, for a node that runs one of its ranks, while the run is not decided."""
+        node_id = subject.rsplit(".", 1)[-1]
+        record = await bus.get_record(self.runs_kv, req.run_id)
+        details = runs.fold(record, await self.events.history(req.run_id))
+        if node_id not in {slot.node_id for slot in details.placement}:
+            self.log.warning("registry_credential_refused", run_id=req.run_id, node_id=node_id)
+            raise NotFoundError(f"run {req.run_id} has no rank on node {node_id}")
+        if details.state.is_decided():
+            raise ConflictError(f"run {req.run_id} is {details.state.value}: its registry credential is not handed out")
+        registry = record.spec.environment.registry if record.spec.environment else None
+        cred = await self._secret(registry.secret) if registry and registry.secret else None
+        if cred is None:
+            raise NotFoundError(f"run {req.run_id} has no stored registry credential")
+        self.log.info("registry_credential_given", run_id=req.run_id, node_id=node_id)
+        return cred
 
     async def _target_names(self) -> list[str]:
         return sorted(await bus.kv_entries(self.js, subjects.TARGETS_BUCKET))
