@@ -4,6 +4,7 @@
 >>> ws = Workspace.from_config()  # doctest: +SKIP
 """
 
+from cadre._compat import AmlCompute, ComputeTarget, Datastore, PyTorch, SKLearn, TensorFlow
 from cadre._config import (
     CondaDependencies,
     ContainerRegistry,
@@ -31,13 +32,16 @@ from shared.errors import (
 from shared.states import RunState
 
 __all__ = [
+    "AmlCompute",
     "CadreError",
     "ClusterNotRunningError",
+    "ComputeTarget",
     "CondaDependencies",
     "ConflictError",
     "ContainerRegistry",
     "Dataset",
     "DatasetConsumptionConfig",
+    "Datastore",
     "DockerSection",
     "Environment",
     "Estimator",
@@ -46,14 +50,17 @@ __all__ = [
     "MpiConfiguration",
     "NotFoundError",
     "NotSupportedError",
+    "PyTorch",
     "PyTorchConfiguration",
     "PythonSection",
     "Run",
     "RunConfiguration",
     "RunFailedError",
     "RunState",
+    "SKLearn",
     "ScriptRunConfig",
     "ServiceUnavailableError",
+    "TensorFlow",
     "TensorflowConfiguration",
     "ValidationError",
     "Workspace",

@@ -12,7 +12,20 @@ from pathlib import Path
 
 from cadre._workspace import Workspace, http_put_file
 from shared import files, schemas, subjects
-from shared.errors import ValidationError
+from shared.errors import NotSupportedError, ValidationError
+
+DATASET_INSTEAD = (
+    "upload a folder with Dataset.upload(ws, './data', name='mnist') (versioned, content-hashed), then pass "
+    "Dataset.get(ws, 'mnist').as_named_input('mnist').as_mount() as a script argument"
+)
+
+
+class FileDatasetFactory:
+    """Azure's ``Dataset.File``: datasets here are folders uploaded with ``Dataset.upload``."""
+
+    @staticmethod
+    def from_files(*_: object, **__: object) -> None:
+        raise NotSupportedError(f"Dataset.File.from_files is not supported (no datastores): {DATASET_INSTEAD}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,8 @@ class DatasetConsumptionConfig:
 
 class Dataset:
     """One version of a dataset."""
+
+    File = FileDatasetFactory
 
     def __init__(self, version: schemas.DatasetVersion) -> None:
         self._v = version

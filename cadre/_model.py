@@ -165,6 +165,20 @@ class Model:
             tmp.replace(dest)
         return root
 
+    @staticmethod
+    def get_model_path(model_name: str, version: int | None = None, _workspace: Workspace | None = None) -> str:
+        """Azure's ``Model.get_model_path``: where a registered model's files are on this machine, downloaded once
+        per version under ``$CADRE_HOME/models/<name>/<version>``; a single-file model gives that file's path."""
+        from cadre._profile import cadre_home
+
+        ws = _workspace or Workspace.from_config()
+        model = Model(ws, model_name, version=version)
+        root = cadre_home() / "models" / model.name / str(model.version)
+        if not (root / ".complete").exists():
+            model.download(root, exist_ok=True)
+            (root / ".complete").write_text("")
+        return str(root / model.files[0]) if len(model.files) == 1 else str(root)
+
     def __repr__(self) -> str:
         return f"Model(name={self.name!r}, version={self.version}, run_id={self.run_id!r})"
 

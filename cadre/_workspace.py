@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from cadre._bridge import LoopThread
 from cadre._profile import Profile, load_profile
 from shared import bus
+from shared.errors import NotSupportedError
 from shared.settings import BusSettings
 
 T = TypeVar("T")
@@ -40,6 +41,12 @@ class Workspace:
 
     def _request(self, subject: str, payload: msgspec.Struct, reply_type: type[T], timeout: float = 30.0) -> T:
         return self._loop.call(bus.request(self._nc, subject, payload, reply_type, timeout=timeout))
+
+    def get_default_datastore(self) -> None:
+        """Azure's datastores have no counterpart: data goes up as a dataset."""
+        from cadre._dataset import DATASET_INSTEAD
+
+        raise NotSupportedError(f"datastores are not supported: {DATASET_INSTEAD}")
 
     def close(self) -> None:
         if not self._nc.is_closed:

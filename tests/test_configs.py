@@ -14,16 +14,22 @@ import pytest
 from helpers import PackageIndex
 
 from cadre import (
+    AmlCompute,
+    ComputeTarget,
     CondaDependencies,
     Dataset,
     Environment,
     Estimator,
     Experiment,
+    Model,
     NotFoundError,
     NotSupportedError,
+    PyTorch,
     PyTorchConfiguration,
     RunConfiguration,
     ScriptRunConfig,
+    SKLearn,
+    TensorFlow,
     TensorflowConfiguration,
     ValidationError,
     Workspace,
@@ -199,3 +205,33 @@ def test_environment_versions(ws: Workspace) -> None:
         Environment.get(ws, "versioned-env", version=99)
     with pytest.raises(NotFoundError, match="environment never-registered is not registered"):
         Environment.get(ws, "never-registered")
+
+
+def test_more_azure_names_work_or_name_the_alternative(
+    ws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    project = make_project(**{"train.py": "print(1)"})
+    assert "scikit-learn" in SKLearn(project, "train.py").pip_packages
+    assert SKLearn(project, "train.py", framework_version="1.5.2", pip_packages=["joblib"]).pip_packages == [
+        "joblib",
+        "scikit-learn==1.5.2",
+    ]
+    for call, alternative in (
+        (lambda: PyTorch(project, "train.py"), "PyTorchConfiguration"),
+        (lambda: TensorFlow(project, "train.py"), "TensorflowConfiguration"),
+        (lambda: ws.get_default_datastore(), r"Dataset.upload\(ws"),
+        (lambda: Dataset.File.from_files(path="x"), r"Dataset.upload\(ws"),
+        (lambda: AmlCompute.provisioning_configuration(vm_size="STANDARD_NC6"), "--compute-target NAME"),
+    ):
+        with pytest.raises(NotSupportedError, match=alternative):
+            call()
+    target = ComputeTarget(ws, "local")
+    assert target.nodes and Estimator(project, "train.py", compute_target=target).compute_target == "local"
+    with pytest.raises(NotFoundError, match="compute target 'gpu-cluster' is not known; known targets: local"):
+        ComputeTarget(ws, "gpu-cluster")
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\x00\x01" * 100)
+    registered = Model.register(ws, model_path=str(weights), model_name="path-model")
+    path = Path(Model.get_model_path("path-model", _workspace=ws))
+    assert path.name == "weights.bin" and path.read_bytes() == weights.read_bytes()
+    assert f"/models/path-model/{registered.version}/" in str(path)
