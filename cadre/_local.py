@@ -282,20 +282,24 @@ def down(home: Path | None = None, timeout: float = 40.0) -> bool:
     return running
 
 
-def restart(name: str, home: Path | None = None, crash: bool = False, timeout: float = 20.0) -> None:
-    """Stop one service or agent of the running cluster (SIGKILL when ``crash``), start it again, and return once
-    it serves (a service answers its ping, an agent has heartbeated).
+def restart(
+    name: str, home: Path | None = None, crash: bool = False, timeout: float = 20.0, down_for: float = 0.0
+) -> None:
+    """Stop one process of the running cluster (SIGKILL when ``crash``), keep it down ``down_for`` seconds, start it
+    again, and return once it serves: a service answers its ping, an agent has heartbeated, nats-server is
+    healthy with JetStream, the S3 server answers a signed call.
 
-    For operators replacing a wedged process, and for tests that prove nothing is lost across a restart.
+    For operators replacing a wedged process, and for tests and fault drills that prove nothing is lost across a
+    restart or an outage (``nats-server`` and ``weed`` keep their data: same ports, same store).
     """
     home = Path(home or cadre_home()).expanduser().absolute()
     cluster = home / "cluster"
     state_path = cluster / "state.json"
     state = _read_state(state_path)
     rec = next((r for r in state.processes if r.name == name), None) if state else None
-    if state is None or rec is None or rec.role == "infra":
-        names = [r.name for r in state.processes if r.role != "infra"] if state else []
-        raise ValidationError(f"no service or agent named {name!r} in this cluster; it has: {', '.join(names)}")
+    if state is None or rec is None:
+        names = [r.name for r in state.processes] if state else []
+        raise ValidationError(f"no process named {name!r} in this cluster; it has: {', '.join(names)}")
     envs = msgspec.json.decode((cluster / "process-env.json").read_bytes(), type=dict[str, dict[str, str]])
     if _is_ours(rec):
         _signal_group(rec, signal.SIGKILL if crash else signal.SIGTERM)
@@ -303,11 +307,21 @@ def restart(name: str, home: Path | None = None, crash: bool = False, timeout: f
         for r in left:
             _signal_group(r, signal.SIGKILL)
         _wait_exit(left, time.monotonic() + 5.0)
+    time.sleep(max(0.0, down_for))
     spawned_at = time.time()
-    new, proc = _spawn(rec.name, rec.role, rec.argv, _child_env(envs[name]), REPO_ROOT, Path(rec.log))
+    cwd = cluster if rec.role == "infra" else REPO_ROOT
+    new, proc = _spawn(rec.name, rec.role, rec.argv, _child_env(envs.get(name, {})), cwd, Path(rec.log))
     state.processes = [new if r.name == name else r for r in state.processes]
     _write_state(state_path, state)
-    # Return once it serves again: a service answers its ping, an agent heartbeats.
+    deadline = time.monotonic() + timeout
+    if rec.name == "nats-server":
+        _wait_nats(int(state.nats_monitor.rsplit(":", 1)[1]), new, [(new, proc)], deadline, timeout)
+        return
+    if rec.name == "weed":
+        s3 = next(e for e in envs.values() if "CADRE_S3_ACCESS_KEY" in e)
+        keys = s3["CADRE_S3_ACCESS_KEY"], s3["CADRE_S3_SECRET_KEY"]
+        _wait_s3(state.s3_endpoint, *keys, new, [(new, proc)], deadline, timeout)
+        return
     profile = load_profile(home / "profile.json")
     _run_async(
         _await_bus_processes(
@@ -316,7 +330,7 @@ def restart(name: str, home: Path | None = None, crash: bool = False, timeout: f
             [new] if new.role == "agent" else [],
             [(new, proc)],
             spawned_at,
-            time.monotonic() + timeout,
+            deadline,
             timeout,
             lambda _name, _what: None,
         )

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from cadre._model import Model
 
 LOG_DRAIN_TIMEOUT = 15.0
+OUTAGE_PATIENCE = 300.0  # seconds a following client waits out a bus that is away before it gives up
 LOG_FILE_LIMIT = 4 << 20
 
 
@@ -186,7 +187,7 @@ class Run:
         if show_output:
             print(f"RunId: {self.id}", file=out, flush=True)
         self.stream_logs(follow=True, output=out if show_output else None, timeout=timeout)
-        details = self._details()
+        details = self._ws._loop.call(self._fetch_details())
         if show_output:
             print(f"\nExecution summary\n  RunId: {self.id}\n  Status: {details.state.value}", file=out, flush=True)
         if raise_on_error and details.state is RunState.FAILED:
@@ -275,24 +276,20 @@ class Run:
                     targets[slot.rank] = batch.first_line + len(batch.lines)
                 except JsNotFound:  # no lines from this rank yet
                     continue
-        subs.append(
-            await js.subscribe(
-                subjects.run_logs_all_ranks(self.id),
-                stream=subjects.LOGS_STREAM,
-                ordered_consumer=True,
-                deliver_policy=js_api.DeliverPolicy.ALL,
-                cb=on_log,
+        # A follower set up while the bus is away (a server restarting) waits for it; once subscribed, the
+        # ordered consumers resume by themselves after a reconnect.
+        for subject, stream, cb in (
+            (subjects.run_logs_all_ranks(self.id), subjects.LOGS_STREAM, on_log),
+            (subjects.run_events(self.id), subjects.EVENTS_STREAM, on_event),
+        ):
+            subs.append(
+                await bus.outlast(
+                    lambda subject=subject, stream=stream, cb=cb: js.subscribe(
+                        subject, stream=stream, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL, cb=cb
+                    ),
+                    within=OUTAGE_PATIENCE,
+                )
             )
-        )
-        subs.append(
-            await js.subscribe(
-                subjects.run_events(self.id),
-                stream=subjects.EVENTS_STREAM,
-                ordered_consumer=True,
-                deliver_policy=js_api.DeliverPolicy.ALL,
-                cb=on_event,
-            )
-        )
         check_done()
 
         async def finish() -> None:
@@ -317,13 +314,16 @@ class Run:
 
         return stop
 
-    async def _placement(self) -> list[schemas.RankSlot]:
-        from shared import bus
-
-        details = await bus.request(
-            self._ws._nc, subjects.Api.RUN_GET, schemas.RunRef(run_id=self.id), schemas.RunDetails
+    async def _fetch_details(self) -> schemas.RunDetails:
+        """The run's details, waiting out a bus that is away (for a follower, which must not give up on a blip)."""
+        request = schemas.RunRef(run_id=self.id)
+        return await bus.outlast(
+            lambda: bus.request(self._ws._nc, subjects.Api.RUN_GET, request, schemas.RunDetails),
+            within=OUTAGE_PATIENCE,
         )
-        return details.placement
+
+    async def _placement(self) -> list[schemas.RankSlot]:
+        return (await self._fetch_details()).placement
 
     # --- metrics, tags, properties ------------------------------------------------------------------
     def _run_data(self) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:

@@ -79,7 +79,7 @@ def collect(root: Path) -> list[tuple[str, Path]]:
         for f in sorted(filenames):
             rel = rel_base + f
             path = base / f
-            if path.is_symlink() and not path.exists():
+            if not path.is_file():  # a dangling link, a socket or a FIFO: nothing a job could read as a file
                 continue
             if not _ignored(rules, rel, False):
                 out.append((rel, path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import urllib.parse
 import uuid
@@ -13,12 +14,19 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError, NoServersError
+from nats.errors import (
+    ConnectionReconnectingError,
+    NoRespondersError,
+    NoServersError,
+    OutboundBufferLimitError,
+    StaleConnectionError,
+)
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, BadRequestError, KeyNotFoundError
+from nats.js.errors import APIError, BadRequestError, KeyNotFoundError, NoStreamResponseError
 from nats.js.errors import NotFoundError as JsNotFound
+from nats.js.errors import ServiceUnavailableError as JsUnavailable
 from nats.js.kv import KeyValue
 
 from shared import schemas, subjects
@@ -37,6 +45,43 @@ from shared.states import RunState, check_transition
 T = TypeVar("T")
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream's answer when an expected-last-subject-sequence check fails
+
+# What a bus outage (a server restarting, a partition, JetStream without quorum) raises: worth waiting out.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,  # nats' own TimeoutError is one, and so is asyncio's
+    ConnectionReconnectingError,
+    StaleConnectionError,
+    OutboundBufferLimitError,
+    NoRespondersError,
+    NoStreamResponseError,
+    JsUnavailable,
+    ServiceUnavailableError,
+    ConnectionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the bus being away for a while (retry), not from a bug or bad input."""
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+class Backoff:
+    """Exponential waits between retries, from ``first`` up to ``cap`` seconds; ``reset`` once things work."""
+
+    def __init__(self, first: float = 0.25, cap: float = 5.0) -> None:
+        self.first, self.cap = first, cap
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.first * (2**self.attempts))
+        self.attempts += 1
+        return delay
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.next_delay())
+
+    def reset(self) -> None:
+        self.attempts = 0
 
 
 async def connect(settings: BusSettings, **kwargs: Any) -> NATS:
@@ -284,13 +329,25 @@ class RunEventLog:
 async def consume(psub: Any, handle: Callable[[Msg], Awaitable[None]], batch: int = 64) -> None:
     """Long-poll a pull consumer forever; each message is acked once its handler returns (redelivered if the
     process dies first)."""
+    backoff = Backoff()
     while True:
         try:
             msgs = await psub.fetch(batch, timeout=30)
         except NatsTimeout:
             continue
+        except TRANSIENT_ERRORS:  # the bus is away: wait it out, the consumer is durable
+            await backoff.wait()
+            continue
+        backoff.reset()
         for msg in msgs:
-            await handle(msg)
+            try:
+                await handle(msg)
+            except TRANSIENT_ERRORS:
+                # Not acked: handled again once the bus is back (sooner than ack_wait when the nak gets through).
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=1)
+                await backoff.wait()
+                continue
             await msg.ack()
 
 
@@ -343,6 +400,21 @@ async def replay(
 
 def make_event(cls: type[schemas.RunEventBase], run_id: str, state: RunState, **fields: object) -> schemas.RunEvent:
     return cls(event_id=new_event_id(), run_id=run_id, state=state, at=time.time(), **fields)  # type: ignore[return-value]
+
+
+async def outlast(fn: Callable[[], Awaitable[T]], within: float | None = None) -> T:
+    """``fn()``, retried with backoff while the bus is away (transient errors only), for ``within`` seconds at
+    most (None: as long as it takes); then the last error is raised."""
+    backoff = Backoff()
+    deadline = None if within is None else time.monotonic() + within
+    while True:
+        try:
+            return await fn()
+        except TRANSIENT_ERRORS:
+            delay = backoff.next_delay()
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
 
 
 async def retry(fn: Callable[[], Awaitable[T]], attempts: int = 50, delay: float = 0.1) -> T:

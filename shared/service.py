@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -40,6 +42,9 @@ class Service:
         self.js: JetStreamContext
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._disconnected_at: float | None = None
+        self._failed_reconnects = 0
+        self.bus_up_since = 0.0  # wall clock of the last (re)connect: what others sent before it may not have arrived
 
     async def setup(self) -> None:
         """Register endpoints and start background work. Called once connected."""
@@ -48,11 +53,37 @@ class Service:
         """Release what setup took, before the connection drains."""
 
     async def connect(self) -> None:
-        self.nc = await bus.connect(self.bus_settings, error_cb=self._on_error)
+        self.nc = await bus.connect(
+            self.bus_settings,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
         self.js = self.nc.jetstream()
+        self.bus_up_since = time.time()
+
+    @property
+    def bus_connected(self) -> bool:
+        return self._disconnected_at is None and self.nc.is_connected
 
     async def _on_error(self, exc: Exception) -> None:
+        if self._disconnected_at is not None:  # one line per outage, not one per reconnect attempt
+            self._failed_reconnects += 1
+            return
         self.log.warning("bus_error", error=str(exc))
+
+    async def _on_disconnected(self) -> None:
+        if self._disconnected_at is None and not self._stop.is_set():
+            self._disconnected_at = asyncio.get_running_loop().time()
+            self._failed_reconnects = 0
+            self.log.warning("bus_disconnected")
+
+    async def _on_reconnected(self) -> None:
+        if self._disconnected_at is not None:
+            away = asyncio.get_running_loop().time() - self._disconnected_at
+            self.log.info("bus_reconnected", seconds_away=round(away, 1), failed_attempts=self._failed_reconnects)
+        self._disconnected_at = None
+        self.bus_up_since = time.time()
 
     def endpoint(
         self,
@@ -88,15 +119,32 @@ class Service:
 
         return self.nc.subscribe(subject, queue=queue or self.name, cb=on_msg)
 
-    def spawn(self, coro: Awaitable[None], name: str) -> None:
+    def spawn(self, work: Awaitable[None] | Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``work`` in the background. Given a function that makes the coroutine (a long-lived loop), a bus
+        outage of any length is waited out: on a transient bus error the loop starts again, with backoff. Any
+        other error stops the service, so that its supervisor restarts it rather than leave a zombie."""
+
         async def guarded() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.log.exception("task_crashed", task=name)
-                self.shutdown()  # a dead loop must not leave a zombie service: exit, let the supervisor restart
+            backoff = bus.Backoff()
+            while True:
+                started = asyncio.get_running_loop().time()
+                try:
+                    await (work() if callable(work) else work)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if callable(work) and bus.is_transient(exc):
+                        if asyncio.get_running_loop().time() - started > 30:
+                            backoff.reset()  # it ran a good while: this is a new outage, not the same one
+                        delay = backoff.next_delay()
+                        if backoff.attempts in (1, 10) or backoff.attempts % 60 == 0:
+                            self.log.warning("task_retrying", task=name, error=repr(exc), attempt=backoff.attempts)
+                        await asyncio.sleep(delay)
+                        continue
+                    self.log.exception("task_crashed", task=name)
+                    self.shutdown()
+                    return
 
         task = asyncio.create_task(guarded(), name=name)
         self._tasks.add(task)
@@ -126,7 +174,8 @@ class Service:
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=10)
         except Exception:  # draining a broken connection: closing is all that is left
-            await self.nc.close()
+            with contextlib.suppress(Exception):
+                await self.nc.close()
         self.log.info("service_stopped")
 
     def shutdown(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import tarfile
 import time
 from pathlib import Path
@@ -218,6 +219,15 @@ class TestSnapshot:
         out.write_bytes(pack(tmp_path).data)
         with tarfile.open(out) as tar:
             assert tar.getnames() == ["pkg/m.py"]
+
+    def test_sockets_fifos_and_dangling_links_are_left_out(self, tmp_path: Path) -> None:
+        (tmp_path / "train.py").write_text("x = 1")
+        os.mkfifo(tmp_path / "pipe")
+        (tmp_path / "gone").symlink_to(tmp_path / "missing")
+        with socket.socket(socket.AF_UNIX) as sock:  # a server's socket left in the project (it hung pack before)
+            sock.bind(str(tmp_path / "s.sock"))
+            assert [rel for rel, _ in collect(tmp_path)] == ["train.py"]
+            pack(tmp_path)
 
     def test_limits_fail_before_packing(self, tmp_path: Path) -> None:
         for i in range(5):

@@ -8,10 +8,12 @@ delivering new events live). Nothing is polled except the heartbeat clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 
 from nats.js import api as js_api
+from nats.js.errors import KeyNotFoundError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
@@ -27,6 +29,7 @@ LOST_CONCURRENCY = 32  # runs whose node losses are being recorded at once
 # A run too big for its compute target fails fast, but only once the target has stopped growing for this long:
 # agents that are still registering (a cluster coming up) must not make a big gang fail as impossible.
 SETTLE_SECONDS = 5.0
+RETRY_SECONDS = 1.0  # a decision the bus did not take is tried again this soon
 ACTIVE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
 
 
@@ -60,21 +63,24 @@ class SchedulerService(Service):
         self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
         self.nodes_kv = await self.js.key_value(subjects.NODES_BUCKET)
         self.events = bus.RunEventLog(self.js)
-        watcher = await self.nodes_kv.watchall()
-        self.spawn(self._watch_nodes(watcher), "watch_nodes")
-        sub = await self.js.subscribe(
-            subjects.all_run_events(),
-            stream=subjects.EVENTS_STREAM,
-            ordered_consumer=True,
-            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
-        )
-        self.spawn(self._consume_events(sub), "consume_events")
-        self.spawn(self._schedule_loop(), "schedule_loop")
-        self.spawn(self._liveness_loop(), "liveness_loop")
+        # Each loop is restarted with backoff when the bus is away (see Service.spawn), so none may hold state
+        # across a restart that the restart would not rebuild: they subscribe again, and read from the start.
+        self.spawn(self._watch_nodes, "watch_nodes")
+        self.spawn(self._consume_events, "consume_events")
+        self.spawn(self._schedule_loop, "schedule_loop")
+        self.spawn(self._liveness_loop, "liveness_loop")
         await self.endpoint(subjects.Api.SCHEDULER_STATE, schemas.Empty, self._state)
 
     # --- inputs ------------------------------------------------------------------------------------------
-    async def _watch_nodes(self, watcher) -> None:
+    async def _watch_nodes(self) -> None:
+        watcher = await self.nodes_kv.watchall()
+        try:
+            await self._watch(watcher)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _watch(self, watcher) -> None:
         async for entry in watcher:
             if entry is None:  # end of the initial values
                 continue
@@ -101,7 +107,20 @@ class SchedulerService(Service):
                 self.nodes[advert.node_id] = advert
             self._wake.set()
 
-    async def _consume_events(self, sub) -> None:
+    async def _consume_events(self) -> None:
+        sub = await self.js.subscribe(
+            subjects.all_run_events(),
+            stream=subjects.EVENTS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+        )
+        try:
+            await self._consume(sub)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _consume(self, sub) -> None:
         async for msg in sub.messages:
             event = schemas.run_event_decoder.decode(msg.data)
             if event.state is RunState.QUEUED:
@@ -189,7 +208,7 @@ class SchedulerService(Service):
                     writes.append(self._assign(record, decision.placement))
                 elif decision.impossible is not None and not settling:
                     queue.pop(run_id, None)
-                    writes.append(self._fail(run_id, "unschedulable", decision.impossible))
+                    writes.append(self._unschedulable(record, decision.impossible))
                 elif decision.impossible is not None:  # nodes are still joining: look again once they settle
                     reason = f"{decision.impossible} so far; nodes are still joining"
                     recheck = True
@@ -216,6 +235,12 @@ class SchedulerService(Service):
                 event = await self.events.append(run_id, build, known=self.last_seen.get(run_id))
             except ConflictError:
                 event = None
+            except Exception as exc:
+                if not bus.is_transient(exc):
+                    raise
+                self.allocations.pop(run_id, None)
+                self._requeue(record, "assign", exc)
+                return False
             if event is None:
                 self.allocations.pop(run_id, None)
                 self._wake.set()
@@ -226,17 +251,40 @@ class SchedulerService(Service):
         return True
 
     async def _send_assignments(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> None:
+        """Hand the run to its nodes. The run is placed already (its Assigned event is stored), so a bus outage
+        is waited out: re-sending is safe, each assignment is deduplicated by its message id."""
         nodes = sorted({s.node_id for s in placement})
         hosts = {n: self.nodes[n].host_id for n in nodes if n in self.nodes}
+        backoff = bus.Backoff()
         for node_id in nodes:
             msg = schemas.Assignment(
                 run_id=record.run_id, node_id=node_id, spec=record.spec, placement=placement, hosts=hosts
             )
-            await self.js.publish(
-                subjects.node_assignments(node_id),
-                schemas.encode(msg),
-                headers={"Nats-Msg-Id": f"{record.run_id}:{node_id}"},
-            )
+            while True:
+                try:
+                    await self.js.publish(
+                        subjects.node_assignments(node_id),
+                        schemas.encode(msg),
+                        headers={"Nats-Msg-Id": f"{record.run_id}:{node_id}"},
+                    )
+                    break
+                except Exception as exc:
+                    if not bus.is_transient(exc):
+                        raise
+                    if backoff.attempts == 0:
+                        self.log.warning("assignment_retrying", run_id=record.run_id, node_id=node_id, error=repr(exc))
+                    await backoff.wait()
+
+    def _requeue(self, record: schemas.RunRecord, what: str, exc: BaseException) -> None:
+        """A decision could not be written (the bus is away): the run goes back to its place in the queue, and the
+        scheduler looks again shortly."""
+        queue = self.queues.setdefault(record.spec.compute_target, OrderedDict())
+        queue[record.run_id] = record
+        for run_id in sorted(queue, key=lambda r: queue[r].submitted_at):  # back into FIFO order
+            queue.move_to_end(run_id)
+        self.reasons.pop(record.run_id, None)
+        self.log.warning("decision_deferred", run_id=record.run_id, write=what, error=repr(exc))
+        asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
 
     async def _annotate(self, run_id: str, reason: str) -> None:
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
@@ -244,8 +292,23 @@ class SchedulerService(Service):
                 return None
             return bus.make_event(schemas.Queued, run_id, RunState.QUEUED, reason=reason)
 
-        await self.events.append(run_id, build)
+        try:
+            await self.events.append(run_id, build)
+        except Exception as exc:
+            if not bus.is_transient(exc):
+                raise
+            self.reasons.pop(run_id, None)  # written on a later pass
+            asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
+            return
         self.log.info("run_waiting", run_id=run_id, reason=reason)
+
+    async def _unschedulable(self, record: schemas.RunRecord, message: str) -> None:
+        try:
+            await self._fail(record.run_id, "unschedulable", message)
+        except Exception as exc:
+            if not bus.is_transient(exc):
+                raise
+            self._requeue(record, "fail", exc)
 
     async def _fail(self, run_id: str, code: str, message: str) -> None:
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
@@ -262,13 +325,20 @@ class SchedulerService(Service):
         """A node that stops heartbeating is lost: its runs' other nodes stop their ranks and the run fails."""
         while True:
             await asyncio.sleep(1.0)
+            if not self.bus_connected:
+                continue  # no heartbeat can reach us now: silence says nothing about the nodes
             now = time.time()
+            # The watch can lag behind the bucket (its consumer resets after a reconnect): before a node is
+            # judged silent, its key is read directly.
+            for nid, advert in list(self.nodes.items()):
+                if not self._heard_from(advert, now, missed=1.5):
+                    await self._reread(nid)
             # Snapshots: the node watch changes self.nodes while this loop awaits its events.
             for nid, advert in list(self.nodes.items()):
-                if nid not in self.not_responding and not advert.alive(now, missed=1.5):
+                if nid not in self.not_responding and not self._heard_from(advert, now, missed=1.5):
                     self.not_responding.add(nid)
                     await self._node_event(advert, "not_responding", "missed a heartbeat")
-            dead = {nid for nid, advert in list(self.nodes.items()) if not advert.alive(now)}
+            dead = {nid for nid, advert in list(self.nodes.items()) if not self._heard_from(advert, now)}
             if not dead:
                 continue
             for nid in sorted(dead):
@@ -278,6 +348,24 @@ class SchedulerService(Service):
                     await self._node_event(advert, "lost", "stopped heartbeating")
             await self._nodes_gone(dead)
             self._wake.set()
+
+    async def _reread(self, node_id: str) -> None:
+        try:
+            entry = await self.nodes_kv.get(node_id)
+        except KeyNotFoundError:
+            return  # deregistered: the watch reports it
+        if entry.value:
+            fresh = schemas.node_decoder.decode(entry.value)
+            current = self.nodes.get(node_id)
+            if current is not None and fresh.heartbeat_at > current.heartbeat_at:
+                self.nodes[node_id] = fresh
+                self.known[node_id] = fresh
+
+    def _heard_from(self, advert: schemas.NodeAdvert, now: float, missed: float = 3) -> bool:
+        """Whether the node's heartbeats are arriving. Silence while this scheduler was cut off from the bus does
+        not count against a node: its clock starts again when the connection came back."""
+        heard = max(advert.heartbeat_at, self.bus_up_since)
+        return now - heard <= missed * advert.heartbeat_interval
 
     async def _node_event(self, advert: schemas.NodeAdvert, kind: str, detail: str) -> None:
         """Record a node's change for operators, once: a restarted scheduler does not repeat a join it saw."""
