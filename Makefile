@@ -8,7 +8,7 @@ TEST_ROOTFS := .cache/test-rootfs.tar
 # Wheels the agents install pip_packages from in the tests (a loopback index: the tests have no network).
 TEST_WHEELS := .cache/test-wheels
 
-.PHONY: install demo test bench lint format up down clean
+.PHONY: install demo test bench chaos lint format up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: $(STAMP) $(TEST_ROOTFS) $(TEST_WHEELS)
 ## Benchmarks (figures only; never a gate): prints a table, writes bench/results.json and docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+## The fault suite (figures, never a gate): faults at random moments of a 2x2 run; writes docs/reliability.md.
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -47,6 +47,7 @@ from shared.auth import (
     client_permissions,
     render_nats_config,
     service_permissions,
+    supervisor_permissions,
 )
 from shared.bus import connect, request
 from shared.errors import CadreError, ClusterNotRunningError, ConflictError, ServiceUnavailableError, ValidationError
@@ -59,6 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # services run as `python -m
 SERVICES = ("submitter", "scheduler", "artifact", "registry")
 S3_SERVICES = frozenset({"submitter", "artifact", "registry"})  # only the bucket owners get S3 keys
 CLIENT_USER = "client"
+SUPERVISOR = "supervisor"  # also its bus user: it may only report the restarts it makes
 NATS_SERVER_NAME = "cadre-local"  # constant: JetStream data in nats/ is reused across restarts
 S3_REGION = "us-east-1"
 
@@ -179,11 +181,13 @@ def up(
         s3_port = weed_ports[0]
         nats_url = f"nats://127.0.0.1:{nats_port}"
         s3_endpoint = f"127.0.0.1:{s3_port}"
-        passwords = {name: secrets.token_urlsafe(32) for name in [CLIENT_USER, *(s.name for s in specs)]}
+        names = [CLIENT_USER, SUPERVISOR, *(s.name for s in specs)]
+        passwords = {name: secrets.token_urlsafe(32) for name in names}
         access_key, secret_key = secrets.token_urlsafe(15), secrets.token_urlsafe(30)
 
         conf = cluster / "nats.conf"
         users = [(CLIENT_USER, passwords[CLIENT_USER], client_permissions())]
+        users.append((SUPERVISOR, passwords[SUPERVISOR], supervisor_permissions()))
         users += [(s.name, passwords[s.name], s.permissions) for s in specs]
         _write_private(conf, _nats_config(nats_port, mon_port, _mkdir(cluster / "nats"), users))
         ids = cluster / "s3-identities.json"
@@ -254,6 +258,11 @@ def up(
                     )
                 )
 
+            # Last, once everything serves: from now on a process that exits is started again, with backoff.
+            sup_env = {**bus_env, "CADRE_NATS_USER": SUPERVISOR, "CADRE_NATS_PASSWORD": passwords[SUPERVISOR]}
+            spawn(SUPERVISOR, SUPERVISOR, [sys.executable, "-m", "cadre._supervisor", str(cluster)],
+                  _child_env(sup_env), REPO_ROOT)  # fmt: skip
+            say(f"supervisor watching {len(state.processes) - 1} processes")
             profile = Profile(nats_url=nats_url, user=CLIENT_USER, password=passwords[CLIENT_USER], name="local")
             path = save_profile(profile, home / "profile.json")
         except BaseException:
@@ -300,24 +309,26 @@ def restart(
     if state is None or rec is None:
         names = [r.name for r in state.processes] if state else []
         raise ValidationError(f"no process named {name!r} in this cluster; it has: {', '.join(names)}")
-    envs = msgspec.json.decode((cluster / "process-env.json").read_bytes(), type=dict[str, dict[str, str]])
-    if _is_ours(rec):
-        _signal_group(rec, signal.SIGKILL if crash else signal.SIGTERM)
-        left = _wait_exit([rec], time.monotonic() + timeout)
-        for r in left:
-            _signal_group(r, signal.SIGKILL)
-        _wait_exit(left, time.monotonic() + 5.0)
-    time.sleep(max(0.0, down_for))
-    spawned_at = time.time()
-    cwd = cluster if rec.role == "infra" else REPO_ROOT
-    new, proc = _spawn(rec.name, rec.role, rec.argv, _child_env(envs.get(name, {})), cwd, Path(rec.log))
-    state.processes = [new if r.name == name else r for r in state.processes]
-    _write_state(state_path, state)
+    if rec.role == SUPERVISOR:
+        raise ValidationError("the supervisor is not restarted by hand: `cadre down`, then `cadre up`")
+    with state_lock(cluster):  # the supervisor must not start it again meanwhile
+        state = _read_state(state_path) or state
+        rec = next(r for r in state.processes if r.name == name)
+        if _is_ours(rec):
+            _signal_group(rec, signal.SIGKILL if crash else signal.SIGTERM)
+            left = _wait_exit([rec], time.monotonic() + timeout)
+            for r in left:
+                _signal_group(r, signal.SIGKILL)
+            _wait_exit(left, time.monotonic() + 5.0)
+        time.sleep(max(0.0, down_for))
+        spawned_at = time.time()
+        new, proc = respawn(cluster, state, rec)
     deadline = time.monotonic() + timeout
     if rec.name == "nats-server":
         _wait_nats(int(state.nats_monitor.rsplit(":", 1)[1]), new, [(new, proc)], deadline, timeout)
         return
     if rec.name == "weed":
+        envs = msgspec.json.decode((cluster / "process-env.json").read_bytes(), type=dict[str, dict[str, str]])
         s3 = next(e for e in envs.values() if "CADRE_S3_ACCESS_KEY" in e)
         keys = s3["CADRE_S3_ACCESS_KEY"], s3["CADRE_S3_SECRET_KEY"]
         _wait_s3(state.s3_endpoint, *keys, new, [(new, proc)], deadline, timeout)
@@ -335,6 +346,36 @@ def restart(
             lambda _name, _what: None,
         )
     )
+
+
+@contextlib.contextmanager
+def state_lock(cluster: Path, wait: bool = True) -> Iterator[bool]:
+    """Held while one process of the cluster is stopped and started again (by ``restart`` or the supervisor), so
+    the two never start it twice; yields False when ``wait`` is off and someone else holds it."""
+    fd = os.open(cluster / "state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def respawn(cluster: Path, state: ClusterState, rec: ProcessRecord) -> tuple[ProcessRecord, subprocess.Popen[bytes]]:
+    """Start ``rec``'s process again as it was started (argv, environment, log), and record the new one."""
+    envs = msgspec.json.decode((cluster / "process-env.json").read_bytes(), type=dict[str, dict[str, str]])
+    cwd = cluster if rec.role == "infra" else REPO_ROOT
+    new, proc = _spawn(rec.name, rec.role, rec.argv, _child_env(envs.get(rec.name, {})), cwd, Path(rec.log))
+    state.processes = [new if r.name == rec.name else r for r in state.processes]
+    _write_state(cluster / "state.json", state)
+    return new, proc
+
+
+def read_state(cluster: Path) -> ClusterState | None:
+    return _read_state(cluster / "state.json")
 
 
 def is_running(home: Path | None = None) -> bool:
@@ -677,15 +718,16 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 # --- stopping -----------------------------------------------------------------------------------------------
 def _stop(records: list[ProcessRecord], timeout: float) -> None:
-    """SIGTERM process groups phase by phase (agents, services, then storage and bus), SIGKILL what lingers.
+    """SIGTERM process groups phase by phase (supervisor, agents, services, then storage and bus), SIGKILL what
+    lingers.
 
     Each phase waits for its processes before the next one starts, so agents and services can still drain
     over the bus; a phase may use half of the time left, the last one all of it.
     """
-    order = {"agent": 0, "service": 1}
-    phases: list[list[ProcessRecord]] = [[], [], []]
+    order = {SUPERVISOR: 0, "agent": 1, "service": 2}  # the supervisor first: it must not start anything again
+    phases: list[list[ProcessRecord]] = [[], [], [], []]
     for rec in reversed(records):  # reverse start order inside a phase: weed before nats-server
-        phases[order.get(rec.role, 2)].append(rec)
+        phases[order.get(rec.role, 3)].append(rec)
     deadline = time.monotonic() + timeout
     for i, phase in enumerate(phases):
         live = [r for r in phase if _is_ours(r)]

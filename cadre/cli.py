@@ -154,6 +154,52 @@ def cmd_nodes(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_services(_: argparse.Namespace) -> int:
+    from cadre import _local
+    from cadre._profile import cadre_home
+
+    state = _local.read_state(cadre_home() / "cluster")
+    local = {r.name: r for r in state.processes} if state else {}
+    with _ws() as ws:
+        rows = ws._loop.call(_service_rows(ws, [*_local.SERVICES, *(n for n in local if n not in _local.SERVICES)]))
+    now = time.time()
+    print(f"{'NAME':<14} {'PROCESS':<16} {'PING':<22} {'RESTARTS':>8}  LAST RESTART")
+    for name, ping, last in rows:
+        rec = local.get(name)
+        process = (f"up (pid {rec.pid})" if _local._is_ours(rec) else "DOWN") if rec else "-"
+        restarts = str(last.restarts) if last else "0"
+        when = f"{now - last.at:.0f}s ago: {last.detail}" if last else "-"
+        print(f"{name:<14} {process:<16} {ping:<22} {restarts:>8}  {when}")
+    return 0
+
+
+async def _service_rows(ws, names: list[str]) -> list[tuple[str, str, object]]:
+    """Per process: whether it answers its ping (services; agents heartbeat instead), and its last restart."""
+    from nats.js.errors import NotFoundError as JsNotFound
+
+    from cadre import _local
+    from shared import bus, schemas, subjects
+
+    rows = []
+    for name in names:
+        ping = "-"
+        if name in _local.SERVICES:
+            started = time.perf_counter()
+            try:
+                reply = await bus.request(ws._nc, subjects.service_ping(name), schemas.Empty(), schemas.Ping, 1.0)
+                ping = f"ok {(time.perf_counter() - started) * 1e3:.1f} ms {reply.instance}"
+            except CadreError:
+                ping = "NO ANSWER"
+        last = None
+        try:
+            msg = await ws._js.get_last_msg(subjects.SERVICES_STREAM, subjects.service_events(name))
+            last = schemas.service_event_decoder.decode(msg.data or b"")
+        except JsNotFound:
+            pass
+        rows.append((name, ping, last))
+    return rows
+
+
 def cmd_queue(_: argparse.Namespace) -> int:
     with _ws() as ws:
         state = _scheduler_state(ws)
@@ -402,6 +448,7 @@ def parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_events)
     sub.add_parser("nodes", help="nodes: capacity, use, heartbeat, state").set_defaults(fn=cmd_nodes)
     sub.add_parser("queue", help="waiting runs, their position and reason").set_defaults(fn=cmd_queue)
+    sub.add_parser("services", help="services and processes: up, ping, restarts").set_defaults(fn=cmd_services)
     sh = sub.add_parser("show", help="everything about one run, metrics included")
     sh.add_argument("run_id")
     sh.set_defaults(fn=cmd_show)

@@ -1,7 +1,8 @@
 """Per-role bus permissions. The local cluster and the deploy config render these into nats-server users.
 
-Roles: ``service`` (the five services), ``agent`` (one user per node: it may only publish as itself) and
-``client`` (submit and follow runs; no write access to streams, KV or other nodes' subjects).
+Roles: ``service`` (the five services), ``agent`` (one user per node: it may only publish as itself),
+``client`` (submit and follow runs; no write access to streams, KV or other nodes' subjects) and ``supervisor``
+(``cadre up``'s restarter: it may only report restarts).
 """
 
 from __future__ import annotations
@@ -50,9 +51,15 @@ def client_permissions() -> Permissions:
             *_read_stream(s.MODELS_STREAM),
             *_read_stream(s.METRICS_STREAM),
             *_read_stream(s.NODES_STREAM),
+            *_read_stream(s.SERVICES_STREAM),
         ],
         subscribe=["_INBOX.>"],
     )
+
+
+def supervisor_permissions() -> Permissions:
+    """``cadre up``'s supervisor: it only reports the restarts it makes (and hears JetStream's acks)."""
+    return Permissions(publish=[s.all_service_events()], subscribe=["_INBOX.>"])
 
 
 def agent_permissions(node_id: str) -> Permissions:

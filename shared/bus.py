@@ -180,6 +180,12 @@ async def ensure_topology(js: JetStreamContext) -> None:
             max_age=retention,
         ),
         js_api.StreamConfig(
+            name=subjects.SERVICES_STREAM,
+            subjects=[subjects.all_service_events()],
+            storage=js_api.StorageType.FILE,
+            max_age=retention,
+        ),
+        js_api.StreamConfig(
             name=subjects.MODELS_STREAM,
             subjects=[subjects.all_model_events()],
             storage=js_api.StorageType.FILE,

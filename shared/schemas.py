@@ -365,6 +365,17 @@ class NodeEvent(Message, frozen=True, kw_only=True):
     detail: str = ""
 
 
+class ServiceEvent(Message, frozen=True, kw_only=True):
+    """A supervisor saw one of its processes exit and started it again (``cadre up``'s supervisor)."""
+
+    name: str  # the process: a service, an agent, nats-server or weed
+    kind: Literal["restarted"]
+    at: float
+    pid: int  # the new process
+    restarts: int  # how many times this supervisor restarted it
+    detail: str = ""  # how the old one ended, when known
+
+
 # --- nodes and scheduling ---------------------------------------------------------------------------------
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
     index: int
@@ -720,6 +731,7 @@ dataset_decoder = msgspec.json.Decoder(DatasetVersion)
 environment_decoder = msgspec.json.Decoder(EnvironmentVersion)
 run_data_decoder = msgspec.json.Decoder(RunData)
 node_event_decoder = msgspec.json.Decoder(NodeEvent)
+service_event_decoder = msgspec.json.Decoder(ServiceEvent)
 
 
 def encode(msg: object) -> bytes:

@@ -17,6 +17,7 @@ METRICS_STREAM = "CADRE_METRICS"  # what a run logs about itself: metrics, tags,
 NODES_STREAM = "CADRE_NODES"  # node joined / left / lost, for operators
 ASSIGNMENTS_STREAM = "CADRE_ASSIGNMENTS"  # work handed to one node agent (work-queue retention)
 MODELS_STREAM = "CADRE_MODELS"  # registry changes
+SERVICES_STREAM = "CADRE_SERVICES"  # a supervisor restarted a process, for operators
 
 # --- KV buckets ----------------------------------------------------------------------------------------
 NODES_BUCKET = "cadre_nodes"  # node_id -> NodeAdvert (capacity + heartbeat)
@@ -66,6 +67,14 @@ def all_run_metrics() -> str:
 
 def node_events(node_id: str) -> str:
     return f"{PREFIX}.nodes.{node_id}.events"
+
+
+def service_events(name: str) -> str:
+    return f"{PREFIX}.services.{name}.events"
+
+
+def all_service_events() -> str:
+    return f"{PREFIX}.services.*.events"
 
 
 def all_node_events() -> str:

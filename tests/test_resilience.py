@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import eventually
 
 from cadre import Estimator, Experiment, Workspace, _local
 
@@ -85,5 +90,42 @@ def test_a_nats_outage_longer_than_any_timeout_loses_nothing(
     for name in before:
         events = _events(outage_home / "cluster" / "logs" / f"{name}.log")
         assert "task_crashed" not in events and "service_stopping" not in events, (name, events)
-        if name != "agent-0":
+        if name not in ("agent-0", "supervisor"):
             assert events.count("bus_disconnected") == 1 and events.count("bus_reconnected") == 1, (name, events)
+
+
+def _cadre(home: Path, *args: str) -> str:
+    env = {**os.environ, "CADRE_HOME": str(home)}
+    cli = Path(sys.executable).with_name("cadre")
+    return subprocess.run([str(cli), *args], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_supervisor_restarts_a_crashed_service_with_backoff_and_says_so(
+    outage_home: Path, make_project: Callable[..., Path]
+) -> None:
+    restarted_at = []
+    for _ in range(2):
+        old = _pids(outage_home)["scheduler"]
+        os.killpg(old, signal.SIGKILL)
+        killed = time.monotonic()
+        new = eventually(lambda old=old: (pid := _pids(outage_home)["scheduler"]) != old and _running(pid) and pid, 30)
+        restarted_at.append(time.monotonic() - killed)
+        assert _running(new)
+    # Backoff: the second restart of the same process waits longer than the first.
+    assert restarted_at[1] > restarted_at[0] and restarted_at[1] >= 0.9, restarted_at
+    with Workspace.from_config(outage_home / "profile.json") as ws:
+        project = make_project(**{"hello.py": "print('placed by the restarted scheduler')"})
+        run = Experiment(ws, "supervised").submit(Estimator(project, "hello.py"))
+        assert run.wait_for_completion(timeout=60)["status"] == "Completed"
+
+    def services_after_the_restart_event() -> str:
+        out = _cadre(outage_home, "services")
+        return out if "killed by signal 9" in out else ""
+
+    table = eventually(services_after_the_restart_event, 30)
+    line = next(row for row in table.splitlines() if row.startswith("scheduler "))
+    assert re.search(r"up \(pid \d+\)\s+ok [\d.]+ ms [0-9a-f]{8}\s+2\s+\d+s ago: killed by signal 9", line), table
+    assert re.search(r"^submitter\s+up \(pid \d+\)\s+ok .*\s0\s+-$", table, re.M), table
+    log = (outage_home / "cluster" / "logs" / "supervisor.log").read_text()
+    assert log.count('"event": "process_restarted"') == 2

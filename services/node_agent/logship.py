@@ -8,7 +8,7 @@ from collections import deque
 
 from nats.js import JetStreamContext
 
-from shared import schemas, subjects
+from shared import bus, schemas, subjects
 
 MAX_BATCH_LINES = 512
 MAX_BATCH_BYTES = 256 * 1024
@@ -52,14 +52,10 @@ class LogShipper:
         batch = schemas.LogBatch(
             run_id=self._run_id, rank=self._rank, node_id=self._node_id, first_line=self.sent, lines=lines
         )
-        for attempt in range(5):
-            try:
-                await self._js.publish(self._subject, schemas.encode(batch), timeout=10)
-                break
-            except Exception:
-                if attempt == 4:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
+        # Held until the bus takes it, however long it is away: lines go out in order, and the message id makes a
+        # batch whose ack was lost in a reconnect count once (the stream drops the repeat).
+        headers = {"Nats-Msg-Id": f"{self._run_id}:{self._rank}:{self.sent}"}
+        await bus.outlast(lambda: self._js.publish(self._subject, schemas.encode(batch), timeout=10, headers=headers))
         self.sent += len(lines)
 
     async def close(self) -> int:

@@ -196,12 +196,19 @@ class NodeAgentService(Service):
         await self.nodes_kv.put(self.config.node_id, schemas.encode(advert))
 
     async def _heartbeat_loop(self) -> None:
+        failed = 0
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
             try:
                 await self._heartbeat_once()
             except Exception as exc:  # the bus reconnects by itself; the next beat tries again
-                self.log.warning("heartbeat_failed", error=str(exc))
+                failed += 1
+                if failed == 1 or failed % 100 == 0:  # one line per outage, not one per beat
+                    self.log.warning("heartbeat_failed", error=str(exc), failed_in_a_row=failed)
+                continue
+            if failed:
+                self.log.info("heartbeat_resumed", failed_in_a_row=failed)
+                failed = 0
 
     async def _take_assignments(self, psub) -> None:
         async def handle(msg) -> None:
