@@ -60,6 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # services run as `python -m
 SERVICES = ("submitter", "scheduler", "artifact", "registry")
 S3_SERVICES = frozenset({"submitter", "artifact", "registry"})  # only the bucket owners get S3 keys
 CLIENT_USER = "client"
+AGENT_HEARTBEAT = 2.0  # the agents' default (services/node_agent/__main__.py --heartbeat)
 SUPERVISOR = "supervisor"  # also its bus user: it may only report the restarts it makes
 NATS_SERVER_NAME = "cadre-local"  # constant: JetStream data in nats/ is reused across restarts
 S3_REGION = "us-east-1"
@@ -157,6 +158,7 @@ def up(
     slots_per_agent: int | None = None,
     heartbeat: float | None = None,
     agent_args: Sequence[str] = (),
+    node_grace: float | None = None,
 ) -> Profile:
     """Start a local cluster under ``home/cluster`` and write ``home/profile.json``; returns the client profile.
 
@@ -166,6 +168,12 @@ def up(
     """
     if agents < 0 or (gpus_per_agent or 0) < 0 or (slots_per_agent is not None and slots_per_agent < 1):
         raise ValidationError("agents and gpus_per_agent must be >= 0, slots_per_agent >= 1")
+    beat = heartbeat if heartbeat is not None else AGENT_HEARTBEAT
+    if node_grace is not None and node_grace < 2 * beat:
+        raise ValidationError(
+            f"--node-grace {node_grace:g}s is under twice the heartbeat interval ({beat:g}s): "
+            "one late heartbeat would lose a healthy node"
+        )
     home = Path(home or cadre_home()).expanduser().absolute()
     cluster = home / "cluster"
     _mkdir(cluster)
@@ -238,6 +246,8 @@ def up(
             envs: dict[str, dict[str, str]] = {}
             for spec in specs:
                 env = {**bus_env, "CADRE_NATS_USER": spec.name, "CADRE_NATS_PASSWORD": passwords[spec.name]}
+                if spec.name == "scheduler" and node_grace is not None:
+                    env["CADRE_NODE_GRACE"] = str(node_grace)
                 if spec.s3:
                     env.update(s3_env)
                 envs[spec.name] = env

@@ -33,6 +33,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         echo=print,
         agent_args=agent_args,
+        node_grace=args.node_grace,
     )
     print(f"cadre cluster up ({args.agents} agent(s)) in {time.monotonic() - started:.1f}s; stop it with `cadre down`")
     return 0
@@ -144,12 +145,13 @@ def cmd_nodes(_: argparse.Namespace) -> int:
     with _ws() as ws:
         state = _scheduler_state(ws)
     now = time.time()
-    print(f"{'NODE':<20} {'TARGET':<14} {'STATE':<14} {'SLOTS':>7} {'GPUS':>7} {'HEARTBEAT':>10}  RUNS")
+    print(f"{'NODE':<20} {'TARGET':<14} {'STATE':<28} {'SLOTS':>7} {'GPUS':>7} {'HEARTBEAT':>10}  RUNS")
     for n in state.nodes:
         a = n.advert
         gpus = f"{len(n.used_gpus)}/{len(a.gpus)}" if a.gpus else "-"
         beat = f"{now - a.heartbeat_at:.1f}s ago"
-        print(f"{a.node_id:<20} {a.compute_target:<14} {n.state:<14} {f'{n.used_slots}/{a.slots}':>7} {gpus:>7} "
+        state = f"{n.state} (lost in {n.lost_in:.0f}s)" if n.lost_in is not None else n.state
+        print(f"{a.node_id:<20} {a.compute_target:<14} {state:<28} {f'{n.used_slots}/{a.slots}':>7} {gpus:>7} "
               f"{beat:>10}  {', '.join(n.runs) or '-'}")  # fmt: skip
     return 0
 
@@ -407,6 +409,9 @@ def parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--image", default=None, help="Docker runtime: the image for runs that name none")
     up.add_argument("--pull", choices=("never", "if-not-present", "always"), default=None, help="image pull policy")
+    up.add_argument(
+        "--node-grace", type=float, default=None, help="seconds a silent node's runs go on before it is lost (60)"
+    )
     up.set_defaults(fn=cmd_up)
 
     sub.add_parser("down", help="stop the embedded local cluster").set_defaults(fn=cmd_down)

@@ -25,6 +25,12 @@ class ValidationError(CadreError):
     code = "invalid"
 
 
+class InvalidRequestError(ValidationError):
+    """The request itself is malformed (not JSON, a field of the wrong type, one missing): the message names it."""
+
+    code = "invalid_request"
+
+
 class NotFoundError(CadreError):
     code = "not_found"
 
@@ -70,6 +76,7 @@ _BY_CODE: dict[str, type[CadreError]] = {
     for cls in (
         CadreError,
         ValidationError,
+        InvalidRequestError,
         NotFoundError,
         ConflictError,
         NotSupportedError,

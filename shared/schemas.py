@@ -697,6 +697,7 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     used_slots: int
     used_gpus: list[int]
     runs: list[str]
+    lost_in: float | None = None  # NotResponding: seconds of grace left before the node is lost
 
 
 class QueuedRun(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared import bus, schemas, subjects
-from shared.errors import CadreError
+from shared.errors import CadreError, InvalidRequestError
 from shared.settings import BusSettings
 
 Req = TypeVar("Req", bound=msgspec.Struct)
@@ -105,8 +105,10 @@ class Service:
                 req = decoder.decode(msg.data)
                 result = await (handler(req, msg.subject) if with_subject else handler(req))
                 reply: schemas.Reply[Any] = schemas.Reply(ok=result)
-            except msgspec.ValidationError as exc:
-                reply = schemas.Reply(error=schemas.ErrorInfo(code="invalid", message=f"malformed request: {exc}"))
+            except msgspec.ValidationError as exc:  # msgspec names the field: "Expected `str`, got `int` - at `$.name`"
+                reply = schemas.Reply(error=_invalid(f"malformed request on {msg.subject}: {exc}"))
+            except msgspec.DecodeError as exc:
+                reply = schemas.Reply(error=_invalid(f"the request on {msg.subject} is not a JSON object: {exc}"))
             except CadreError as exc:
                 reply = schemas.Reply(error=schemas.ErrorInfo(code=exc.code, message=exc.message))
             except Exception as exc:  # a bug: log it whole, tell the caller only what happened
@@ -180,6 +182,10 @@ class Service:
 
     def shutdown(self) -> None:
         self._stop.set()
+
+
+def _invalid(message: str) -> schemas.ErrorInfo:
+    return schemas.ErrorInfo(code=InvalidRequestError.code, message=message)
 
 
 def main(factory: Callable[[], Service], level: str | None = None) -> None:

@@ -85,6 +85,14 @@ class Limits:
         )
 
 
+NODE_GRACE_DEFAULT = 60.0  # seconds a silent node's runs go on before the node is given up
+FENCE_AFTER_DEFAULT = 300.0  # seconds an agent cut off from the bus keeps its ranks (outlasts a bus restart)
+
+
+def node_grace() -> float:
+    return float(_env("CADRE_NODE_GRACE", str(NODE_GRACE_DEFAULT)) or NODE_GRACE_DEFAULT)
+
+
 def log_level() -> str:
     return (_env("CADRE_LOG_LEVEL", "info") or "info").lower()
 

@@ -21,6 +21,7 @@ import pytest
 from helpers import eventually
 
 from cadre import Estimator, Experiment, Workspace, _local
+from shared import schemas, subjects
 
 OUTAGE = 15.0  # seconds: longer than a request's timeout (10 s) and JetStream's API timeout (5 s)
 LINES = 400
@@ -129,3 +130,96 @@ def test_the_supervisor_restarts_a_crashed_service_with_backoff_and_says_so(
     assert re.search(r"^submitter\s+up \(pid \d+\)\s+ok .*\s0\s+-$", table, re.M), table
     log = (outage_home / "cluster" / "logs" / "supervisor.log").read_text()
     assert log.count('"event": "process_restarted"') == 2
+
+
+HOLDER = """
+import os, time
+open(os.path.join(os.environ["SPOOL"], "pid"), "w").write(str(os.getpid()))
+for i in range(int(os.environ["TICKS"])):
+    print("line", i, flush=True)
+    time.sleep(0.05)
+"""
+GRACE = 3.0
+
+
+@pytest.fixture(scope="module")
+def partition_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A node grace of 3 s (heartbeats every 0.5 s) and agents that fence themselves after 2 s without the bus."""
+    home = tmp_path_factory.mktemp("cadre-partition-home")
+    _local.up(home=home, agents=1, slots_per_agent=2, heartbeat=0.5, timeout=120, node_grace=GRACE,
+              agent_args=["--fence-after", "2"])  # fmt: skip
+    try:
+        yield home
+    finally:
+        _local.down(home=home)
+
+
+def _held(ws: Workspace, make_project: Callable[..., Path], spool: Path, ticks: int):
+    spool.mkdir()
+    project = make_project(**{"train.py": HOLDER})
+    est = Estimator(project, "train.py", environment_variables={"SPOOL": str(spool), "TICKS": str(ticks)})
+    run = Experiment(ws, "partition").submit(est)
+    pid = eventually(lambda: (spool / "pid").is_file() and int((spool / "pid").read_text() or 0), 60)
+    return run, pid
+
+
+def _node(ws: Workspace) -> schemas.NodeStatus:
+    state = ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+    return next(n for n in state.nodes if n.advert.node_id == "agent-0")
+
+
+@pytest.mark.timeout(120)
+def test_a_stall_inside_the_node_grace_keeps_the_run(
+    partition_home: Path, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    agent = _pids(partition_home)["agent-0"]
+    with Workspace.from_config(partition_home / "profile.json") as ws:
+        run, _ = _held(ws, make_project, tmp_path / "spool", 200)
+        os.kill(agent, signal.SIGSTOP)  # the agent only: its ranks run in sessions of their own
+        try:
+            silent = eventually(lambda: (node := _node(ws)).state == "NotResponding" and node, 10)
+            assert silent.lost_in is not None and 0 < silent.lost_in <= GRACE
+            time.sleep(0.5)
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        out = io.StringIO()
+        run.wait_for_completion(show_output=True, output=out, timeout=60)
+        assert re.findall(r"^line (\d+)$", out.getvalue(), re.M) == [str(i) for i in range(200)]
+        eventually(lambda: _node(ws).state == "Ready", 10)
+        events = _cadre(partition_home, "events", "--node", "agent-0")
+        assert "not_responding" in events and "recovered" in events and "lost" not in events.split("recovered")[-1]
+
+
+@pytest.mark.timeout(120)
+def test_a_stall_past_the_node_grace_loses_the_node_and_the_ranks_stop(
+    partition_home: Path, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    agent = _pids(partition_home)["agent-0"]
+    with Workspace.from_config(partition_home / "profile.json") as ws:
+        run, rank = _held(ws, make_project, tmp_path / "spool", 2000)
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            details = eventually(lambda: (d := run.get_details())["status"] == "Failed" and d, GRACE + 15)
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        assert details["error"]["code"] == "node_lost"
+        eventually(lambda: not _running(rank), 15)  # the resumed agent sees the run failed and stops its rank
+
+
+@pytest.mark.timeout(120)
+def test_an_agent_cut_off_from_the_bus_stops_its_own_ranks(
+    partition_home: Path, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    with Workspace.from_config(partition_home / "profile.json") as ws:
+        run, rank = _held(ws, make_project, tmp_path / "spool", 2000)
+        outage = threading.Thread(target=_local.restart, args=("nats-server",),
+                                  kwargs={"home": partition_home, "crash": True, "down_for": 8.0})  # fmt: skip
+        outage.start()
+        try:
+            eventually(lambda: not _running(rank), 8)  # fenced while the bus is still away
+            assert outage.is_alive()
+        finally:
+            outage.join()
+        details = run.wait_for_completion(timeout=60, raise_on_error=False)
+    assert details["status"] == "Failed" and details["error"]["code"] == "fenced", details["error"]
+    assert "could not reach the bus" in details["error"]["message"]

@@ -11,7 +11,7 @@ from typing import Any
 from services.node_agent.service import AgentConfig, NodeAgentService
 from shared.environments import PULL_POLICIES, parse_size
 from shared.logging import configure
-from shared.settings import BusSettings, log_level, secret_env
+from shared.settings import FENCE_AFTER_DEFAULT, BusSettings, log_level, secret_env
 
 PIP_OPTIONS = {"PIP_INDEX_URL": "--pip-index-url", "PIP_FIND_LINKS": "--pip-find-links",
                "PIP_TRUSTED_HOST": "--pip-trusted-host"}  # fmt: skip
@@ -34,6 +34,8 @@ def parse() -> AgentConfig:
     opt(p, "--work-dir", "where snapshots, environments and run directories live", type=Path, required=True)
     opt(p, "--heartbeat", "seconds between heartbeats", type=float, default=2.0)
     opt(p, "--grace", "seconds between SIGTERM and SIGKILL", type=float, default=10.0)
+    opt(p, "--fence-after", "seconds cut off from the bus before the agent stops its own ranks", type=float,
+        default=FENCE_AFTER_DEFAULT)  # fmt: skip
     opt(p, "--address", "address other nodes' ranks reach this host at", default="127.0.0.1")
     opt(p, "--cache-size", "disk for cached snapshots, datasets and venvs, e.g. 100g", default="100g")
     g = p.add_argument_group("runtime")
@@ -59,6 +61,7 @@ def parse() -> AgentConfig:
         work_dir=a.work_dir,
         heartbeat_interval=a.heartbeat,
         kill_grace=a.grace,
+        fence_after=a.fence_after,
         address=a.address,
         runtime=a.runtime,
         default_image=a.image,

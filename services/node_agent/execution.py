@@ -111,6 +111,7 @@ class Execution:
         self.mpi_abort: tuple[int, int] | None = None
         self.mpi_aborted = asyncio.Event()
         self.timed_out = False
+        self.fenced: str | None = None  # why this node stopped its ranks on its own (cut off from the bus)
         self.first_failure: int | None = None
         self.started_ns = 0
         self.log = structlog.get_logger().bind(run_id=self.run_id, node_id=self.node_id)
@@ -518,7 +519,19 @@ class Execution:
         await self.context.close()
         return self._outcome(exit_codes, shippers), counts
 
+    def fence(self, reason: str) -> bool:
+        """Stop this node's ranks now, whatever the run's state says; False if already done."""
+        if self.fenced is not None:
+            return False
+        self.fenced = reason
+        self.abort_reason = reason
+        self.abort.set()
+        return True
+
     def _outcome(self, exit_codes: dict[int, int], shippers: dict[int, LogShipper]) -> Outcome:
+        if self.fenced is not None:
+            message = f"node {self.node_id} stopped its ranks: {self.fenced}"
+            return Outcome("failed", exit_codes, schemas.ErrorInfo(code="fenced", message=message))
         if self.cancel_requested.is_set():
             return Outcome("canceled", exit_codes)
         if self.timed_out:
@@ -567,7 +580,8 @@ class Execution:
                 return None
             return bus.make_event(cls, self.run_id, last.state, **fields)
 
-        return await self.agent.events.append(self.run_id, build)
+        # A fact the run cannot end without (this node finished): a bus outage is waited out.
+        return await bus.outlast(lambda: self.agent.events.append(self.run_id, build), within=FINISH_PATIENCE)
 
     # --- finishing ------------------------------------------------------------------------------------
     async def _report(self, outcome: Outcome, line_counts: dict[int, int]) -> None:

@@ -25,7 +25,7 @@ from shared import bus, schemas, subjects
 from shared.environments import PULL_POLICIES
 from shared.errors import ValidationError
 from shared.service import Service
-from shared.settings import BusSettings
+from shared.settings import FENCE_AFTER_DEFAULT, BusSettings
 from shared.states import RunState
 
 
@@ -45,8 +45,21 @@ class AgentConfig:
     docker_host: str | None = None  # default: DOCKER_HOST, else the local socket
     container_python: str = "python3"
     cache_bytes: int = 100 << 30  # snapshots, datasets and venvs kept on this node, least recently used go first
+    # Cut off from the bus this long, the agent stops its ranks itself: by then the scheduler has given the node
+    # up (its --node-grace), so no rank writes on after the run was decided. Long enough to outlast a bus restart.
+    fence_after: float = FENCE_AFTER_DEFAULT
     # PIP_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST for environment builds (may hold credentials: never logged)
     pip_options: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def check_config(config: AgentConfig) -> None:
+    if config.heartbeat_interval <= 0:
+        raise ValidationError(f"--heartbeat must be a positive number of seconds, not {config.heartbeat_interval}")
+    if config.fence_after < 2 * config.heartbeat_interval:
+        raise ValidationError(
+            f"--fence-after {config.fence_after:g}s is under twice the heartbeat interval "
+            f"({config.heartbeat_interval:g}s): one late beat would make the agent stop its ranks"
+        )
 
 
 def make_runtime(config: AgentConfig, real_gpus: bool) -> Runtime:
@@ -97,6 +110,7 @@ class NodeAgentService(Service):
     def __init__(self, bus_settings: BusSettings, config: AgentConfig, runtime: Runtime | None = None) -> None:
         if not subjects.NAME_RE.match(config.node_id):
             raise ValidationError(f"node id {config.node_id!r} is invalid: use letters, digits, '_' or '-'")
+        check_config(config)
         super().__init__(bus_settings)
         self.config = config
         self.log = self.log.bind(node_id=config.node_id)
@@ -120,6 +134,7 @@ class NodeAgentService(Service):
             heartbeat_interval=config.heartbeat_interval,
         )
         self.executions: dict[str, asyncio.Task[None]] = {}
+        self.runs: dict[str, Execution] = {}  # the same runs: what fencing stops
         self.job_python: Path  # the folder first on every rank's PYTHONPATH (the job's cadre package)
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
@@ -197,18 +212,31 @@ class NodeAgentService(Service):
 
     async def _heartbeat_loop(self) -> None:
         failed = 0
+        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
             try:
-                await self._heartbeat_once()
+                await asyncio.wait_for(self._heartbeat_once(), timeout=max(1.0, self.config.heartbeat_interval))
             except Exception as exc:  # the bus reconnects by itself; the next beat tries again
                 failed += 1
                 if failed == 1 or failed % 100 == 0:  # one line per outage, not one per beat
-                    self.log.warning("heartbeat_failed", error=str(exc), failed_in_a_row=failed)
+                    self.log.warning("heartbeat_failed", error=repr(exc), failed_in_a_row=failed)
+                cut_off = time.monotonic() - last_ok
+                if cut_off > self.config.fence_after:
+                    self._fence(cut_off)
                 continue
+            last_ok = time.monotonic()
             if failed:
                 self.log.info("heartbeat_resumed", failed_in_a_row=failed)
                 failed = 0
+
+    def _fence(self, cut_off: float) -> None:
+        """Stop every rank of this node: it has been cut off past --fence-after, and the run is given up."""
+        for run_id, execution in list(self.runs.items()):
+            if execution.fence(
+                f"it could not reach the bus for {cut_off:.0f}s (--fence-after {self.config.fence_after:g})"
+            ):
+                self.log.warning("ranks_fenced", run_id=run_id, seconds_cut_off=round(cut_off, 1))
 
     async def _take_assignments(self, psub) -> None:
         async def handle(msg) -> None:
@@ -231,12 +259,15 @@ class NodeAgentService(Service):
         self.executions[run_id] = task
 
     async def _execute(self, assignment: schemas.Assignment) -> None:
+        execution = Execution(self, assignment, self.runtime)
+        self.runs[assignment.run_id] = execution
         try:
-            await Execution(self, assignment, self.runtime).run()
+            await execution.run()
         except Exception:
             self.log.exception("execution_crashed", run_id=assignment.run_id)
         finally:
             self.executions.pop(assignment.run_id, None)
+            self.runs.pop(assignment.run_id, None)
 
     async def teardown(self) -> None:
         # Leaving on purpose: say so at once instead of letting the heartbeat time out.

@@ -18,8 +18,8 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from services.scheduler.placement import NodeState, allocate, place
-from shared import bus, schemas, subjects
-from shared.errors import ConflictError, NotFoundError
+from shared import bus, schemas, settings, subjects
+from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings
 from shared.states import RunState
@@ -36,8 +36,11 @@ ACTIVE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANC
 class SchedulerService(Service):
     name = "scheduler"
 
-    def __init__(self, bus_settings: BusSettings) -> None:
+    def __init__(self, bus_settings: BusSettings, node_grace: float = settings.NODE_GRACE_DEFAULT) -> None:
         super().__init__(bus_settings)
+        if node_grace <= 0:
+            raise ValidationError(f"the node grace must be a positive number of seconds, not {node_grace}")
+        self.node_grace = node_grace  # a silent node's runs go on this long before the node is lost
         self.nodes: dict[str, schemas.NodeAdvert] = {}  # live
         self.known: dict[str, schemas.NodeAdvert] = {}  # every node not deregistered, live or lost
         self.not_responding: set[str] = set()
@@ -56,7 +59,7 @@ class SchedulerService(Service):
 
     @classmethod
     def from_env(cls) -> SchedulerService:
-        return cls(BusSettings.from_env(cls.name))
+        return cls(BusSettings.from_env(cls.name), node_grace=settings.node_grace())
 
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
@@ -184,7 +187,10 @@ class SchedulerService(Service):
             await self.schedule_pass()
 
     def _node_table(self, now: float) -> dict[str, NodeState]:
-        table = {nid: NodeState(advert) for nid, advert in self.nodes.items() if advert.alive(now)}
+        # Silent nodes within their grace still hold their runs' slots; they just get no new work (schedule_pass).
+        table = {
+            nid: NodeState(advert) for nid, advert in self.nodes.items() if self._heard_from(advert, now, lost=True)
+        }
         for placement in self.allocations.values():
             allocate(table, placement)
         return table
@@ -195,7 +201,11 @@ class SchedulerService(Service):
         writes = []
         recheck = False
         for target, queue in self.queues.items():
-            nodes = [n for n in table.values() if n.advert.compute_target == target]
+            nodes = [
+                n
+                for n in table.values()
+                if n.advert.compute_target == target and n.advert.node_id not in self.not_responding
+            ]
             known = [a for a in self.known.values() if a.compute_target == target]
             grew_at = self.target_grew_at.get(target)
             settling = grew_at is not None and time.monotonic() - grew_at < SETTLE_SECONDS
@@ -331,21 +341,23 @@ class SchedulerService(Service):
             # The watch can lag behind the bucket (its consumer resets after a reconnect): before a node is
             # judged silent, its key is read directly.
             for nid, advert in list(self.nodes.items()):
-                if not self._heard_from(advert, now, missed=1.5):
+                if not self._heard_from(advert, now):
                     await self._reread(nid)
             # Snapshots: the node watch changes self.nodes while this loop awaits its events.
             for nid, advert in list(self.nodes.items()):
-                if nid not in self.not_responding and not self._heard_from(advert, now, missed=1.5):
+                if nid not in self.not_responding and not self._heard_from(advert, now):
                     self.not_responding.add(nid)
-                    await self._node_event(advert, "not_responding", "missed a heartbeat")
-            dead = {nid for nid, advert in list(self.nodes.items()) if not self._heard_from(advert, now)}
+                    grace = self._grace(advert)
+                    await self._node_event(advert, "not_responding", f"missed heartbeats; lost after {grace:g}s")
+                    self._wake.set()  # its free slots are no longer offered
+            dead = {nid for nid, advert in list(self.nodes.items()) if not self._heard_from(advert, now, lost=True)}
             if not dead:
                 continue
             for nid in sorted(dead):
                 self.log.warning("node_lost", node_id=nid)
                 self.not_responding.discard(nid)
                 if (advert := self.nodes.pop(nid, None)) is not None:
-                    await self._node_event(advert, "lost", "stopped heartbeating")
+                    await self._node_event(advert, "lost", f"silent past its grace ({self._grace(advert):g}s)")
             await self._nodes_gone(dead)
             self._wake.set()
 
@@ -360,12 +372,21 @@ class SchedulerService(Service):
             if current is not None and fresh.heartbeat_at > current.heartbeat_at:
                 self.nodes[node_id] = fresh
                 self.known[node_id] = fresh
+                if node_id in self.not_responding:
+                    self.not_responding.discard(node_id)
+                    await self._node_event(fresh, "recovered", "heartbeats resumed")
+                    self._wake.set()
 
-    def _heard_from(self, advert: schemas.NodeAdvert, now: float, missed: float = 3) -> bool:
-        """Whether the node's heartbeats are arriving. Silence while this scheduler was cut off from the bus does
-        not count against a node: its clock starts again when the connection came back."""
+    def _grace(self, advert: schemas.NodeAdvert) -> float:
+        # Never under two heartbeats, whatever the setting: one late beat must not lose a node.
+        return max(self.node_grace, 2 * advert.heartbeat_interval)
+
+    def _heard_from(self, advert: schemas.NodeAdvert, now: float, lost: bool = False) -> bool:
+        """Whether the node's heartbeats are arriving (missing 1.5 beats: not responding), or with ``lost``,
+        whether it is still within its grace. Silence while this scheduler was cut off from the bus does not count
+        against a node: its clock starts again when the connection came back."""
         heard = max(advert.heartbeat_at, self.bus_up_since)
-        return now - heard <= missed * advert.heartbeat_interval
+        return now - heard <= (self._grace(advert) if lost else 1.5 * advert.heartbeat_interval)
 
     async def _node_event(self, advert: schemas.NodeAdvert, kind: str, detail: str) -> None:
         """Record a node's change for operators, once: a restarted scheduler does not repeat a join it saw."""
@@ -395,9 +416,12 @@ class SchedulerService(Service):
                 state = "NotResponding" if nid in self.not_responding else "Ready"
             else:
                 state = "Lost"
+            lost_in = None
+            if state == "NotResponding":
+                lost_in = max(0.0, max(advert.heartbeat_at, self.bus_up_since) + self._grace(advert) - now)
             nodes.append(schemas.NodeStatus(
                 advert=advert, state=state, used_slots=used.used_slots if used else 0,
-                used_gpus=sorted(used.used_gpus) if used else [], runs=runs_on.get(nid, []),
+                used_gpus=sorted(used.used_gpus) if used else [], runs=runs_on.get(nid, []), lost_in=lost_in,
             ))  # fmt: skip
         queue = [
             schemas.QueuedRun(

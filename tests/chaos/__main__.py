@@ -211,6 +211,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()))
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: still tear the cluster down
     chosen = args.only or [*FAULTS, "client-killed"]
     rows: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="cadre-chaos-") as tmp:
