@@ -55,3 +55,33 @@ def can_transition(current: RunState | None, new: RunState) -> bool:
 def check_transition(current: RunState | None, new: RunState) -> None:
     if not can_transition(current, new):
         raise ConflictError(f"illegal run state change {current.value if current else None} -> {new.value}")
+
+
+class Cause(enum.StrEnum):
+    """Why a run failed (``error.code`` in events, ``get_details()['error']['code']`` and the CLI): one name per
+    cause, so that operators, retries (``retry_on``) and dashboards can tell them apart."""
+
+    NONZERO_EXIT = "nonzero_exit"  # a rank exited with a code other than 0 (the codes are in exitCodes)
+    OUT_OF_MEMORY = "out_of_memory"  # a rank was killed over its memory limit
+    MPI_ABORT = "mpi_abort"  # a rank called MPI_Abort
+    TIMEOUT = "timeout"  # max_run_duration_seconds passed
+    NODE_LOST = "node_lost"  # a node left, or stayed silent past its grace
+    AGENT_RESTARTED = "agent_restarted"  # a node's agent came back and found the run's ranks gone
+    FENCED = "fenced"  # a node cut off from the bus stopped its own ranks
+    ABORTED = "aborted"  # stopped because the run failed elsewhere (never the cause when another is known)
+    UNSCHEDULABLE = "unschedulable"  # no node of the compute target can ever hold the run
+    PREPARE_FAILED = "prepare_failed"  # the snapshot, a dataset or the node's setup for the run failed
+    ENVIRONMENT_BUILD_FAILED = "environment_build_failed"  # the image or the packages could not be made ready
+    LAUNCH_FAILED = "launch_failed"  # the ranks could not be started
+    UPLOAD_FAILED = "upload_failed"  # the run's files could not be stored
+    INTERNAL = "internal"  # a bug: the services' logs have it whole
+
+    @property
+    def infrastructure(self) -> bool:
+        """Not the user's code: what a retry by default may recover from."""
+        return self in INFRASTRUCTURE_CAUSES
+
+
+INFRASTRUCTURE_CAUSES = frozenset(
+    {Cause.NODE_LOST, Cause.AGENT_RESTARTED, Cause.FENCED, Cause.PREPARE_FAILED, Cause.UPLOAD_FAILED}
+)

@@ -322,6 +322,7 @@ def test_a_container_over_its_memory_limit_is_reported_out_of_memory(
     oom = r"rank 0 on node agent-\d was killed: out of memory \(memory limit 64 MiB\)"
     with pytest.raises(RunFailedError, match=oom):
         run.wait_for_completion(timeout=60)
+    assert run.get_details()["error"]["code"] == "out_of_memory"  # a cause of its own, not a plain exit code
 
 
 def test_a_missing_image_or_conda_without_conda_fails_before_the_run_starts(

@@ -5,6 +5,7 @@ scheduler goes back to placing runs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -163,6 +164,16 @@ def _held(ws: Workspace, make_project: Callable[..., Path], spool: Path, ticks: 
     return run, pid
 
 
+@contextlib.contextmanager
+def _stopped(pid: int) -> Iterator[None]:
+    """SIGSTOP the agent only (its ranks run in sessions of their own), as a stall or a short partition would."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _node(ws: Workspace) -> schemas.NodeStatus:
     state = ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
     return next(n for n in state.nodes if n.advert.node_id == "agent-0")
@@ -175,13 +186,10 @@ def test_a_stall_inside_the_node_grace_keeps_the_run(
     agent = _pids(partition_home)["agent-0"]
     with Workspace.from_config(partition_home / "profile.json") as ws:
         run, _ = _held(ws, make_project, tmp_path / "spool", 200)
-        os.kill(agent, signal.SIGSTOP)  # the agent only: its ranks run in sessions of their own
-        try:
+        with _stopped(agent):
             silent = eventually(lambda: (node := _node(ws)).state == "NotResponding" and node, 10)
             assert silent.lost_in is not None and 0 < silent.lost_in <= GRACE
             time.sleep(0.5)
-        finally:
-            os.kill(agent, signal.SIGCONT)
         out = io.StringIO()
         run.wait_for_completion(show_output=True, output=out, timeout=60)
         assert re.findall(r"^line (\d+)$", out.getvalue(), re.M) == [str(i) for i in range(200)]
@@ -197,11 +205,8 @@ def test_a_stall_past_the_node_grace_loses_the_node_and_the_ranks_stop(
     agent = _pids(partition_home)["agent-0"]
     with Workspace.from_config(partition_home / "profile.json") as ws:
         run, rank = _held(ws, make_project, tmp_path / "spool", 2000)
-        os.kill(agent, signal.SIGSTOP)
-        try:
+        with _stopped(agent):
             details = eventually(lambda: (d := run.get_details())["status"] == "Failed" and d, GRACE + 15)
-        finally:
-            os.kill(agent, signal.SIGCONT)
         assert details["error"]["code"] == "node_lost"
         eventually(lambda: not _running(rank), 15)  # the resumed agent sees the run failed and stops its rank
 

@@ -10,6 +10,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cadre._estimator import Estimator, render_params
@@ -334,3 +335,16 @@ class TestNodeCache:
         kept = self.make(tmp_path, "snapshots/c.tar.gz", 10, age=5)
         asyncio.run(NodeCache(tmp_path, max_bytes=1 << 30).sweep())
         assert not partial.exists() and not evicted.exists() and kept.exists()
+
+
+def test_failure_causes_are_one_enum_with_the_wire_codes() -> None:
+    from shared.errors import CadreError
+    from shared.states import INFRASTRUCTURE_CAUSES, Cause
+
+    assert len({c.value for c in Cause}) == len(Cause)
+    assert Cause("node_lost") is Cause.NODE_LOST and Cause.NODE_LOST == "node_lost"
+    assert Cause.NODE_LOST.infrastructure and not Cause.NONZERO_EXIT.infrastructure
+    assert INFRASTRUCTURE_CAUSES < set(Cause) and CadreError.code == Cause.INTERNAL
+    # Encoded as its plain code on the wire, and read back as the same member.
+    info = msgspec.json.decode(msgspec.json.encode(schemas.ErrorInfo(code=Cause.FENCED, message="m")))
+    assert info == {"code": "fenced", "message": "m"}

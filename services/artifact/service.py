@@ -20,7 +20,7 @@ from shared import bus, files, schemas, subjects
 from shared.errors import CadreError, ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, StoreSettings
-from shared.states import RunState
+from shared.states import Cause, RunState
 from shared.storage import ObjectStore
 
 USER_DIRS = ("outputs/", "logs/")
@@ -58,7 +58,7 @@ def decide(events: list[schemas.RunEvent], lost: list[str]) -> Decision:
         return result("canceled")
     if lost:
         message = f"node {', '.join(sorted(lost))} left or stopped heartbeating (node lost)"
-        return result("failed", schemas.ErrorInfo(code="node_lost", message=message))
+        return result("failed", schemas.ErrorInfo(code=Cause.NODE_LOST, message=message))
     causes = [ev for ev in finished.values() if ev.error is not None and not ev.aborted]
     if causes:
         first_bad = [ev.node_id for ev in events if isinstance(ev, schemas.RankExited) and ev.exit_code != 0]
@@ -165,7 +165,8 @@ class ArtifactService(Service):
         error = req.error
         if problems:
             error = schemas.ErrorInfo(
-                code="upload_failed", message=f"files from {req.node_id} failed verification: " + "; ".join(problems)
+                code=Cause.UPLOAD_FAILED,
+                message=f"files from {req.node_id} failed verification: " + "; ".join(problems),
             )
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
@@ -247,7 +248,9 @@ class ArtifactService(Service):
         elif decided.outcome == "canceled":
             end = bus.make_event(schemas.Canceled, run_id, RunState.CANCELED)
         else:
-            error = decided.error or schemas.ErrorInfo(code="failed", message="the run failed")
+            error = decided.error or schemas.ErrorInfo(
+                code=Cause.INTERNAL, message="the run failed, and no node said why"
+            )
             end = bus.make_event(schemas.Failed, run_id, RunState.FAILED, error=error)
 
         def to_end(current: schemas.RunEvent | None) -> schemas.RunEvent | None:

@@ -42,7 +42,7 @@ from services.node_agent.runtime import (
 from shared import bus, files, schemas, subjects
 from shared.environments import Environment
 from shared.errors import CadreError, ConflictError, ServiceUnavailableError, StorageError
-from shared.states import RunState
+from shared.states import Cause, RunState
 
 if TYPE_CHECKING:
     from services.node_agent.service import NodeAgentService
@@ -127,7 +127,7 @@ class Execution:
             try:
                 await self._prepare()
             except Exception as exc:  # a failed build, a missing image, the Docker engine gone: the run fails
-                code = exc.code if isinstance(exc, CadreError) else "prepare_failed"
+                code = exc.code if isinstance(exc, CadreError) else Cause.PREPARE_FAILED
                 self.log.warning("prepare_failed", error=str(exc))
                 counts = await self._close_shippers()
                 await self._report(Outcome("failed", {}, schemas.ErrorInfo(code=code, message=str(exc))), counts)
@@ -478,7 +478,7 @@ class Execution:
             counts = await self._close_shippers()
             await self.context.close()
             message = f"starting the ranks on {self.node_id} failed: {exc}"
-            return Outcome("failed", {}, schemas.ErrorInfo(code="launch_failed", message=message)), counts
+            return Outcome("failed", {}, schemas.ErrorInfo(code=Cause.LAUNCH_FAILED, message=message)), counts
         self.pid_file.write_text(json.dumps([h.pid for h in self.handles.values()]))
         await self._move(schemas.Running, RunState.RUNNING)
         self.log.info("ranks_started", ranks=sorted(self.handles))
@@ -531,7 +531,7 @@ class Execution:
     def _outcome(self, exit_codes: dict[int, int], shippers: dict[int, LogShipper]) -> Outcome:
         if self.fenced is not None:
             message = f"node {self.node_id} stopped its ranks: {self.fenced}"
-            return Outcome("failed", exit_codes, schemas.ErrorInfo(code="fenced", message=message))
+            return Outcome("failed", exit_codes, schemas.ErrorInfo(code=Cause.FENCED, message=message))
         if self.cancel_requested.is_set():
             return Outcome("canceled", exit_codes)
         if self.timed_out:
@@ -539,15 +539,15 @@ class Execution:
             return Outcome(
                 "failed",
                 exit_codes,
-                schemas.ErrorInfo(code="timeout", message=f"the run exceeded max_run_duration_seconds={limit}"),
+                schemas.ErrorInfo(code=Cause.TIMEOUT, message=f"the run exceeded max_run_duration_seconds={limit}"),
             )
         if self.mpi_abort is not None:
             rank, code = self.mpi_abort
-            error = schemas.ErrorInfo(code="mpi_abort", message=f"rank {rank} called MPI_Abort with code {code}")
+            error = schemas.ErrorInfo(code=Cause.MPI_ABORT, message=f"rank {rank} called MPI_Abort with code {code}")
             return Outcome("failed", exit_codes, error)
         if self.first_failure is None and self.abort.is_set():
             message = f"stopped on node {self.node_id} because {self.abort_reason}"
-            return Outcome("failed", exit_codes, schemas.ErrorInfo(code="aborted", message=message), aborted=True)
+            return Outcome("failed", exit_codes, schemas.ErrorInfo(code=Cause.ABORTED, message=message), aborted=True)
         failed = sorted((r, c) for r, c in exit_codes.items() if c != 0)
         if not failed:
             return Outcome("succeeded", exit_codes)
@@ -556,11 +556,14 @@ class Execution:
         rank, code = failed[0]
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         death = self.handles[rank].death if rank in self.handles else None
+        cause = Cause.NONZERO_EXIT
         if death is not None:
             how = f"was {death} (exit code {code})"
+            if "out of memory" in death:
+                cause = Cause.OUT_OF_MEMORY
         tail = "\n".join(shippers[rank].tail) if rank in shippers else ""
         message = f"rank {rank} on node {self.node_id} {how}; last log lines:\n{tail}"
-        return Outcome("failed", exit_codes, schemas.ErrorInfo(code="nonzero_exit", message=message))
+        return Outcome("failed", exit_codes, schemas.ErrorInfo(code=cause, message=message))
 
     async def _move(self, cls: type[schemas.RunEventBase], state: RunState) -> None:
         """Move the run forward (several nodes race to do it: the first wins, the others see it done)."""
@@ -627,7 +630,7 @@ class Execution:
             self.log.error("upload_failed", error=str(exc))
             stored, parts = [], {}
             error = schemas.ErrorInfo(
-                code="upload_failed", message=f"uploading run files failed on {self.node_id}: {exc}"
+                code=Cause.UPLOAD_FAILED, message=f"uploading run files failed on {self.node_id}: {exc}"
             )
         uploaded = time.monotonic()
         await self._patiently(

@@ -24,6 +24,7 @@ from typing import Protocol
 from shared.environments import Environment
 from shared.errors import CadreError
 from shared.schemas import RegistryCredential
+from shared.states import Cause
 
 LINE_LIMIT = 1 << 20  # a single line longer than this is split, not fatal
 PR_SET_PDEATHSIG = 1
@@ -37,7 +38,7 @@ PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LO
 class EnvironmentBuildError(CadreError):
     """The job's environment could not be made ready (missing image, failed package install, no conda)."""
 
-    code = "environment_build_failed"
+    code = Cause.ENVIRONMENT_BUILD_FAILED
 
 
 @dataclass(frozen=True)

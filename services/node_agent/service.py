@@ -26,7 +26,7 @@ from shared.environments import PULL_POLICIES
 from shared.errors import ValidationError
 from shared.service import Service
 from shared.settings import FENCE_AFTER_DEFAULT, BusSettings
-from shared.states import RunState
+from shared.states import Cause, RunState
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class NodeAgentService(Service):
         for run_id in sorted(orphans):
             shutil.rmtree(runs_dir / run_id, ignore_errors=True)
             self.log.warning("orphaned_ranks_killed", run_id=run_id)
-            error = schemas.ErrorInfo(code="agent_restarted", message=f"node agent {self.config.node_id} restarted")
+            error = schemas.ErrorInfo(code=Cause.AGENT_RESTARTED, message=f"node agent {self.config.node_id} restarted")
 
             def build(last: schemas.RunEvent | None, error: schemas.ErrorInfo = error) -> schemas.RunEvent | None:
                 if last is None or last.state.is_decided():

@@ -22,7 +22,7 @@ from shared import bus, schemas, settings, subjects
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings
-from shared.states import RunState
+from shared.states import Cause, RunState
 
 IO_CONCURRENCY = 64  # placements whose events are in flight at once; decisions themselves stay sequential
 LOST_CONCURRENCY = 32  # runs whose node losses are being recorded at once
@@ -314,7 +314,7 @@ class SchedulerService(Service):
 
     async def _unschedulable(self, record: schemas.RunRecord, message: str) -> None:
         try:
-            await self._fail(record.run_id, "unschedulable", message)
+            await self._fail(record.run_id, Cause.UNSCHEDULABLE, message)
         except Exception as exc:
             if not bus.is_transient(exc):
                 raise
