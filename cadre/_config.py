@@ -369,6 +369,9 @@ class ScriptRunConfig:
         distributed_job_config: MpiConfiguration | PyTorchConfiguration | TensorflowConfiguration | None = None,
         max_run_duration_seconds: int | None = None,
         command: list[str] | str | None = None,
+        max_retries: int = 0,
+        retry_on: list[str | int] | None = None,
+        checkpoint_folder: str = "checkpoints",
     ) -> None:
         if command is not None:
             raise NotSupportedError("command is not supported: give script= and arguments= instead")
@@ -396,6 +399,9 @@ class ScriptRunConfig:
             environment_definition=self.environment,
             environment_variables=rc.environment_variables,
             max_run_duration_seconds=max_run_duration_seconds or rc.max_run_duration_seconds,
+            max_retries=max_retries,
+            retry_on=retry_on,
+            checkpoint_folder=checkpoint_folder,
         )
 
     def to_spec(self, experiment: str, snapshot: schemas.SnapshotRef, git: schemas.GitInfo | None) -> schemas.RunSpec:

@@ -8,7 +8,7 @@ from typing import Any
 
 from shared import environments, schemas
 from shared.errors import ValidationError
-from shared.runs import TORCH_BACKENDS
+from shared.runs import MAX_RETRIES, TORCH_BACKENDS, check_retry_cause
 
 
 @dataclass(slots=True)
@@ -155,6 +155,9 @@ class Estimator:
         memory_per_process: str | int | None = None,
         environment_definition: Any = None,
         arguments: list[ArgValue] | None = None,
+        max_retries: int = 0,
+        retry_on: list[str | int] | None = None,
+        checkpoint_folder: str = "checkpoints",
     ) -> None:
         source = Path(source_directory).expanduser()
         if not source.is_dir():
@@ -252,6 +255,20 @@ class Estimator:
         ):
             raise ValidationError("max_run_duration_seconds must be a positive number")
         self.max_run_duration_seconds = None if max_run_duration_seconds is None else int(max_run_duration_seconds)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= MAX_RETRIES:
+            raise ValidationError(f"max_retries must be an integer from 0 to {MAX_RETRIES}, not {max_retries!r}")
+        self.max_retries = max_retries
+        if retry_on is not None and not isinstance(retry_on, list | tuple):
+            raise ValidationError(f"retry_on must be a list of causes and exit codes, not {type(retry_on).__name__}")
+        self.retry_on = [
+            check_retry_cause(f"exit:{c}" if isinstance(c, int) and not isinstance(c, bool) else str(c))
+            for c in retry_on or []
+        ]
+        if not isinstance(checkpoint_folder, str) or not checkpoint_folder.strip("/"):
+            raise ValidationError(
+                f"checkpoint_folder must be a folder name such as 'checkpoints', not {checkpoint_folder!r}"
+            )
+        self.checkpoint_folder = checkpoint_folder.strip("/")
 
     def _distributed(self) -> str:
         if self.distributed_training is None:
@@ -290,6 +307,9 @@ class Estimator:
             memory_per_process=self.memory_per_process,
             environment=self.environment,
             communication_backend=self._backend(),
+            max_retries=self.max_retries,
+            retry_on=self.retry_on,
+            checkpoint_folder=self.checkpoint_folder,
             parameter_server_count=(
                 self.distributed_training.parameter_server_count
                 if isinstance(self.distributed_training, TensorflowConfiguration)

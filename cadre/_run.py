@@ -257,8 +257,13 @@ class Run:
                 ended.set()
             check_done()
 
+        newest: dict[int, int] = {}  # per rank, the latest attempt that wrote: older ones' late lines are stale
+
         async def on_log(msg) -> None:
             batch = schemas.log_batch_decoder.decode(msg.data)
+            if batch.attempt < newest.get(batch.rank, 1):
+                return
+            newest[batch.rank] = batch.attempt
             have = received.get(batch.rank, 0)
             for i, line in enumerate(batch.lines):
                 if batch.first_line + i >= max(have, from_line):  # a re-published batch repeats lines we printed
@@ -449,4 +454,6 @@ def details_dict(d: schemas.RunDetails) -> dict[str, Any]:
         "error": msgspec.to_builtins(d.error) if d.error else None,
         "runDefinition": msgspec.to_builtins(d.spec),
         "history": msgspec.to_builtins(d.history),
+        "attempt": d.attempt,
+        "attempts": msgspec.to_builtins(d.attempts),
     }

@@ -285,6 +285,8 @@ class RunEventLog:
             event = build(last)
             if event is None:
                 return None
+            if event.attempt == 0:  # it belongs to the run's current attempt
+                event = msgspec.structs.replace(event, attempt=attempt_of(last) if last else 1)
             check_transition(last.state if last else None, event.state)
             try:
                 await self._js.publish(
@@ -402,6 +404,19 @@ async def replay(
                 return
     finally:
         await sub.unsubscribe()
+
+
+def attempt_of(event: schemas.RunEvent) -> int:
+    """The attempt an event belongs to (events stored before attempts existed belong to the first)."""
+    return event.attempt or 1
+
+
+def current_attempt(events: list[schemas.RunEvent]) -> list[schemas.RunEvent]:
+    """The events of the run's latest attempt (all of them when it was never retried)."""
+    if not events:
+        return []
+    latest = attempt_of(events[-1])
+    return [ev for ev in events if attempt_of(ev) == latest]
 
 
 def make_event(cls: type[schemas.RunEventBase], run_id: str, state: RunState, **fields: object) -> schemas.RunEvent:

@@ -6,9 +6,9 @@ import re
 import secrets
 import time
 
-from shared import environments, schemas, subjects
+from shared import environments, files, schemas, subjects
 from shared.errors import ValidationError
-from shared.states import RunState
+from shared.states import INFRASTRUCTURE_CAUSES, Cause, RunState
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -16,6 +16,52 @@ MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_PROCESSES_PER_NODE = 1024
 MAX_NODES = 4096
 TORCH_BACKENDS = ("gloo", "nccl", "mpi", "ucc")  # PyTorchConfiguration.communication_backend
+MAX_RETRIES = 10
+RETRY_BACKOFF = (5.0, 300.0)  # seconds before attempt 2, doubling for each further one, up to the second figure
+
+
+def check_retry_cause(cause: str) -> str:
+    """A retry_on entry: a Cause's value, or "exit:<code>" for a user's exit code (1-255, or a signal's -n)."""
+    if cause.startswith("exit:"):
+        code = cause[len("exit:") :]
+        if code.lstrip("-").isdigit() and -64 <= int(code) <= 255 and int(code) != 0:
+            return cause
+        raise ValidationError(f"retry_on entry {cause!r}: an exit code is 1-255 (or -N for signal N)")
+    try:
+        return Cause(cause).value
+    except ValueError:
+        names = ", ".join(c.value for c in Cause)
+        raise ValidationError(
+            f"retry_on entry {cause!r} is not a cause; causes are: {names}, or an exit code"
+        ) from None
+
+
+def retry_cause(error: schemas.ErrorInfo | None, exit_codes: dict[int, int]) -> str | None:
+    """What a failed attempt counts as for retry_on: its cause, or "exit:<code>" for a rank's exit code."""
+    if error is None:
+        return None
+    if error.code == Cause.NONZERO_EXIT:
+        bad = [code for code in exit_codes.values() if code != 0]
+        return f"exit:{bad[0]}" if bad else Cause.NONZERO_EXIT.value
+    return error.code
+
+
+def should_retry(spec: schemas.RunSpec, cause: str | None, attempt: int) -> bool:
+    """Whether a failed attempt is retried: budget left, and its cause is one the run retries (by default the
+    infrastructure's; a user's exit codes only when listed)."""
+    if cause is None or attempt > spec.max_retries:
+        return False
+    if spec.retry_on:
+        return cause in spec.retry_on
+    return cause in {c.value for c in INFRASTRUCTURE_CAUSES}
+
+
+def retry_delay(attempt: int) -> float:
+    """Backoff before attempt ``attempt + 1`` (the first retry waits RETRY_BACKOFF[0])."""
+    first, cap = RETRY_BACKOFF
+    return min(cap, first * 2 ** (attempt - 1))
+
+
 # Variables the system sets for every process; a user may not override them.
 RESERVED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "CADRE_")
 
@@ -53,6 +99,15 @@ def validate_spec(spec: schemas.RunSpec) -> None:
         raise ValidationError("parameter_server_count needs TensorflowConfiguration")
     if spec.communication_backend is not None and spec.communication_backend not in TORCH_BACKENDS:
         raise ValidationError(f"communication_backend must be one of {', '.join(TORCH_BACKENDS)}")
+    if not 0 <= spec.max_retries <= MAX_RETRIES:
+        raise ValidationError(f"max_retries must be between 0 and {MAX_RETRIES}, not {spec.max_retries}")
+    for cause in spec.retry_on:
+        check_retry_cause(cause)
+    folder = files.check_relative(spec.checkpoint_folder.rstrip("/"))
+    if folder.split("/")[0] in ("outputs", "logs"):
+        raise ValidationError(
+            f"checkpoint_folder {folder!r} must not be under outputs/ or logs/ (those are synced already)"
+        )
     if spec.max_run_duration_seconds is not None and spec.max_run_duration_seconds <= 0:
         raise ValidationError("max_run_duration_seconds must be a positive number of seconds")
     for key in spec.environment_variables:
@@ -74,7 +129,8 @@ def validate_spec(spec: schemas.RunSpec) -> None:
 
 
 def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.RunDetails:
-    """Replay a run's events into its details (the projection every reader sees)."""
+    """Replay a run's events into its details (the projection every reader sees). Exit codes, log counts and the
+    error are the latest attempt's; the attempts before it are listed with their causes."""
     state = RunState.NOT_STARTED
     started_at = ended_at = None
     queue_reason: str | None = None
@@ -83,6 +139,8 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
     log_lines: dict[int, int] = {}
     error: schemas.ErrorInfo | None = None
     history: list[schemas.StateChange] = []
+    attempts: list[schemas.AttemptInfo] = []
+    nodes: list[str] = []
     for ev in events:
         if ev.state is not state or not history:
             history.append(schemas.StateChange(state=ev.state, at=ev.at, kind=type(ev).__name__))
@@ -92,6 +150,12 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
                 queue_reason = reason
             case schemas.Assigned(placement=p):
                 placement, queue_reason = list(p), None
+                nodes = sorted({s.node_id for s in p})
+            case schemas.Retried(cause=cause, error=err, nodes=was_on):
+                attempts.append(schemas.AttemptInfo(
+                    attempt=ev.attempt - 1, cause=cause, message=err.message, nodes=was_on or nodes, ended_at=ev.at,
+                ))  # fmt: skip
+                exit_codes, log_lines, error, queue_reason = {}, dict(log_lines), None, "retrying"
             case schemas.Running():
                 started_at = started_at or ev.at
             case schemas.RankExited(rank=rank, exit_code=code):
@@ -121,6 +185,8 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
         log_lines=log_lines,
         error=error,
         history=history,
+        attempt=(events[-1].attempt or 1) if events else 1,
+        attempts=attempts,
     )
 
 

@@ -105,6 +105,9 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     cpus_per_process: float | None = None
     memory_per_process: int | None = None  # bytes; a process over it is killed and reported "out of memory"
     environment: EnvironmentDefinition | None = None  # the Environment object the run was given, if any
+    max_retries: int = 0  # attempts after the first, for the causes in retry_on
+    retry_on: list[str] = []  # Cause values, or "exit:<code>" for a user's exit code; empty: infrastructure causes
+    checkpoint_folder: str = "checkpoints"  # synced while the run goes on, restored into the next attempt
     communication_backend: str | None = None  # PyTorchConfiguration's; reaches the job as CADRE_COMMUNICATION_BACKEND
 
 
@@ -139,6 +142,9 @@ class RunEventBase(Message, frozen=True, kw_only=True, tag_field="kind"):
     run_id: str
     state: RunState  # the run's state once this event is applied
     at: float
+    # Which attempt of the run the event belongs to (1, 2, ... after retries). 0 when written: the event log
+    # stores it with the attempt of the run's last event, so only a retry (Retried) starts a new one.
+    attempt: int = 0
 
 
 class Submitted(RunEventBase, frozen=True, kw_only=True, tag="submitted"):
@@ -154,6 +160,16 @@ class Queued(RunEventBase, frozen=True, kw_only=True, tag="queued"):
 
 class Assigned(RunEventBase, frozen=True, kw_only=True, tag="assigned"):
     placement: list[RankSlot]
+
+
+class Retried(RunEventBase, frozen=True, kw_only=True, tag="retried"):
+    """The attempt before failed for a cause the run retries: the run is queued again as attempt ``attempt``."""
+
+    cause: str  # a Cause, or "exit:<code>"
+    error: ErrorInfo
+    nodes: list[str]  # where the failed attempt ran
+    not_before: float  # the backoff: it is not placed before this time
+    log_lines: dict[int, int] = {}  # lines each rank has in the log stream so far: the next attempt numbers on
 
 
 class Starting(RunEventBase, frozen=True, kw_only=True, tag="starting"):
@@ -243,6 +259,7 @@ RunEvent = (
     Submitted
     | Queued
     | Assigned
+    | Retried
     | Starting
     | Running
     | RankExited
@@ -411,6 +428,7 @@ class ComputeTargetInfo(Message, frozen=True, kw_only=True):
 class Assignment(Message, frozen=True, kw_only=True):
     run_id: str
     node_id: str
+    attempt: int = 1
     spec: RunSpec
     placement: list[RankSlot]  # the whole rank map; the agent starts the ranks whose node_id is its own
     hosts: dict[str, str] = {}  # node id -> host id, for the nodes of the placement (agents sharing a machine)
@@ -429,6 +447,9 @@ class LogBatch(Message, frozen=True, kw_only=True):
     node_id: str
     first_line: int  # 0-based number of the first line in this batch, per rank
     lines: list[LogLine]
+    # A retried run numbers on across attempts; a batch of an attempt older than one already read on the subject
+    # (a stalled node's late lines) is dropped by every reader.
+    attempt: int = 1
 
 
 # --- request / reply -----------------------------------------------------------------------------------------
@@ -476,6 +497,14 @@ class RunRef(Message, frozen=True, kw_only=True):
     run_id: str
 
 
+class AttemptInfo(msgspec.Struct, frozen=True, kw_only=True):
+    attempt: int
+    cause: str
+    message: str
+    nodes: list[str]
+    ended_at: float
+
+
 class StateChange(msgspec.Struct, frozen=True, kw_only=True):
     state: RunState
     at: float
@@ -496,6 +525,8 @@ class RunDetails(Message, frozen=True, kw_only=True):
     log_lines: dict[int, int] = {}
     error: ErrorInfo | None = None
     history: list[StateChange] = []
+    attempt: int = 1
+    attempts: list[AttemptInfo] = []  # the attempts that failed and were retried, oldest first
 
 
 class RunSummary(Message, frozen=True, kw_only=True):
@@ -564,6 +595,7 @@ class UploadUrls(Message, frozen=True, kw_only=True):
 class CommitRequest(Message, frozen=True, kw_only=True):
     run_id: str
     node_id: str
+    attempt: int = 1
     files: list[FileEntry]
     error: ErrorInfo | None = None  # the node could not upload everything
     parts: dict[str, MultipartDone] = {}  # multipart uploads to complete
@@ -572,6 +604,7 @@ class CommitRequest(Message, frozen=True, kw_only=True):
 class SnapshotUrl(Message, frozen=True, kw_only=True):
     url: str
     snapshot: SnapshotRef
+    checkpoint: dict[str, str] = {}  # a retried run: its checkpoint files (name -> URL) to restore first
 
 
 class Lineage(msgspec.Struct, frozen=True, kw_only=True):

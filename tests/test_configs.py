@@ -114,6 +114,13 @@ def test_bad_configurations_fail_at_construction(make_project: Callable[..., Pat
         env = Environment("dockerfile")
         env.docker.base_dockerfile = "FROM x"
         Estimator(project, "train.py", environment_definition=env)
+    with pytest.raises(ValidationError, match="max_retries must be an integer from 0 to 10"):
+        Estimator(project, "train.py", max_retries=-1)
+    with pytest.raises(ValidationError, match="retry_on entry 'bogus' is not a cause; causes are: nonzero_exit"):
+        Estimator(project, "train.py", max_retries=1, retry_on=["bogus"])
+    with pytest.raises(ValidationError, match="an exit code is 1-255"):
+        ScriptRunConfig(project, script="train.py", max_retries=1, retry_on=[0])
+    assert Estimator(project, "train.py", max_retries=2, retry_on=[3, "node_lost"]).retry_on == ["exit:3", "node_lost"]
     rc = RunConfiguration()
     rc.communicator = "ParameterServer"
     rc.tensorflow.worker_count = 3

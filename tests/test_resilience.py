@@ -228,3 +228,71 @@ def test_an_agent_cut_off_from_the_bus_stops_its_own_ranks(
         details = run.wait_for_completion(timeout=60, raise_on_error=False)
     assert details["status"] == "Failed" and details["error"]["code"] == "fenced", details["error"]
     assert "could not reach the bus" in details["error"]["message"]
+
+
+RESUMING = """
+import os, sys, time
+os.makedirs("checkpoints", exist_ok=True)
+state = "checkpoints/progress.txt"
+start = int(open(state).read()) + 1 if os.path.exists(state) else 0  # the snapshot pattern: resume where it stopped
+attempt = int(os.environ["CADRE_ATTEMPT"])
+print("attempt", attempt, "starts at", start, flush=True)
+open(os.path.join(os.environ["SPOOL"], f"pid{attempt}"), "w").write(str(os.getpid()))
+for i in range(start, int(os.environ["TICKS"])):
+    print("step", i, flush=True)
+    with open(state + ".tmp", "w") as fh:
+        fh.write(str(i))
+    os.replace(state + ".tmp", state)
+    if i == int(os.environ.get("FAIL_AT", -1)) and attempt == 1:
+        sys.exit(3)
+    time.sleep(0.05)
+"""
+
+
+def _resuming(ws: Workspace, make_project: Callable[..., Path], spool: Path, **kwargs: object):
+    spool.mkdir()
+    env = {"SPOOL": str(spool), "TICKS": "200", **{k: str(v) for k, v in kwargs.pop("env", {}).items()}}  # type: ignore[attr-defined]
+    est = Estimator(make_project(**{"train.py": RESUMING}), "train.py", environment_variables=env, **kwargs)  # type: ignore[arg-type]
+    return Experiment(ws, "retries").submit(est)
+
+
+@pytest.mark.timeout(120)
+def test_a_listed_exit_code_is_retried_from_the_checkpoint(
+    partition_home: Path, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    with Workspace.from_config(partition_home / "profile.json") as ws:
+        run = _resuming(ws, make_project, tmp_path / "spool", env={"FAIL_AT": 60}, max_retries=2, retry_on=[3])
+        out = io.StringIO()
+        details = run.wait_for_completion(show_output=True, output=out, timeout=90)
+        text = out.getvalue()
+        assert details["status"] == "Completed" and details["attempt"] == 2
+        assert [(a["attempt"], a["cause"]) for a in details["attempts"]] == [(1, "exit:3")]
+        assert "attempt 1 starts at 0" in text and "attempt 2 starts at 61" in text  # from its checkpoint
+        steps = [int(i) for i in re.findall(r"^step (\d+)$", text, re.M)]
+        assert steps == list(range(200)), "every step once, across the two attempts"
+        assert "checkpoints/progress.txt" in run.get_file_names()
+        # Not listed: a user's exit code is not retried.
+        failing = _resuming(ws, make_project, tmp_path / "spool2", env={"FAIL_AT": 5}, max_retries=2)
+        failed = failing.wait_for_completion(timeout=60, raise_on_error=False)
+        assert failed["status"] == "Failed" and failed["attempts"] == [] and failed["error"]["code"] == "nonzero_exit"
+
+
+@pytest.mark.timeout(150)
+def test_a_node_lost_past_its_grace_is_retried_and_completes_from_its_checkpoint(
+    partition_home: Path, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    agent = _pids(partition_home)["agent-0"]
+    spool = tmp_path / "spool"
+    with Workspace.from_config(partition_home / "profile.json") as ws:
+        run = _resuming(ws, make_project, spool, env={"TICKS": 400}, max_retries=1)
+        eventually(lambda: (spool / "pid1").is_file(), 60)
+        time.sleep(3)  # a checkpoint synced meanwhile (every 2 s)
+        with _stopped(agent):
+            eventually(lambda: run.get_details()["attempt"] == 2, GRACE + 20)  # lost, then queued again
+        out = io.StringIO()
+        details = run.wait_for_completion(show_output=True, output=out, timeout=120)
+    assert details["status"] == "Completed", details["error"]
+    assert [(a["attempt"], a["cause"]) for a in details["attempts"]] == [(1, "node_lost")]
+    resumed = int(re.search(r"attempt 2 starts at (\d+)", out.getvalue()).group(1))  # type: ignore[union-attr]
+    assert resumed > 20, "attempt 2 carried on from the synced checkpoint"
+    assert not _running(int((spool / "pid1").read_text()))  # the first attempt's rank was stopped

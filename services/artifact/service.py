@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 import msgspec
 from nats.js import api as js_api
+from nats.js.errors import APIError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from services.artifact.datasets import Datasets
-from shared import bus, files, schemas, subjects
+from shared import bus, files, runs, schemas, subjects
 from shared.errors import CadreError, ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, StoreSettings
@@ -31,10 +33,10 @@ UPLOADABLE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.
 DRIVER_LOGS = "logs/cadre/"  # each rank's stdout/stderr, stored from the log stream
 
 
-def check_file_name(name: str) -> None:
+def check_file_name(name: str, spec: schemas.RunSpec) -> None:
     files.check_relative(name)
-    if not name.startswith(USER_DIRS):
-        raise ValidationError(f"file name {name!r} must be under outputs/ or logs/")
+    if not name.startswith((*USER_DIRS, f"{spec.checkpoint_folder}/")):
+        raise ValidationError(f"file name {name!r} must be under outputs/, logs/ or {spec.checkpoint_folder}/")
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,9 +114,17 @@ class ArtifactService(Service):
         await self.endpoint(subjects.Api.FILE_URL, schemas.FileUrlRequest, self.file_url)
 
     async def snapshot_url(self, req: schemas.RunRef) -> schemas.SnapshotUrl:
+        """What a node fetches to start the run: the snapshot, and for a retried run the checkpoint files that
+        the attempts before it synced (restored into the next attempt's working directory)."""
         record = await bus.get_record(self.runs_kv, req.run_id)
         url = await self.store.presign_get(subjects.snapshot_key(record.spec.snapshot.content_hash))
-        return schemas.SnapshotUrl(url=url, snapshot=record.spec.snapshot)
+        checkpoint: dict[str, str] = {}
+        last, _ = await self.events.last(req.run_id)
+        if last is not None and bus.attempt_of(last) > 1:
+            prefix = subjects.run_file_prefix(req.run_id)
+            for key, _size, _etag in await self.store.list(f"{prefix}{record.spec.checkpoint_folder}/"):
+                checkpoint[key[len(prefix) :]] = await self.store.presign_get(key)
+        return schemas.SnapshotUrl(url=url, snapshot=record.spec.snapshot, checkpoint=checkpoint)
 
     async def _placement_nodes(self, run_id: str) -> set[str]:
         for ev in reversed(await self.events.history(run_id)):
@@ -123,7 +133,7 @@ class ArtifactService(Service):
         return set()
 
     async def upload_urls(self, req: schemas.UploadUrlsRequest) -> schemas.UploadUrls:
-        await bus.get_record(self.runs_kv, req.run_id)
+        record = await bus.get_record(self.runs_kv, req.run_id)
         last, _ = await self.events.last(req.run_id)
         if last is None or last.state not in UPLOADABLE:
             state = last.state.value if last else "unknown"
@@ -132,7 +142,7 @@ class ArtifactService(Service):
             raise ConflictError(f"node {req.node_id} has no ranks of run {req.run_id}")
         urls, multipart = {}, {}
         for f in req.files:
-            check_file_name(f.name)
+            check_file_name(f.name, record.spec)
             key = subjects.run_file_key(req.run_id, f.name)
             if req.allow_multipart and f.size > MULTIPART_THRESHOLD:
                 part_size = max(PART_SIZE, -(-f.size // MAX_PARTS))
@@ -149,14 +159,14 @@ class ArtifactService(Service):
         record = await bus.get_record(self.runs_kv, req.run_id)
         problems = []
         for name, done in req.parts.items():
-            check_file_name(name)
+            check_file_name(name, record.spec)
             try:
                 await self.store.complete_multipart(subjects.run_file_key(req.run_id, name), done.upload_id, done.etags)
             except (CadreError, ValueError) as exc:
                 # A retried commit finds the upload completed already: the stat below decides.
                 self.log.info("multipart_complete_skipped", run_id=req.run_id, file=name, error=str(exc))
         for f in req.files:
-            check_file_name(f.name)
+            check_file_name(f.name, record.spec)
             stat = await self.store.stat(subjects.run_file_key(req.run_id, f.name))
             if stat is None:
                 problems.append(f"{f.name} is missing")
@@ -170,8 +180,8 @@ class ArtifactService(Service):
             )
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_decided():
-                return None
+            if last is None or last.state.is_decided() or bus.attempt_of(last) != req.attempt:
+                return None  # decided already, or the commit of an attempt the run has moved on from
             return bus.make_event(
                 schemas.NodeCommitted, req.run_id, last.state, node_id=req.node_id, files=list(req.files), error=error
             )
@@ -188,7 +198,7 @@ class ArtifactService(Service):
     async def finalize(self, run_id: str) -> None:
         """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run."""
         async with self._lock(run_id):
-            events = await self.events.history(run_id)
+            events = bus.current_attempt(await self.events.history(run_id))  # an earlier attempt's nodes are done
             nodes = next((
                 {s.node_id for s in ev.placement} for ev in reversed(events) if isinstance(ev, schemas.Assigned)
             ), set())  # fmt: skip
@@ -197,6 +207,9 @@ class ArtifactService(Service):
             if not nodes or not nodes <= committed | set(lost):
                 return
             decided = decide(events, lost)
+            if decided.outcome == "failed" and await self._retry(run_id, events, decided, sorted(nodes)):
+                self._locks.pop(run_id, None)
+                return
 
             def to_finalizing(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
                 if last is None or last.state.is_decided():
@@ -215,6 +228,57 @@ class ArtifactService(Service):
             if isinstance(finalizing, schemas.Finalizing):
                 await self._complete(run_id, finalizing, events)
         self._locks.pop(run_id, None)
+
+    async def _retry(self, run_id: str, events: list[schemas.RunEvent], decided: Decision, nodes: list[str]) -> bool:
+        """A failed attempt with retries left and a cause the run retries is queued again, after a backoff, as the
+        next attempt (it may land on other nodes); the cause and the nodes stay in its history."""
+        record = await bus.get_record(self.runs_kv, run_id)
+        attempt = bus.attempt_of(events[-1])
+        cause = runs.retry_cause(decided.error, decided.exit_codes)
+        if not runs.should_retry(record.spec, cause, attempt):
+            return False
+        assert decided.error is not None and cause is not None
+        delay = runs.retry_delay(attempt)
+        placement = next((ev.placement for ev in reversed(events) if isinstance(ev, schemas.Assigned)), [])
+        lines = {slot.rank: await self._close_log(run_id, slot.rank, attempt + 1) for slot in placement}
+
+        def to_retry(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            if last is None or last.state.is_decided() or bus.attempt_of(last) != attempt:
+                return None
+            return bus.make_event(
+                schemas.Retried, run_id, RunState.QUEUED, attempt=attempt + 1, cause=cause, error=decided.error,
+                nodes=nodes, not_before=time.time() + delay, log_lines=lines,
+            )  # fmt: skip
+
+        if await self.events.append(run_id, to_retry) is None:
+            return False
+        self.log.warning(
+            "run_retried", run_id=run_id, attempt=attempt + 1, of=record.spec.max_retries + 1, cause=cause, delay=delay
+        )
+        return True
+
+    async def _close_log(self, run_id: str, rank: int, attempt: int) -> int:
+        """Close a rank's log subject to the attempt that failed: an empty batch of the next ``attempt``, written
+        only if no line came in since the count was read (readers drop the old attempt's batches after it).
+        Returns the rank's line count: where the next attempt numbers on."""
+        subject = subjects.run_logs(run_id, rank)
+        for _ in range(50):
+            try:
+                last = await self.js.get_last_msg(subjects.LOGS_STREAM, subject)
+                batch = schemas.log_batch_decoder.decode(last.data or b"")
+                count, seq = batch.first_line + len(batch.lines), last.seq or 0
+            except JsNotFound:
+                count, seq = 0, 0
+            fence = schemas.LogBatch(run_id=run_id, rank=rank, node_id="", first_line=count, lines=[], attempt=attempt)
+            try:
+                await self.js.publish(
+                    subject, schemas.encode(fence), headers={"Nats-Expected-Last-Subject-Sequence": str(seq)}
+                )
+                return count
+            except APIError as exc:
+                if exc.err_code != bus.WRONG_LAST_SEQUENCE:
+                    raise
+        raise ConflictError(f"run {run_id}: rank {rank}'s log would not settle; try again")
 
     async def _complete(
         self, run_id: str, decided: schemas.Finalizing, events: list[schemas.RunEvent] | None = None
@@ -295,9 +359,15 @@ class ArtifactService(Service):
             except JsNotFound:
                 continue
             chunks: list[str] = []
+            newest, have = 1, 0
             async for msg in bus.replay(self.js, subjects.LOGS_STREAM, subject, last.seq or 0):
                 batch = schemas.log_batch_decoder.decode(msg.data)
-                chunks.extend(line.text + "\n" for line in batch.lines)
+                if batch.attempt < newest:
+                    continue  # a stale attempt's late lines, after the next attempt took over the subject
+                newest = batch.attempt
+                skip = max(0, have - batch.first_line)  # a batch published twice across a reconnect
+                chunks.extend(line.text + "\n" for line in batch.lines[skip:])
+                have = max(have, batch.first_line + len(batch.lines))
             data = "".join(chunks).encode()
             name = f"{DRIVER_LOGS}rank_{rank}.log"
             await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")

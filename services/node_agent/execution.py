@@ -86,6 +86,7 @@ class Execution:
         self.a = assignment
         self.spec = assignment.spec
         self.run_id = assignment.run_id
+        self.attempt = assignment.attempt  # events of other attempts are not this execution's business
         self.runtime = runtime
         self.my_slots = [s for s in assignment.placement if s.node_id == self.node_id]
         first_rank: dict[str, int] = {}
@@ -120,10 +121,18 @@ class Execution:
     async def run(self) -> None:
         sub = await self.agent.nc.subscribe(subjects.run_events(self.run_id), cb=self._on_msg)
         try:
-            for event in await self.agent.events.history(self.run_id):  # what happened before we listened
+            history = await self.agent.events.history(self.run_id)
+            for event in history:  # what happened before we listened
                 self._observe(event)
+            # A retried run's ranks number their lines on from where the attempts before stopped.
+            retried = next((ev for ev in reversed(history) if isinstance(ev, schemas.Retried)), None)
+            if retried is None or bus.attempt_of(retried) != self.attempt:
+                retried = None
             for slot in self.my_slots:
-                self.shippers[slot.rank] = LogShipper(self.agent.js, self.run_id, slot.rank, self.node_id)
+                self.shippers[slot.rank] = LogShipper(
+                    self.agent.js, self.run_id, slot.rank, self.node_id,
+                    first=retried.log_lines.get(slot.rank, 0) if retried else 0, attempt=self.attempt,
+                )  # fmt: skip
             try:
                 await self._prepare()
             except Exception as exc:  # a failed build, a missing image, the Docker engine gone: the run fails
@@ -161,7 +170,16 @@ class Execution:
     async def _on_msg(self, msg) -> None:
         self._observe(schemas.run_event_decoder.decode(msg.data))
 
+    def _ours(self, last: schemas.RunEvent | None) -> bool:
+        """Whether the run is still at this execution's attempt (a writer of another attempt must not append)."""
+        return last is not None and bus.attempt_of(last) == self.attempt
+
     def _observe(self, event: schemas.RunEvent) -> None:
+        if bus.attempt_of(event) != self.attempt:
+            if bus.attempt_of(event) > self.attempt and not self.abort.is_set():
+                self.abort_reason = "the run was retried as a new attempt"
+                self.abort.set()
+            return
         if isinstance(event, schemas.Rendezvous) and not self.rendezvous.done():
             self.rendezvous.set_result(event)
         if isinstance(event, schemas.Endpoints):
@@ -196,6 +214,8 @@ class Execution:
             await asyncio.to_thread(self._unpack, archive)
         finally:
             self.agent.cache.release(archive)
+        if snap.checkpoint:
+            await asyncio.to_thread(self._restore_checkpoint, snap.checkpoint)
         entry = self.run_dir / self.spec.entry_script
         if not entry.is_file():
             raise CadreError(f"entry_script {self.spec.entry_script!r} is not in the snapshot")
@@ -264,6 +284,15 @@ class Execution:
             path.chmod(0o755 if path.is_dir() else 0o644)
         return private
 
+    def _restore_checkpoint(self, urls: dict[str, str]) -> None:
+        """The checkpoint files the attempts before synced, into this attempt's working directory."""
+        for name, url in sorted(urls.items()):
+            dest = files.safe_destination(self.run_dir, name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with urllib.request.urlopen(url, timeout=300) as resp, open(dest, "wb") as out:
+                shutil.copyfileobj(resp, out, files.CHUNK)
+        self.log.info("checkpoint_restored", files=len(urls), attempt=self.attempt)
+
     def _fetch_snapshot(self, snap: schemas.SnapshotUrl, path: Path) -> None:
         """Download once per content hash; runs of the same code share the cached archive."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +338,7 @@ class Execution:
                 "MASTER_PORT": str(rdv.master_port),
                 "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in slot.gpu_ids),
                 "CADRE_RUN_ID": self.run_id,
+                "CADRE_ATTEMPT": str(self.attempt),
                 "CADRE_EXPERIMENT": self.spec.experiment,
                 "CADRE_OUTPUTS_DIR": str(self.run_dir / "outputs"),
                 "CADRE_LOGS_DIR": str(self.run_dir / "logs"),
@@ -386,7 +416,7 @@ class Execution:
                 endpoints = dict(self.endpoints)
 
             def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-                if last is None or last.state.is_terminal():
+                if last is None or last.state.is_terminal() or not self._ours(last):
                     return None
                 return bus.make_event(
                     schemas.Rendezvous,
@@ -405,7 +435,7 @@ class Execution:
             mine = self._my_endpoints()
 
             def announce(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-                if last is None or last.state.is_decided():
+                if last is None or last.state.is_decided() or not self._ours(last):
                     return None
                 return bus.make_event(schemas.Endpoints, self.run_id, last.state, node_id=self.node_id, endpoints=mine)
 
@@ -571,6 +601,8 @@ class Execution:
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
             if last is None or last.state not in FORWARD or FORWARD[last.state] >= FORWARD[state]:
                 return None
+            if not self._ours(last):
+                return None
             return bus.make_event(cls, self.run_id, state, node_id=self.node_id)
 
         await self.agent.events.append(self.run_id, build)
@@ -579,7 +611,7 @@ class Execution:
         """Append an event that records a fact without moving the run."""
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_decided():
+            if last is None or last.state.is_decided() or not self._ours(last):
                 return None
             return bus.make_event(cls, self.run_id, last.state, **fields)
 
@@ -635,7 +667,9 @@ class Execution:
         uploaded = time.monotonic()
         await self._patiently(
             subjects.AgentApi.COMMIT,
-            schemas.CommitRequest(run_id=self.run_id, node_id=self.node_id, files=stored, error=error, parts=parts),
+            schemas.CommitRequest(
+                run_id=self.run_id, node_id=self.node_id, attempt=self.attempt, files=stored, error=error, parts=parts
+            ),
             schemas.RunSummary,
         )
         size = sum(f.size for f in stored)
@@ -688,9 +722,10 @@ class Execution:
                 self.log.warning("logs_sync_failed", error=str(exc))
 
     def _changed_logs(self, seen: dict[str, tuple[int, int]]) -> list[schemas.FileEntry]:
-        root = self.run_dir / "logs"
+        """What changed under logs/ and the checkpoint folder (a retry restores the latter)."""
         out = []
-        for path in sorted(root.rglob("*")) if root.is_dir() else []:
+        roots = [self.run_dir / "logs", self.run_dir / self.spec.checkpoint_folder]
+        for path in sorted(p for root in roots if root.is_dir() for p in root.rglob("*")):
             if not path.is_file() or path.is_symlink():
                 continue
             st = path.stat()
@@ -708,7 +743,7 @@ class Execution:
         """
         since = 0 if self.is_master else self.started_ns
         entries = []
-        for top in UPLOAD_DIRS:
+        for top in (*UPLOAD_DIRS, self.spec.checkpoint_folder):
             root = self.run_dir / top
             if not root.is_dir():
                 continue

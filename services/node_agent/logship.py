@@ -16,7 +16,16 @@ LINGER = 0.005  # seconds to wait for more lines before sending a batch: latency
 
 
 class LogShipper:
-    def __init__(self, js: JetStreamContext, run_id: str, rank: int, node_id: str, tail: int = 30) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        run_id: str,
+        rank: int,
+        node_id: str,
+        tail: int = 30,
+        first: int = 0,
+        attempt: int = 1,
+    ) -> None:
         self._js = js
         self._subject = subjects.run_logs(run_id, rank)
         self._run_id, self._rank, self._node_id = run_id, rank, node_id
@@ -24,7 +33,8 @@ class LogShipper:
         self._buf_bytes = 0
         self._wake = asyncio.Event()
         self._closed = False
-        self.sent = 0  # lines published and acknowledged
+        self.sent = first  # lines published and acknowledged (a retried run's attempts number on)
+        self._attempt = attempt  # readers drop a stale attempt's batches that come after the next one's
         self.tail: deque[str] = deque(maxlen=tail)
         self._task = asyncio.create_task(self._loop())
 
@@ -50,11 +60,12 @@ class LogShipper:
 
     async def _send(self, lines: list[schemas.LogLine]) -> None:
         batch = schemas.LogBatch(
-            run_id=self._run_id, rank=self._rank, node_id=self._node_id, first_line=self.sent, lines=lines
-        )
+            run_id=self._run_id, rank=self._rank, node_id=self._node_id, first_line=self.sent, lines=lines,
+            attempt=self._attempt,
+        )  # fmt: skip
         # Held until the bus takes it, however long it is away: lines go out in order, and the message id makes a
         # batch whose ack was lost in a reconnect count once (the stream drops the repeat).
-        headers = {"Nats-Msg-Id": f"{self._run_id}:{self._rank}:{self.sent}"}
+        headers = {"Nats-Msg-Id": f"{self._run_id}:{self._rank}:{self._attempt}:{self.sent}"}
         await bus.outlast(lambda: self._js.publish(self._subject, schemas.encode(batch), timeout=10, headers=headers))
         self.sent += len(lines)
 

@@ -247,11 +247,17 @@ class NodeAgentService(Service):
     async def _accept(self, assignment: schemas.Assignment) -> None:
         run_id = assignment.run_id
         if run_id in self.executions:
-            return  # a redelivery of a run we already run
+            running = self.runs.get(run_id)
+            if running is None or running.attempt >= assignment.attempt:
+                return  # a redelivery of a run we already run
+            # The attempt before is ending here (it has reported; it is cleaning up): the next one starts after it.
+            await asyncio.wait([self.executions[run_id]], timeout=60)
         history = await self.events.history(run_id)
         state = history[-1].state if history else None
-        done_here = any(isinstance(e, schemas.NodeFinished) and e.node_id == self.config.node_id for e in history)
-        if state not in ACCEPTING or done_here:
+        attempt = bus.current_attempt(history)
+        done_here = any(isinstance(e, schemas.NodeFinished) and e.node_id == self.config.node_id for e in attempt)
+        stale = not history or bus.attempt_of(history[-1]) != assignment.attempt
+        if state not in ACCEPTING or done_here or stale:
             self.log.info("assignment_stale", run_id=run_id, state=state.value if state else None)
             return
         self.log.info("assignment_taken", run_id=run_id)

@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from services.scheduler.placement import NodeState, allocate, place
-from shared import bus, schemas, settings, subjects
+from shared import bus, runs, schemas, settings, subjects
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings
@@ -47,6 +47,7 @@ class SchedulerService(Service):
         self.queues: dict[str, OrderedDict[str, schemas.RunRecord]] = {}
         self.reasons: dict[str, str] = {}
         self.allocations: dict[str, list[schemas.RankSlot]] = {}
+        self.not_before: dict[str, tuple[float, int, str]] = {}  # a retried run's backoff: (until, attempt, cause)
         self._lost_locks: dict[str, asyncio.Lock] = {}  # one run's node losses are recorded one at a time
         self.target_grew_at: dict[str, float] = {}  # when a node last joined each compute target
         self._wake = asyncio.Event()
@@ -135,6 +136,11 @@ class SchedulerService(Service):
     async def _on_event(self, event: schemas.RunEvent) -> None:
         run_id, state = event.run_id, event.state
         if state is RunState.QUEUED:
+            if isinstance(event, schemas.Retried):  # the failed attempt's slots are free; the next one waits a bit
+                if self.allocations.pop(run_id, None) is not None:
+                    self._wake.set()
+                self.not_before[run_id] = (event.not_before, event.attempt, event.cause)
+                asyncio.get_running_loop().call_later(max(0.0, event.not_before - time.time()), self._wake.set)
             if not any(run_id in q for q in self.queues.values()):
                 if isinstance(event, schemas.Queued) and event.spec is not None:
                     record: schemas.RunRecord | None = schemas.RunRecord(
@@ -151,6 +157,7 @@ class SchedulerService(Service):
         for queue in self.queues.values():
             queue.pop(run_id, None)
         self.reasons.pop(run_id, None)
+        self.not_before.pop(run_id, None)
         if state in ACTIVE:
             if run_id not in self.allocations:
                 placement = await self._placement_of(run_id, event)
@@ -161,7 +168,7 @@ class SchedulerService(Service):
                         # it is deduplicated by message id, and agents ignore runs they already took.
                         record = await self._record(run_id)
                         if record is not None:
-                            await self._send_assignments(record, placement)
+                            await self._send_assignments(record, placement, bus.attempt_of(event))
         elif self.allocations.pop(run_id, None) is not None:
             self._wake.set()
 
@@ -210,6 +217,15 @@ class SchedulerService(Service):
             grew_at = self.target_grew_at.get(target)
             settling = grew_at is not None and time.monotonic() - grew_at < SETTLE_SECONDS
             for run_id, record in list(queue.items()):
+                if run_id in self.not_before:
+                    until, attempt, cause = self.not_before[run_id]
+                    if time.time() < until:
+                        reason = f"attempt {attempt} (after {cause}) waits {until - time.time():.0f}s of backoff"
+                        if reason.split(" waits")[0] != self.reasons.get(run_id, "").split(" waits")[0]:
+                            self.reasons[run_id] = reason
+                            writes.append(self._annotate(run_id, reason))
+                        continue
+                    del self.not_before[run_id]
                 decision = place(record.spec, nodes, known)
                 if decision.placement is not None:
                     allocate(table, decision.placement)
@@ -256,11 +272,13 @@ class SchedulerService(Service):
                 self._wake.set()
                 return False
             self.reasons.pop(run_id, None)
-            await self._send_assignments(record, placement)
+            await self._send_assignments(record, placement, bus.attempt_of(event))
         self.log.info("run_assigned", run_id=run_id, nodes=sorted({s.node_id for s in placement}))
         return True
 
-    async def _send_assignments(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> None:
+    async def _send_assignments(
+        self, record: schemas.RunRecord, placement: list[schemas.RankSlot], attempt: int
+    ) -> None:
         """Hand the run to its nodes. The run is placed already (its Assigned event is stored), so a bus outage
         is waited out: re-sending is safe, each assignment is deduplicated by its message id."""
         nodes = sorted({s.node_id for s in placement})
@@ -268,14 +286,15 @@ class SchedulerService(Service):
         backoff = bus.Backoff()
         for node_id in nodes:
             msg = schemas.Assignment(
-                run_id=record.run_id, node_id=node_id, spec=record.spec, placement=placement, hosts=hosts
-            )
+                run_id=record.run_id, node_id=node_id, attempt=attempt, spec=record.spec, placement=placement,
+                hosts=hosts,
+            )  # fmt: skip
             while True:
                 try:
                     await self.js.publish(
                         subjects.node_assignments(node_id),
                         schemas.encode(msg),
-                        headers={"Nats-Msg-Id": f"{record.run_id}:{node_id}"},
+                        headers={"Nats-Msg-Id": f"{record.run_id}:{node_id}:{attempt}"},
                     )
                     break
                 except Exception as exc:
@@ -456,12 +475,13 @@ class SchedulerService(Service):
         await asyncio.gather(*(one(run_id, nodes) for run_id, nodes in affected))
 
     async def _node_lost(self, run_id: str, node_id: str, nodes: set[str]) -> None:
-        history = await self.events.history(run_id)
-        if any(isinstance(e, schemas.NodeFinished) and e.node_id == node_id for e in history):
+        history = bus.current_attempt(await self.events.history(run_id))
+        if not history or any(isinstance(e, schemas.NodeFinished) and e.node_id == node_id for e in history):
             return  # its part was done and reported: losing it now costs the run nothing
+        attempt = bus.attempt_of(history[-1])
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_decided():
+            if last is None or last.state.is_decided() or bus.attempt_of(last) != attempt:
                 return None
             return bus.make_event(schemas.NodeLost, run_id, last.state, node_id=node_id)
 
@@ -469,6 +489,9 @@ class SchedulerService(Service):
             return
         lost = {e.node_id for e in history if isinstance(e, schemas.NodeLost)} | {node_id}
         reported = {e.node_id for e in history if isinstance(e, schemas.NodeFinished)}
+        record = await self._record(run_id)
+        if record is not None and runs.should_retry(record.spec, Cause.NODE_LOST, attempt):
+            return  # the artifact service, following the loss, queues the next attempt
         if lost | reported >= nodes and not reported:
             # No node of the run is left to report back: nobody else can end it.
             await self._fail(
