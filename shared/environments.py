@@ -32,7 +32,7 @@ SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 PULL_POLICIES = ("never", "if-not-present", "always")
 
 
-def parse_size(value: str | int, what: str) -> int:
+def parse_size(value: str | int, what: str, minimum: int = 1 << 20) -> int:
     """``"2g"``, ``"512m"``, ``"1.5GiB"`` or a number of bytes; raises a ValidationError naming ``what``."""
     if isinstance(value, bool):
         raise ValidationError(f"{what} must be a size such as '2g' or '512m', not {value!r}")
@@ -43,8 +43,8 @@ def parse_size(value: str | int, what: str) -> int:
         if not match:
             raise ValidationError(f"{what} must be a size such as '2g' or '512m', not {value!r}")
         size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
-    if size < 1 << 20:
-        raise ValidationError(f"{what} must be at least 1m, not {value!r}")
+    if size < minimum:
+        raise ValidationError(f"{what} must be at least {minimum} bytes, not {value!r}")
     return size
 
 

@@ -28,6 +28,10 @@ class RunState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.CANCELED})
+# Placed on nodes and not decided: the nodes hold its slots, may take its assignment and upload its files.
+PLACED_STATES = frozenset({RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED})
+# The order nodes move a placed run forward in (several race to: the first wins, the others see it done).
+FORWARD_ORDER = {RunState.PREPARING: 0, RunState.STARTING: 1, RunState.RUNNING: 2}
 
 S = RunState
 # Where each state may go next. A state listed as its own successor accepts annotation events

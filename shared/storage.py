@@ -9,12 +9,13 @@ import asyncio
 import io
 from datetime import timedelta
 
+import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
 from minio.datatypes import Part
 from minio.error import S3Error
 
-from shared.errors import NotFoundError, StorageError
+from shared.errors import NotFoundError, ServiceUnavailableError, StorageError
 from shared.settings import StoreSettings
 
 URL_TTL = timedelta(hours=6)
@@ -40,6 +41,10 @@ class ObjectStore:
             if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
                 raise NotFoundError(f"object {exc.resource or ''} not found") from exc
             raise StorageError(f"object store error {exc.code}: {exc.message}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            # The server is down or restarting: callers wait it out (a request replies "unavailable"; a consumer
+            # retries the message), instead of failing the run or crashing on an internal error.
+            raise ServiceUnavailableError(f"the object store is not reachable: {exc.__class__.__name__}") from exc
 
     async def ensure_bucket(self) -> None:
         if not await self._call(self._client.bucket_exists, self.bucket):

@@ -38,7 +38,8 @@ for i in range({LINES}):
 @pytest.fixture(scope="module")
 def outage_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("cadre-outage-home")
-    _local.up(home=home, agents=1, slots_per_agent=2, heartbeat=0.5, timeout=120)
+    # Little memory for held log lines: an outage spills them to disk, and they must come back in order.
+    _local.up(home=home, agents=1, slots_per_agent=2, heartbeat=0.5, timeout=120, agent_args=["--log-memory", "1k"])
     try:
         yield home
     finally:
@@ -87,6 +88,9 @@ def test_a_nats_outage_longer_than_any_timeout_loses_nothing(
         # The scheduler places new work again.
         after = Experiment(ws, "outage").submit(Estimator(project, "hello.py"))
         assert after.wait_for_completion(timeout=60)["status"] == "Completed"
+    agent_log = (outage_home / "cluster" / "logs" / "agent-0.log").read_text()
+    assert '"event": "log_lines_spilled"' in agent_log  # held past 1 KiB: on disk, then sent in order
+    assert not list((outage_home / "cluster" / "agents").glob("*/runs/*.logspool/*"))  # and cleaned up
     # Nobody crashed or was restarted: the same processes rode it out, and said so once each.
     assert _pids(outage_home) == before and all(_running(pid) for pid in before.values())
     for name in before:

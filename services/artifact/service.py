@@ -22,14 +22,14 @@ from shared import bus, files, runs, schemas, subjects
 from shared.errors import CadreError, ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, StoreSettings
-from shared.states import Cause, RunState
+from shared.states import PLACED_STATES, Cause, RunState
 from shared.storage import ObjectStore
 
 USER_DIRS = ("outputs/", "logs/")
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bigger files go up in parallel parts
 PART_SIZE = 16 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's limit: parts grow for very large files
-UPLOADABLE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
+UPLOADABLE = PLACED_STATES
 DRIVER_LOGS = "logs/cadre/"  # each rank's stdout/stderr, stored from the log stream
 
 

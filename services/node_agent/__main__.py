@@ -36,6 +36,7 @@ def parse() -> AgentConfig:
     opt(p, "--grace", "seconds between SIGTERM and SIGKILL", type=float, default=10.0)
     opt(p, "--fence-after", "seconds cut off from the bus before the agent stops its own ranks", type=float,
         default=FENCE_AFTER_DEFAULT)  # fmt: skip
+    opt(p, "--log-memory", "log lines per rank held in memory while the bus is away, then on disk", default="64m")
     opt(p, "--address", "address other nodes' ranks reach this host at", default="127.0.0.1")
     opt(p, "--cache-size", "disk for cached snapshots, datasets and venvs, e.g. 100g", default="100g")
     g = p.add_argument_group("runtime")
@@ -62,6 +63,7 @@ def parse() -> AgentConfig:
         heartbeat_interval=a.heartbeat,
         kill_grace=a.grace,
         fence_after=a.fence_after,
+        log_memory=parse_size(a.log_memory, "--log-memory", minimum=1024),
         address=a.address,
         runtime=a.runtime,
         default_image=a.image,

@@ -42,7 +42,7 @@ from services.node_agent.runtime import (
 from shared import bus, files, schemas, subjects
 from shared.environments import Environment
 from shared.errors import CadreError, ConflictError, ServiceUnavailableError, StorageError
-from shared.states import Cause, RunState
+from shared.states import FORWARD_ORDER, Cause, RunState
 
 if TYPE_CHECKING:
     from services.node_agent.service import NodeAgentService
@@ -54,7 +54,7 @@ RENDEZVOUS_TIMEOUT = 120.0
 LOG_SYNC_INTERVAL = 2.0
 FINISH_PATIENCE = 600.0  # seconds an agent keeps trying to hand a finished run's files over
 T = TypeVar("T")
-FORWARD = {RunState.PREPARING: 0, RunState.STARTING: 1, RunState.RUNNING: 2}
+FORWARD = FORWARD_ORDER
 
 
 @dataclass
@@ -96,6 +96,7 @@ class Execution:
         self.is_master = self.nodes[0] == self.node_id
         self.run_dir = agent.config.work_dir / "runs" / self.run_id
         self.pid_file = agent.config.work_dir / "runs" / f"{self.run_id}.pids"
+        self.spool_dir = agent.config.work_dir / "runs" / f"{self.run_id}.logspool"  # lines the bus has not taken
         self.handles: dict[int, ProcessHandle] = {}
         self.shippers: dict[int, LogShipper] = {}
         self.prepared: Prepared | None = None
@@ -132,6 +133,7 @@ class Execution:
                 self.shippers[slot.rank] = LogShipper(
                     self.agent.js, self.run_id, slot.rank, self.node_id,
                     first=retried.log_lines.get(slot.rank, 0) if retried else 0, attempt=self.attempt,
+                    spool=self.spool_dir / f"rank{slot.rank}.jsonl", memory_limit=self.agent.config.log_memory,
                 )  # fmt: skip
             try:
                 await self._prepare()
@@ -166,6 +168,7 @@ class Execution:
                 await self.pmi.close()
             self.pid_file.unlink(missing_ok=True)
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     async def _on_msg(self, msg) -> None:
         self._observe(schemas.run_event_decoder.decode(msg.data))
@@ -765,13 +768,23 @@ class Execution:
 
         def put(url: str, path: Path, offset: int, size: int) -> str:
             last_exc: Exception | None = None
-            for attempt in range(UPLOAD_ATTEMPTS):
+            failures, deadline = 0, time.monotonic() + FINISH_PATIENCE
+            while True:
                 try:
                     # Exactly the bytes that were hashed, even if the script is still appending to the file.
                     return files.put_range(url, path, offset, size)
+                except ConnectionRefusedError as exc:  # the store is down or restarting: wait for it
+                    last_exc = exc
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(min(5.0, 0.25 * 2 ** min(failures, 5)))
+                    failures += 1
                 except OSError as exc:
                     last_exc = exc
-                    time.sleep(0.2 * (attempt + 1))
+                    failures += 1
+                    if failures >= UPLOAD_ATTEMPTS:
+                        break
+                    time.sleep(0.2 * failures)
             raise StorageError(f"{path.name}: {last_exc}")
 
         jobs: list[tuple[str, int, concurrent.futures.Future[str]]] = []

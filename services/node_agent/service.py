@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 from services.node_agent import capacity
 from services.node_agent.cache import NodeCache
 from services.node_agent.execution import Execution
+from services.node_agent.logship import MEMORY_LIMIT
 from services.node_agent.runcontext import job_package
 from services.node_agent.runtime import ProcessRuntime, Runtime
 from shared import bus, schemas, subjects
@@ -26,7 +27,7 @@ from shared.environments import PULL_POLICIES
 from shared.errors import ValidationError
 from shared.service import Service
 from shared.settings import FENCE_AFTER_DEFAULT, BusSettings
-from shared.states import Cause, RunState
+from shared.states import PLACED_STATES, Cause
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class AgentConfig:
     # Cut off from the bus this long, the agent stops its ranks itself: by then the scheduler has given the node
     # up (its --node-grace), so no rank writes on after the run was decided. Long enough to outlast a bus restart.
     fence_after: float = FENCE_AFTER_DEFAULT
+    log_memory: int = MEMORY_LIMIT  # bytes of log lines per rank held in memory while the bus is away; then disk
     # PIP_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST for environment builds (may hold credentials: never logged)
     pip_options: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -100,7 +102,7 @@ def host_id() -> str:
 
 
 # Other nodes of a gang may have moved the run on before this node's assignment arrives.
-ACCEPTING = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
+ACCEPTING = PLACED_STATES
 
 
 class NodeAgentService(Service):
@@ -186,6 +188,7 @@ class NodeAgentService(Service):
             pid_file.unlink(missing_ok=True)
         for run_id in sorted(orphans):
             shutil.rmtree(runs_dir / run_id, ignore_errors=True)
+            shutil.rmtree(runs_dir / f"{run_id}.logspool", ignore_errors=True)
             self.log.warning("orphaned_ranks_killed", run_id=run_id)
             error = schemas.ErrorInfo(code=Cause.AGENT_RESTARTED, message=f"node agent {self.config.node_id} restarted")
 

@@ -22,7 +22,7 @@ from shared import bus, runs, schemas, settings, subjects
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings
-from shared.states import Cause, RunState
+from shared.states import PLACED_STATES, Cause, RunState
 
 IO_CONCURRENCY = 64  # placements whose events are in flight at once; decisions themselves stay sequential
 LOST_CONCURRENCY = 32  # runs whose node losses are being recorded at once
@@ -30,7 +30,7 @@ LOST_CONCURRENCY = 32  # runs whose node losses are being recorded at once
 # agents that are still registering (a cluster coming up) must not make a big gang fail as impossible.
 SETTLE_SECONDS = 5.0
 RETRY_SECONDS = 1.0  # a decision the bus did not take is tried again this soon
-ACTIVE = {RunState.PREPARING, RunState.STARTING, RunState.RUNNING, RunState.CANCEL_REQUESTED}
+ACTIVE = PLACED_STATES
 
 
 class SchedulerService(Service):

@@ -31,13 +31,20 @@ from cadre import Estimator, Experiment, MpiConfiguration, Workspace, _local
 
 ROOT = Path(__file__).resolve().parents[2]
 LINES = 600  # per rank, one every 50 ms: a run of ~30 s
+NODE_GRACE = 15.0  # the cluster's: a stall past it loses the node, and the run is retried from its checkpoint
 OUTPUT_BYTES = 6 << 20  # per rank
 
 JOB = f"""
 import hashlib, os, time
 rank = int(os.environ["RANK"])
-for i in range({LINES}):
+os.makedirs("checkpoints", exist_ok=True)
+state = f"checkpoints/rank{{rank}}.txt"
+start = int(open(state).read()) + 1 if os.path.exists(state) else 0  # a retry resumes from the checkpoint
+for i in range(start, {LINES}):
     print(f"tick {{rank}} {{i}}", flush=True)
+    with open(state + ".tmp", "w") as fh:
+        fh.write(str(i))
+    os.replace(state + ".tmp", state)
     time.sleep(0.05)
 block = hashlib.sha256(str(rank).encode()).digest() * ({OUTPUT_BYTES} // 32)
 with open(f"outputs/rank{{rank}}.bin", "wb") as fh:
@@ -56,6 +63,7 @@ class Outcome:
     orphans: int
     seconds_to_final: float
     note: str = ""
+    attempts: str = "1"
 
 
 def expected_sha(rank: int) -> str:
@@ -118,6 +126,7 @@ FAULTS: dict[str, Callable[[Path], str]] = {
     "nats-down-120s": down("nats-server", 120),
     "s3-down-60s": down("weed", 60),
     "agent-sigstop-10s": stop("agent-1", 10),
+    "agent-sigstop-past-grace": stop("agent-1", NODE_GRACE + 10),
 }
 
 
@@ -160,9 +169,11 @@ def measure(fault: str, run, injected: float, note: str) -> Outcome:
     time.sleep(1)  # what the agents kill on the way out has a moment to go
     error = details.get("error") or {}
     cause = f"{error.get('code', '')}: {error.get('message', '').splitlines()[0] if error.get('message') else ''}"
+    retried = ", ".join(f"{a['attempt']}: {a['cause']}" for a in details["attempts"])
     return Outcome(
         fault=fault, state=details["status"], cause=cause if error else "-", lost=lost, doubled=doubled,
         files_ok=files_ok, orphans=orphans_of(run.id), seconds_to_final=final - injected, note=note,
+        attempts=f"{details['attempt']}" + (f" (retried after {retried})" if retried else ""),
     )  # fmt: skip
 
 
@@ -186,7 +197,9 @@ def write_report(rows: list[Outcome], seed: int) -> str:
         "",
         f"`make chaos` ({stamp}, seed {seed}): each fault injected at a random moment of a 2-node x 2-rank run "
         f"that prints {LINES} numbered lines per rank over ~30 s and writes a {OUTPUT_BYTES >> 20} MB output per "
-        "rank. Lines lost counts only for a Completed run (a failed one stopped printing).",
+        f"rank, checkpointing each step; the cluster's node grace is {NODE_GRACE:g} s and the run has max_retries=2. "
+        "Lines lost counts only for a Completed run (a failed one stopped printing); in a retried run, the steps "
+        "after the last synced checkpoint (synced every 2 s) run again, and count as doubled.",
         "",
         "| fault | final state | cause | lines lost | lines doubled | outputs intact | processes left | "
         "fault -> final state | what was done |",
@@ -194,7 +207,7 @@ def write_report(rows: list[Outcome], seed: int) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.fault} | {r.state} | {r.cause} | {r.lost} | {r.doubled} | "
+            f"| {r.fault} | {r.state} | {r.attempts} | {r.cause} | {r.lost} | {r.doubled} | "
             f"{'yes' if r.files_ok else ('n/a' if r.state != 'Completed' else 'NO')} | {r.orphans} | "
             f"{r.seconds_to_final:.1f} s | {r.note} |"
         )
@@ -219,12 +232,12 @@ def main() -> int:
         project = home / "project"
         project.mkdir()
         (project / "train.py").write_text(textwrap.dedent(JOB))
-        _local.up(home=home, agents=2, slots_per_agent=2, timeout=120)
+        _local.up(home=home, agents=2, slots_per_agent=2, timeout=120, node_grace=NODE_GRACE)
         try:
             with Workspace.from_config(home / "profile.json") as ws:
                 exp = Experiment(ws, "chaos")
                 est = Estimator(project, "train.py", node_count=2, process_count_per_node=2,
-                                distributed_training=MpiConfiguration())  # fmt: skip
+                                distributed_training=MpiConfiguration(), max_retries=2)  # fmt: skip
                 for name in chosen:
                     if name == "client-killed":
                         row = client_killed(ws, home, exp, est, rng)
