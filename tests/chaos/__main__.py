@@ -201,9 +201,9 @@ def write_report(rows: list[Outcome], seed: int) -> str:
         "Lines lost counts only for a Completed run (a failed one stopped printing); in a retried run, the steps "
         "after the last synced checkpoint (synced every 2 s) run again, and count as doubled.",
         "",
-        "| fault | final state | cause | lines lost | lines doubled | outputs intact | processes left | "
-        "fault -> final state | what was done |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fault | final state | attempts | cause | lines lost | lines doubled | outputs intact | processes left | "
+        "fault -> final state (the run's own remaining time included) | what was done |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
