@@ -20,8 +20,8 @@ class ComputeTarget:
     that advertise it now.
     """
 
-    def __init__(self, workspace: Workspace, name: str) -> None:
-        reply = workspace._request(subjects.Api.TARGETS_LIST, schemas.Empty(), schemas.TargetList)
+    def __init__(self, workspace: Workspace, name: str, _targets: schemas.TargetList | None = None) -> None:
+        reply = _targets or workspace._request(subjects.Api.TARGETS_LIST, schemas.Empty(), schemas.TargetList)
         known = sorted(t.name for t in reply.targets)
         if name not in known:
             raise NotFoundError(f"compute target {name!r} is not known; known targets: {', '.join(known) or 'none'}")
@@ -32,7 +32,7 @@ class ComputeTarget:
     @staticmethod
     def list(workspace: Workspace) -> list[ComputeTarget]:
         reply = workspace._request(subjects.Api.TARGETS_LIST, schemas.Empty(), schemas.TargetList)
-        return [ComputeTarget(workspace, t.name) for t in sorted(reply.targets, key=lambda t: t.name)]
+        return [ComputeTarget(workspace, t.name, reply) for t in sorted(reply.targets, key=lambda t: t.name)]
 
     @staticmethod
     def create(*_: Any, **__: Any) -> ComputeTarget:

@@ -22,7 +22,7 @@ from cadre._estimator import Estimator
 from cadre._workspace import Workspace, http_put
 from shared import bus, files, schemas, subjects
 from shared.errors import RunFailedError, ValidationError
-from shared.runs import fold_run_data, validate_spec
+from shared.runs import LogCursor, fold_run_data, validate_spec
 from shared.states import RunState
 
 if TYPE_CHECKING:
@@ -257,18 +257,14 @@ class Run:
                 ended.set()
             check_done()
 
-        newest: dict[int, int] = {}  # per rank, the latest attempt that wrote: older ones' late lines are stale
+        cursors: dict[int, LogCursor] = {}
 
         async def on_log(msg) -> None:
             batch = schemas.log_batch_decoder.decode(msg.data)
-            if batch.attempt < newest.get(batch.rank, 1):
-                return
-            newest[batch.rank] = batch.attempt
-            have = received.get(batch.rank, 0)
-            for i, line in enumerate(batch.lines):
-                if batch.first_line + i >= max(have, from_line):  # a re-published batch repeats lines we printed
-                    items.put(("line", (batch.rank, line)))
-            received[batch.rank] = max(have, batch.first_line + len(batch.lines))
+            cursor = cursors.setdefault(batch.rank, LogCursor(from_line))
+            for line in cursor.take(batch):
+                items.put(("line", (batch.rank, line)))
+            received[batch.rank] = cursor.have
             check_done()
 
         if not follow:

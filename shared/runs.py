@@ -190,6 +190,24 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
     )
 
 
+class LogCursor:
+    """Reads one rank's log batches in stream order: every line once, by its number (a batch published twice
+    across a reconnect repeats lines), and none of a stale attempt once a later attempt wrote on the subject."""
+
+    def __init__(self, from_line: int = 0) -> None:
+        self.have = 0  # lines numbered below this were read
+        self.from_line = from_line
+        self.newest = 1  # the latest attempt seen writing
+
+    def take(self, batch: schemas.LogBatch) -> list[schemas.LogLine]:
+        if batch.attempt < self.newest:
+            return []
+        self.newest = batch.attempt
+        skip = max(0, max(self.have, self.from_line) - batch.first_line)
+        self.have = max(self.have, batch.first_line + len(batch.lines))
+        return batch.lines[skip:]
+
+
 def fold_run_data(batches: list[schemas.RunData]) -> tuple[dict[str, object], dict[str, str], dict[str, str]]:
     """Metrics, tags and properties of a run, from its RunData batches in order.
 

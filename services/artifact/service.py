@@ -29,7 +29,6 @@ USER_DIRS = ("outputs/", "logs/")
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bigger files go up in parallel parts
 PART_SIZE = 16 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's limit: parts grow for very large files
-UPLOADABLE = PLACED_STATES
 DRIVER_LOGS = "logs/cadre/"  # each rank's stdout/stderr, stored from the log stream
 
 
@@ -135,7 +134,7 @@ class ArtifactService(Service):
     async def upload_urls(self, req: schemas.UploadUrlsRequest) -> schemas.UploadUrls:
         record = await bus.get_record(self.runs_kv, req.run_id)
         last, _ = await self.events.last(req.run_id)
-        if last is None or last.state not in UPLOADABLE:
+        if last is None or last.state not in PLACED_STATES:
             state = last.state.value if last else "unknown"
             raise ConflictError(f"run {req.run_id} is {state}: its files can no longer be uploaded")
         if req.node_id not in await self._placement_nodes(req.run_id):
@@ -199,15 +198,16 @@ class ArtifactService(Service):
         """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run."""
         async with self._lock(run_id):
             events = bus.current_attempt(await self.events.history(run_id))  # an earlier attempt's nodes are done
-            nodes = next((
-                {s.node_id for s in ev.placement} for ev in reversed(events) if isinstance(ev, schemas.Assigned)
-            ), set())  # fmt: skip
+            placement = next((ev.placement for ev in reversed(events) if isinstance(ev, schemas.Assigned)), [])
+            nodes = {s.node_id for s in placement}
             committed = {ev.node_id for ev in events if isinstance(ev, schemas.NodeCommitted)}
             lost = [ev.node_id for ev in events if isinstance(ev, schemas.NodeLost)]
             if not nodes or not nodes <= committed | set(lost):
                 return
             decided = decide(events, lost)
-            if decided.outcome == "failed" and await self._retry(run_id, events, decided, sorted(nodes)):
+            if decided.outcome == "failed" and await self._retry(
+                run_id, bus.attempt_of(events[-1]), decided, placement
+            ):
                 self._locks.pop(run_id, None)
                 return
 
@@ -229,17 +229,15 @@ class ArtifactService(Service):
                 await self._complete(run_id, finalizing, events)
         self._locks.pop(run_id, None)
 
-    async def _retry(self, run_id: str, events: list[schemas.RunEvent], decided: Decision, nodes: list[str]) -> bool:
+    async def _retry(self, run_id: str, attempt: int, decided: Decision, placement: list[schemas.RankSlot]) -> bool:
         """A failed attempt with retries left and a cause the run retries is queued again, after a backoff, as the
         next attempt (it may land on other nodes); the cause and the nodes stay in its history."""
         record = await bus.get_record(self.runs_kv, run_id)
-        attempt = bus.attempt_of(events[-1])
         cause = runs.retry_cause(decided.error, decided.exit_codes)
         if not runs.should_retry(record.spec, cause, attempt):
             return False
         assert decided.error is not None and cause is not None
         delay = runs.retry_delay(attempt)
-        placement = next((ev.placement for ev in reversed(events) if isinstance(ev, schemas.Assigned)), [])
         lines = {slot.rank: await self._close_log(run_id, slot.rank, attempt + 1) for slot in placement}
 
         def to_retry(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
@@ -247,7 +245,7 @@ class ArtifactService(Service):
                 return None
             return bus.make_event(
                 schemas.Retried, run_id, RunState.QUEUED, attempt=attempt + 1, cause=cause, error=decided.error,
-                nodes=nodes, not_before=time.time() + delay, log_lines=lines,
+                nodes=sorted({s.node_id for s in placement}), not_before=time.time() + delay, log_lines=lines,
             )  # fmt: skip
 
         if await self.events.append(run_id, to_retry) is None:
@@ -359,15 +357,10 @@ class ArtifactService(Service):
             except JsNotFound:
                 continue
             chunks: list[str] = []
-            newest, have = 1, 0
+            cursor = runs.LogCursor()
             async for msg in bus.replay(self.js, subjects.LOGS_STREAM, subject, last.seq or 0):
-                batch = schemas.log_batch_decoder.decode(msg.data)
-                if batch.attempt < newest:
-                    continue  # a stale attempt's late lines, after the next attempt took over the subject
-                newest = batch.attempt
-                skip = max(0, have - batch.first_line)  # a batch published twice across a reconnect
-                chunks.extend(line.text + "\n" for line in batch.lines[skip:])
-                have = max(have, batch.first_line + len(batch.lines))
+                lines = cursor.take(schemas.log_batch_decoder.decode(msg.data))
+                chunks.extend(line.text + "\n" for line in lines)
             data = "".join(chunks).encode()
             name = f"{DRIVER_LOGS}rank_{rank}.log"
             await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")

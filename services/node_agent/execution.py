@@ -54,7 +54,6 @@ RENDEZVOUS_TIMEOUT = 120.0
 LOG_SYNC_INTERVAL = 2.0
 FINISH_PATIENCE = 600.0  # seconds an agent keeps trying to hand a finished run's files over
 T = TypeVar("T")
-FORWARD = FORWARD_ORDER
 
 
 @dataclass
@@ -71,6 +70,15 @@ def tf_config(endpoints: dict[int, str], workers: int, rank: int) -> str:
     cluster = {"worker": [endpoints[r] for r in ranks[:workers]], "ps": [endpoints[r] for r in ranks[workers:]]}
     task = {"type": "worker", "index": rank} if rank < workers else {"type": "ps", "index": rank - workers}
     return json.dumps({"cluster": {k: v for k, v in cluster.items() if v}, "task": task})
+
+
+def download(url: str, root: Path, name: str) -> Path:
+    """Stream a (presigned) URL to ``root/name``, a relative name that cannot leave ``root``."""
+    dest = files.safe_destination(root, name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=300) as resp, open(dest, "wb") as out:
+        shutil.copyfileobj(resp, out, files.CHUNK)
+    return dest
 
 
 def free_port(host: str) -> int:
@@ -186,9 +194,7 @@ class Execution:
         if isinstance(event, schemas.Rendezvous) and not self.rendezvous.done():
             self.rendezvous.set_result(event)
         if isinstance(event, schemas.Endpoints):
-            self.endpoints.update(event.endpoints)
-            if len(self.endpoints) >= len(self.a.placement):
-                self.endpoints_complete.set()
+            self._gather(event.endpoints)
         if event.state is RunState.CANCEL_REQUESTED:
             self.cancel_requested.set()
         reason = None
@@ -264,10 +270,7 @@ class Execution:
             tmp = cache.with_name(f".{ds.content_hash}.{os.getpid()}.{self.run_id}")
             shutil.rmtree(tmp, ignore_errors=True)
             for entry in urls.version.files:
-                dest = files.safe_destination(tmp, entry.name)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with urllib.request.urlopen(urls.urls[entry.name], timeout=300) as resp, open(dest, "wb") as out:
-                    shutil.copyfileobj(resp, out, files.CHUNK)
+                dest = download(urls.urls[entry.name], tmp, entry.name)
                 if files.digest(dest, entry.name).sha256 != entry.sha256:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise StorageError(f"dataset {ds.dataset}:{ds.version} file {entry.name} failed its checksum")
@@ -290,10 +293,7 @@ class Execution:
     def _restore_checkpoint(self, urls: dict[str, str]) -> None:
         """The checkpoint files the attempts before synced, into this attempt's working directory."""
         for name, url in sorted(urls.items()):
-            dest = files.safe_destination(self.run_dir, name)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with urllib.request.urlopen(url, timeout=300) as resp, open(dest, "wb") as out:
-                shutil.copyfileobj(resp, out, files.CHUNK)
+            download(url, self.run_dir, name)
         self.log.info("checkpoint_restored", files=len(urls), attempt=self.attempt)
 
     def _fetch_snapshot(self, snap: schemas.SnapshotUrl, path: Path) -> None:
@@ -411,9 +411,7 @@ class Execution:
             master_port = free_port(address)
             endpoints: dict[int, str] = {}
             if self.spec.distributed == "tensorflow":
-                self.endpoints.update(self._my_endpoints())
-                if len(self.endpoints) >= len(self.a.placement):
-                    self.endpoints_complete.set()
+                self._gather(self._my_endpoints())
                 if not await self._until(self.endpoints_complete, "the other nodes' task addresses"):
                     return None
                 endpoints = dict(self.endpoints)
@@ -464,6 +462,12 @@ class Execution:
             self.abort_reason = f"waited {RENDEZVOUS_TIMEOUT:.0f}s for {what}"
             self.abort.set()
         return False
+
+    def _gather(self, endpoints: dict[int, str]) -> None:
+        """The master collects every rank's task address; once it has them all, it can publish the Rendezvous."""
+        self.endpoints.update(endpoints)
+        if len(self.endpoints) >= len(self.a.placement):
+            self.endpoints_complete.set()
 
     def _my_endpoints(self) -> dict[int, str]:
         """A port of its own for each of this node's ranks (tensorflow's task servers), on the node's address."""
@@ -602,9 +606,9 @@ class Execution:
         """Move the run forward (several nodes race to do it: the first wins, the others see it done)."""
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state not in FORWARD or FORWARD[last.state] >= FORWARD[state]:
+            if last is None or not self._ours(last) or last.state not in FORWARD_ORDER:
                 return None
-            if not self._ours(last):
+            if FORWARD_ORDER[last.state] >= FORWARD_ORDER[state]:
                 return None
             return bus.make_event(cls, self.run_id, state, node_id=self.node_id)
 

@@ -101,10 +101,6 @@ def host_id() -> str:
         return socket.gethostname()
 
 
-# Other nodes of a gang may have moved the run on before this node's assignment arrives.
-ACCEPTING = PLACED_STATES
-
-
 class NodeAgentService(Service):
     name = "node_agent"
     answers_ping = False
@@ -135,8 +131,7 @@ class NodeAgentService(Service):
             started_at=self.started_at,
             heartbeat_interval=config.heartbeat_interval,
         )
-        self.executions: dict[str, asyncio.Task[None]] = {}
-        self.runs: dict[str, Execution] = {}  # the same runs: what fencing stops
+        self.executions: dict[str, tuple[Execution, asyncio.Task[None]]] = {}  # run id -> this node's part, running
         self.job_python: Path  # the folder first on every rank's PYTHONPATH (the job's cadre package)
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
@@ -235,7 +230,7 @@ class NodeAgentService(Service):
 
     def _fence(self, cut_off: float) -> None:
         """Stop every rank of this node: it has been cut off past --fence-after, and the run is given up."""
-        for run_id, execution in list(self.runs.items()):
+        for run_id, (execution, _) in list(self.executions.items()):
             if execution.fence(
                 f"it could not reach the bus for {cut_off:.0f}s (--fence-after {self.config.fence_after:g})"
             ):
@@ -250,39 +245,39 @@ class NodeAgentService(Service):
     async def _accept(self, assignment: schemas.Assignment) -> None:
         run_id = assignment.run_id
         if run_id in self.executions:
-            running = self.runs.get(run_id)
-            if running is None or running.attempt >= assignment.attempt:
+            running, task = self.executions[run_id]
+            if running.attempt >= assignment.attempt:
                 return  # a redelivery of a run we already run
             # The attempt before is ending here (it has reported; it is cleaning up): the next one starts after it.
-            await asyncio.wait([self.executions[run_id]], timeout=60)
+            await asyncio.wait([task], timeout=60)
         history = await self.events.history(run_id)
         state = history[-1].state if history else None
         attempt = bus.current_attempt(history)
         done_here = any(isinstance(e, schemas.NodeFinished) and e.node_id == self.config.node_id for e in attempt)
         stale = not history or bus.attempt_of(history[-1]) != assignment.attempt
-        if state not in ACCEPTING or done_here or stale:
+        if state not in PLACED_STATES or done_here or stale:  # others may have moved it on
             self.log.info("assignment_stale", run_id=run_id, state=state.value if state else None)
             return
         self.log.info("assignment_taken", run_id=run_id)
-        task = asyncio.create_task(self._execute(assignment), name=f"run-{run_id}")
-        self.executions[run_id] = task
-
-    async def _execute(self, assignment: schemas.Assignment) -> None:
         execution = Execution(self, assignment, self.runtime)
-        self.runs[assignment.run_id] = execution
+        self.executions[run_id] = (execution, asyncio.create_task(self._execute(execution), name=f"run-{run_id}"))
+
+    async def _execute(self, execution: Execution) -> None:
         try:
             await execution.run()
         except Exception:
-            self.log.exception("execution_crashed", run_id=assignment.run_id)
+            self.log.exception("execution_crashed", run_id=execution.run_id)
         finally:
-            self.executions.pop(assignment.run_id, None)
-            self.runs.pop(assignment.run_id, None)
+            entry = self.executions.get(execution.run_id)
+            if entry is not None and entry[0] is execution:  # not the entry of an attempt started after it
+                del self.executions[execution.run_id]
 
     async def teardown(self) -> None:
         # Leaving on purpose: say so at once instead of letting the heartbeat time out.
-        for task in self.executions.values():
+        tasks = [task for _, task in self.executions.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.executions.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self.nodes_kv.delete(self.config.node_id)
         except Exception as exc:

@@ -30,7 +30,6 @@ LOST_CONCURRENCY = 32  # runs whose node losses are being recorded at once
 # agents that are still registering (a cluster coming up) must not make a big gang fail as impossible.
 SETTLE_SECONDS = 5.0
 RETRY_SECONDS = 1.0  # a decision the bus did not take is tried again this soon
-ACTIVE = PLACED_STATES
 
 
 class SchedulerService(Service):
@@ -158,7 +157,7 @@ class SchedulerService(Service):
             queue.pop(run_id, None)
         self.reasons.pop(run_id, None)
         self.not_before.pop(run_id, None)
-        if state in ACTIVE:
+        if state in PLACED_STATES:
             if run_id not in self.allocations:
                 placement = await self._placement_of(run_id, event)
                 if placement:
@@ -220,8 +219,9 @@ class SchedulerService(Service):
                 if run_id in self.not_before:
                     until, attempt, cause = self.not_before[run_id]
                     if time.time() < until:
-                        reason = f"attempt {attempt} (after {cause}) waits {until - time.time():.0f}s of backoff"
-                        if reason.split(" waits")[0] != self.reasons.get(run_id, "").split(" waits")[0]:
+                        at = time.strftime("%H:%M:%S", time.gmtime(until))
+                        reason = f"attempt {attempt} (after {cause}) waits out its retry backoff until {at} UTC"
+                        if reason != self.reasons.get(run_id):
                             self.reasons[run_id] = reason
                             writes.append(self._annotate(run_id, reason))
                         continue
@@ -283,26 +283,17 @@ class SchedulerService(Service):
         is waited out: re-sending is safe, each assignment is deduplicated by its message id."""
         nodes = sorted({s.node_id for s in placement})
         hosts = {n: self.nodes[n].host_id for n in nodes if n in self.nodes}
-        backoff = bus.Backoff()
         for node_id in nodes:
             msg = schemas.Assignment(
                 run_id=record.run_id, node_id=node_id, attempt=attempt, spec=record.spec, placement=placement,
                 hosts=hosts,
             )  # fmt: skip
-            while True:
-                try:
-                    await self.js.publish(
-                        subjects.node_assignments(node_id),
-                        schemas.encode(msg),
-                        headers={"Nats-Msg-Id": f"{record.run_id}:{node_id}:{attempt}"},
-                    )
-                    break
-                except Exception as exc:
-                    if not bus.is_transient(exc):
-                        raise
-                    if backoff.attempts == 0:
-                        self.log.warning("assignment_retrying", run_id=record.run_id, node_id=node_id, error=repr(exc))
-                    await backoff.wait()
+            headers = {"Nats-Msg-Id": f"{record.run_id}:{node_id}:{attempt}"}
+            await bus.outlast(
+                lambda node_id=node_id, msg=msg, headers=headers: self.js.publish(
+                    subjects.node_assignments(node_id), schemas.encode(msg), headers=headers
+                )
+            )
 
     def _requeue(self, record: schemas.RunRecord, what: str, exc: BaseException) -> None:
         """A decision could not be written (the bus is away): the run goes back to its place in the queue, and the
