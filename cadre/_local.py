@@ -40,6 +40,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from cadre._profile import Profile, cadre_home, load_profile, save_profile
+from services.node_agent.shim import stop_shims
 from shared import schemas
 from shared.auth import (
     Permissions,
@@ -51,6 +52,7 @@ from shared.auth import (
 )
 from shared.bus import connect, request
 from shared.errors import CadreError, ClusterNotRunningError, ConflictError, ServiceUnavailableError, ValidationError
+from shared.procs import is_alive, start_time
 from shared.settings import BusSettings
 from shared.subjects import DEFAULT_BUCKET, Api, service_ping
 
@@ -296,6 +298,7 @@ def down(home: Path | None = None, timeout: float = 40.0) -> bool:
         return False
     running = any(_is_ours(r) for r in state.processes)
     _stop(state.processes, timeout)
+    stop_shims(home / "cluster" / "agents", grace=15.0)  # runs go with the cluster (an agent's stop leaves them)
     _unlink(state_path)
     _remove_profile_of(home / "profile.json", state)
     return running
@@ -561,7 +564,7 @@ def _spawn(
         )
     _CHILDREN[proc.pid] = proc
     rec = ProcessRecord(
-        name=name, role=role, pid=proc.pid, start_time=_start_time(proc.pid), argv=argv, log=str(log_path)
+        name=name, role=role, pid=proc.pid, start_time=start_time(proc.pid), argv=argv, log=str(log_path)
     )
     return rec, proc
 
@@ -783,40 +786,13 @@ def _remove_profile_of(path: Path, state: ClusterState) -> None:
 
 
 # --- processes ----------------------------------------------------------------------------------------------
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from /proc/<pid>/stat, None if unreadable."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # comm (field 2) may contain spaces and parentheses: split after its last ')'; field 3 is then index 0.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
-
-
-def _start_time(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return stat[1] if stat else None
-
-
 def _is_ours(rec: ProcessRecord) -> bool:
     """Alive, and really the process `up` started (not a later one that reuses its pid)."""
     child = _CHILDREN.get(rec.pid)
     if child is not None and child.poll() is not None:
         _CHILDREN.pop(rec.pid, None)
         return False
-    try:
-        os.kill(rec.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # another user's process: certainly not ours
-    if not Path("/proc/self/stat").exists():
-        return True  # no procfs (not Linux): the pid is all we can check
-    stat = _proc_stat(rec.pid)
-    if stat is None or stat[0] in ("Z", "X"):
-        return False  # gone, or a zombie waiting for a parent that is not us
-    return rec.start_time is None or stat[1] == rec.start_time
+    return is_alive(rec.pid, rec.start_time)  # not a zombie waiting for a parent that is not us
 
 
 # --- files --------------------------------------------------------------------------------------------------

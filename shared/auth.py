@@ -86,6 +86,7 @@ def agent_permissions(node_id: str) -> Permissions:
             f"{JS}.DIRECT.GET.{kv_targets}.>",
             f"{JS}.STREAM.MSG.GET.{kv_targets}",
             f"{JS}.STREAM.INFO.{s.ASSIGNMENTS_STREAM}",
+            f"{JS}.STREAM.MSG.GET.{s.LOGS_STREAM}",  # where a rank's shipped lines stand, for a restarted agent
             f"{JS}.CONSUMER.INFO.{s.ASSIGNMENTS_STREAM}.{consumer}",
             f"{JS}.CONSUMER.CREATE.{s.ASSIGNMENTS_STREAM}.{consumer}",
             f"{JS}.CONSUMER.CREATE.{s.ASSIGNMENTS_STREAM}.{consumer}.>",

@@ -79,6 +79,7 @@ class Cause(enum.StrEnum):
     ENVIRONMENT_BUILD_FAILED = "environment_build_failed"  # the image or the packages could not be made ready
     LAUNCH_FAILED = "launch_failed"  # the ranks could not be started
     UPLOAD_FAILED = "upload_failed"  # the run's files could not be stored
+    DISK_FULL = "disk_full"  # a node's work dir filled up under the run (its outputs, or the node's own files)
     INTERNAL = "internal"  # a bug: the services' logs have it whole
 
     @property

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import AGENT_SLOTS, TEST_WHEELS, PackageIndex
+from helpers import AGENT_SLOTS, TEST_WHEELS, PackageIndex, private_mounts
 
 from cadre import Workspace, _local
 
@@ -60,6 +60,7 @@ def _loopback_only_network() -> bool:
 
 
 ISOLATED = _loopback_only_network()
+PRIVATE_MOUNTS = private_mounts()  # while single-threaded, as the network namespace
 
 
 @pytest.fixture(scope="session")

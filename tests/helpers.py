@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import functools
 import hashlib
 import http.server
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +24,32 @@ T = TypeVar("T")
 AGENT_SLOTS = 2  # slots of the session cluster's agent
 # Wheels from PyPI for the agents' package index, downloaded by `make test` (the tests themselves have no network).
 TEST_WHEELS = Path(__file__).resolve().parent.parent / ".cache" / "test-wheels"
+
+
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+
+
+def private_mounts() -> bool:
+    """Give this (still single-threaded) process a mount namespace of its own, so a test can mount a small tmpfs
+    (a full disk) that nothing outside sees and that goes away with it."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return False
+    return libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0  # mounts made here stay here
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` ("48m") at ``path`` for the block's time."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def eventually(fn: Callable[[], T], timeout: float = 20.0, interval: float = 0.05) -> T:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -340,17 +341,42 @@ def test_a_missing_image_or_conda_without_conda_fails_before_the_run_starts(
         conda.wait_for_completion(timeout=60)
 
 
-def test_a_restarted_agent_removes_the_containers_it_left(
+def test_containers_outlive_a_crashed_and_an_upgraded_agent_and_are_taken_back(
+    dws: Workspace, docker_home: Path, docker_client: docker.DockerClient, make_project: Callable[..., Path]
+) -> None:
+    script = "import time\nfor i in range(1200):\n    print(f'line {i}', flush=True)\n    time.sleep(0.01)\n"
+    run = Experiment(dws, "container-through").submit(Estimator(make_project(**{"train.py": script}), "train.py"))
+    eventually(lambda: any(c.status == "running" for c in containers_of(docker_client, run)), 60)
+    before = {c.id for c in containers_of(docker_client, run)}
+    node = run.get_details()["placement"][0]["node_id"]
+    _local.restart(node, home=docker_home, crash=True)  # SIGKILL, as a crash
+    _local.restart(node, home=docker_home)  # SIGTERM, then the agent again, as an upgrade
+    assert {c.id for c in containers_of(docker_client, run) if c.status == "running"} == before
+    out = io.StringIO()
+    assert run.wait_for_completion(show_output=True, output=out, timeout=120)["status"] == "Completed"
+    assert [x for x in out.getvalue().splitlines() if x.startswith("line ")] == [f"line {i}" for i in range(1200)]
+    eventually(lambda: not containers_of(docker_client, run), 10)
+
+
+def test_a_restarted_agent_removes_the_containers_whose_shim_died(
     dws: Workspace, docker_home: Path, docker_client: docker.DockerClient, make_project: Callable[..., Path]
 ) -> None:
     project = make_project(**{"train.py": "import time\nprint('holding', flush=True)\ntime.sleep(600)\n"})
     run = Experiment(dws, "container-orphan").submit(Estimator(project, "train.py"))
     eventually(lambda: any(c.status == "running" for c in containers_of(docker_client, run)), 60)
     node = run.get_details()["placement"][0]["node_id"]
-    _local.restart(node, home=docker_home, crash=True)  # SIGKILL: the agent cannot clean up on its way out
-    with pytest.raises(RunFailedError, match=rf"node agent {node} restarted"):
+    shim_pid = docker_home / "cluster" / "agents" / node / "runs" / f"{run.id}.shim" / "shim.pid"
+    pid = int(shim_pid.read_text().split()[0])
+
+    # The agent and then the run's shim killed while the agent is down (the containers stay: dockerd keeps them).
+    killer = threading.Timer(0.5, os.kill, args=(pid, signal.SIGKILL))
+    killer.start()
+    _local.restart(node, home=docker_home, crash=True, down_for=1.5)
+    killer.join()
+    with pytest.raises(RunFailedError, match=rf"node agent {node} restarted, and the run's shim on it had died"):
         run.wait_for_completion(timeout=60)
-    assert not containers_of(docker_client, run)
+    assert run.get_details()["error"]["code"] == "agent_restarted"
+    eventually(lambda: not containers_of(docker_client, run), 10)
     # The restarted agent takes work again.
     again = Experiment(dws, "container-orphan").submit(Estimator(project, "train.py", max_run_duration_seconds=1))
     with pytest.raises(RunFailedError, match="max_run_duration_seconds"):

@@ -300,3 +300,34 @@ def test_a_node_lost_past_its_grace_is_retried_and_completes_from_its_checkpoint
     resumed = int(re.search(r"attempt 2 starts at (\d+)", out.getvalue()).group(1))  # type: ignore[union-attr]
     assert resumed > 20, "attempt 2 carried on from the synced checkpoint"
     assert not _running(int((spool / "pid1").read_text()))  # the first attempt's rank was stopped
+
+
+def test_a_full_disk_fails_the_run_as_disk_full_and_the_agent_goes_on(
+    tmp_path: Path, make_project: Callable[..., Path]
+) -> None:
+    from conftest import PRIVATE_MOUNTS
+    from helpers import tmpfs
+
+    if not PRIVATE_MOUNTS:
+        pytest.skip("needs root and a mount namespace of its own (for a small tmpfs)")
+    home = tmp_path / "home"
+    with tmpfs(home / "cluster" / "agents" / "agent-0", "48m"):
+        _local.up(home=home, agents=1, heartbeat=0.5, timeout=120)
+        try:
+            with Workspace.from_config(home / "profile.json") as ws:
+                filler = """
+                    print("filling outputs/", flush=True)
+                    with open("outputs/big.bin", "wb") as fh:
+                        for _ in range(200):
+                            fh.write(b"x" * (1 << 20))
+                """
+                run = Experiment(ws, "disk").submit(Estimator(make_project(**{"fill.py": filler}), "fill.py"))
+                details = run.wait_for_completion(timeout=120, raise_on_error=False)
+                assert details["status"] == "Failed" and details["error"]["code"] == "disk_full", details["error"]
+                assert re.search(r"the work dir \S+agent-0 on node agent-0 is full \(\d+ KiB free\); rank 0 exited "
+                                 r"with code 1", details["error"]["message"]), details["error"]["message"]  # fmt: skip
+                # The agent is still there, the run's files are gone from its disk, and the next run works.
+                ok = Experiment(ws, "disk").submit(Estimator(make_project(**{"ok.py": "print('fine')"}), "ok.py"))
+                assert ok.wait_for_completion(timeout=60)["status"] == "Completed"
+        finally:
+            _local.down(home=home)

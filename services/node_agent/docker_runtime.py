@@ -265,11 +265,22 @@ class DockerRuntime:
     async def reclaim(self, since: float) -> int:
         return 0  # a container's /dev/shm goes with the container
 
-    async def leftovers(self, node_id: str) -> set[str]:
+    async def remove_run(self, node_id: str, run_id: str) -> None:
+        def remove() -> None:
+            labels = [f"{LABEL_NODE}={node_id}", f"{LABEL_RUN}={run_id}"]
+            for c in self.client.containers.list(all=True, filters={"label": labels}):
+                c.remove(force=True)
+
+        await asyncio.to_thread(remove)
+
+    async def leftovers(self, node_id: str, keep: set[str]) -> set[str]:
         def sweep() -> set[str]:
             runs = set()
             for c in self.client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node_id}"}):
-                runs.add(c.labels.get(LABEL_RUN, ""))
+                run = c.labels.get(LABEL_RUN, "")
+                if run in keep:
+                    continue  # a run taken over: its shim still watches these containers
+                runs.add(run)
                 c.remove(force=True)
             return runs - {""}
 

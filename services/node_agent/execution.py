@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hashlib
 import json
 import os
@@ -21,37 +22,39 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 
+from services.node_agent.cache import NodeCache
+from services.node_agent.config import AgentConfig
 from services.node_agent.logship import LogShipper
-from services.node_agent.pmi import PmiServer
-from services.node_agent.runcontext import RunContextServer
+from services.node_agent.runcontext import context_env, new_token
 from services.node_agent.runtime import (
     LABEL_NODE,
     LABEL_RANK,
     LABEL_RUN,
     Mount,
     Prepared,
-    ProcessHandle,
     ProcessSpec,
     Runtime,
 )
+from services.node_agent.shim import PmiSpec, ShimSpec
+from services.node_agent.supervision import Kept, RunShim, acknowledged_lines, forward_context, shim_folder
 from shared import bus, files, schemas, subjects
 from shared.environments import Environment
 from shared.errors import CadreError, ConflictError, ServiceUnavailableError, StorageError
 from shared.states import FORWARD_ORDER, Cause, RunState
-
-if TYPE_CHECKING:
-    from services.node_agent.service import NodeAgentService
 
 UPLOAD_DIRS = ("outputs", "logs")
 UPLOAD_WORKERS = 4
 UPLOAD_ATTEMPTS = 4
 RENDEZVOUS_TIMEOUT = 120.0
 LOG_SYNC_INTERVAL = 2.0
+DISK_FULL_BYTES = 1 << 20  # a rank's failure with less than this free in the work dir is the disk's
 FINISH_PATIENCE = 600.0  # seconds an agent keeps trying to hand a finished run's files over
 T = TypeVar("T")
 
@@ -87,26 +90,42 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class NodeContext:
+    """What one run's execution may use of its agent, and nothing more."""
+
+    config: AgentConfig
+    nc: Client
+    js: JetStreamContext
+    events: bus.RunEventLog
+    cache: NodeCache
+    runtime: Runtime
+    job_python: Path  # the folder first on every rank's PYTHONPATH (the job's cadre package)
+    host_id: str  # which machine this is (agents sharing one host share it)
+
+
 class Execution:
-    def __init__(self, agent: NodeAgentService, assignment: schemas.Assignment, runtime: Runtime) -> None:
-        self.agent = agent
-        self.node_id = agent.config.node_id
+    """This node's part of one attempt of a run. ``kept``: taken over from a previous life of the agent."""
+
+    def __init__(self, ctx: NodeContext, assignment: schemas.Assignment, kept: Kept | None = None) -> None:
+        self.ctx = ctx
+        self.node_id = ctx.config.node_id
         self.a = assignment
         self.spec = assignment.spec
         self.run_id = assignment.run_id
         self.attempt = assignment.attempt  # events of other attempts are not this execution's business
-        self.runtime = runtime
+        self.runtime = ctx.runtime
         self.my_slots = [s for s in assignment.placement if s.node_id == self.node_id]
         first_rank: dict[str, int] = {}
         for slot in assignment.placement:
             first_rank[slot.node_id] = min(first_rank.get(slot.node_id, slot.rank), slot.rank)
         self.nodes = sorted(first_rank, key=first_rank.__getitem__)  # NODE_RANK order; nodes[0] is the master
         self.is_master = self.nodes[0] == self.node_id
-        self.run_dir = agent.config.work_dir / "runs" / self.run_id
-        self.pid_file = agent.config.work_dir / "runs" / f"{self.run_id}.pids"
-        self.spool_dir = agent.config.work_dir / "runs" / f"{self.run_id}.logspool"  # lines the bus has not taken
-        self.handles: dict[int, ProcessHandle] = {}
+        self.run_dir = ctx.config.work_dir / "runs" / self.run_id
+        self.spool_dir = ctx.config.work_dir / "runs" / f"{self.run_id}.logspool"  # lines the bus has not taken
+        self.shim = RunShim(shim_folder(ctx.config.work_dir, self.run_id))
         self.shippers: dict[int, LogShipper] = {}
+        self.deaths: dict[int, str | None] = {}  # how each rank died, when its exit code does not say it
         self.prepared: Prepared | None = None
         self.group: str | None = None  # the namespaces this node's ranks share (a sandbox container)
         self.held: list[Path] = []  # cache entries this run uses: never evicted under it
@@ -116,7 +135,6 @@ class Execution:
         self.rendezvous: asyncio.Future[schemas.Rendezvous] = asyncio.get_running_loop().create_future()
         self.endpoints: dict[int, str] = {}  # tensorflow: task addresses gathered by the master
         self.endpoints_complete = asyncio.Event()
-        self.pmi: PmiServer | None = None
         self.dataset_paths: dict[str, Path] = {}
         self.mpi_abort: tuple[int, int] | None = None
         self.mpi_aborted = asyncio.Event()
@@ -124,29 +142,40 @@ class Execution:
         self.fenced: str | None = None  # why this node stopped its ranks on its own (cut off from the bus)
         self.first_failure: int | None = None
         self.started_ns = 0
+        self.line_base: dict[int, int] = {}  # each rank's number of the first line its shim wrote down
+        self.launched = False  # the shim runs the ranks: from here on they outlive this agent
+        self.detached = False  # the agent stopped and left the ranks to their shim
+        self.finished_here = False  # this node reported NodeFinished for this attempt (a previous life did)
+        self.recorded_exits: set[int] = set()  # ranks whose RankExited is in the history already
+        self.adopted = kept is not None and kept.launched
+        if kept is not None and kept.launched:
+            self.prepared, self.group, self.started_ns = kept.prepared, kept.group, kept.started_ns
+            self.dataset_paths, self.line_base = dict(kept.dataset_paths), dict(kept.line_base)
+            for path in kept.held:
+                self._hold(path)
+            self.launched = True
         self.log = structlog.get_logger().bind(run_id=self.run_id, node_id=self.node_id)
 
     # --- the whole life of the run on this node ------------------------------------------------------
     async def run(self) -> None:
-        sub = await self.agent.nc.subscribe(subjects.run_events(self.run_id), cb=self._on_msg)
+        sub = await self.ctx.nc.subscribe(subjects.run_events(self.run_id), cb=self._on_msg)
         try:
-            history = await self.agent.events.history(self.run_id)
+            history = await self.ctx.events.history(self.run_id)
             for event in history:  # what happened before we listened
                 self._observe(event)
-            # A retried run's ranks number their lines on from where the attempts before stopped.
-            retried = next((ev for ev in reversed(history) if isinstance(ev, schemas.Retried)), None)
-            if retried is None or bus.attempt_of(retried) != self.attempt:
-                retried = None
-            for slot in self.my_slots:
-                self.shippers[slot.rank] = LogShipper(
-                    self.agent.js, self.run_id, slot.rank, self.node_id,
-                    first=retried.log_lines.get(slot.rank, 0) if retried else 0, attempt=self.attempt,
-                    spool=self.spool_dir / f"rank{slot.rank}.jsonl", memory_limit=self.agent.config.log_memory,
-                )  # fmt: skip
+            await self._open_shippers(history)
+            if self.adopted:
+                self.log.info("run_adopted", ranks=sorted(self.shim.pids), finished_here=self.finished_here)
+                outcome, line_counts = await self._supervise()
+                await self._report(outcome, line_counts)
+                return
+            self.shim.keep(Kept(assignment=self.a))  # a restarted agent knows this run was taken here
             try:
                 await self._prepare()
             except Exception as exc:  # a failed build, a missing image, the Docker engine gone: the run fails
                 code = exc.code if isinstance(exc, CadreError) else Cause.PREPARE_FAILED
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    code = Cause.DISK_FULL
                 self.log.warning("prepare_failed", error=str(exc))
                 counts = await self._close_shippers()
                 await self._report(Outcome("failed", {}, schemas.ErrorInfo(code=code, message=str(exc))), counts)
@@ -154,29 +183,53 @@ class Execution:
             outcome, line_counts = await self._execute()
             await self._report(outcome, line_counts)
         except asyncio.CancelledError:
-            # The agent is stopping: the ranks must not outlive it.
-            await asyncio.gather(*(h.terminate(1.0) for h in self.handles.values()), return_exceptions=True)
-            await asyncio.gather(*(h.cleanup() for h in self.handles.values()), return_exceptions=True)
+            if self.launched:  # the agent is stopping (an upgrade, a restart): the ranks go on under their shim
+                self.detached = True
+                self.log.info("run_detached", shim=str(self.shim.files.folder))
             raise
         finally:
-            if self.group is not None:
-                await asyncio.shield(self.runtime.close_group(self.group))
-            if self.handles and self.spec.distributed == "mpi":
-                freed = await self.runtime.reclaim(self.started_ns / 1e9)
-                if freed:
-                    self.log.info("shared_memory_reclaimed", bytes=freed)
-            for path in self.held:
-                self.agent.cache.release(path)
             await sub.unsubscribe()
-            try:
-                await self.agent.cache.trim()
-            except OSError as exc:
-                self.log.warning("cache_trim_failed", error=str(exc))
-            if self.pmi is not None:
-                await self.pmi.close()
-            self.pid_file.unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            for shipper in self.shippers.values():
+                shipper.cancel()
+            self.shim.close()
+            if not self.detached:
+                await self._clean_up()
+
+    async def _open_shippers(self, history: list[schemas.RunEvent]) -> None:
+        """A shipper per rank here, numbering on from where the bus stands (a retried run's attempts, or a previous
+        life of this agent, shipped lines before)."""
+        retried = next((ev for ev in reversed(history) if isinstance(ev, schemas.Retried)), None)
+        if retried is None or bus.attempt_of(retried) != self.attempt:
+            retried = None
+        for slot in self.my_slots:
+            first = retried.log_lines.get(slot.rank, 0) if retried else 0
+            if self.adopted:
+                rank = slot.rank
+                acked = await bus.outlast(lambda r=rank: acknowledged_lines(self.ctx.js, self.run_id, r, self.attempt))
+                first = max(first, acked or 0)
+            self.shippers[slot.rank] = LogShipper(
+                self.ctx.js, self.run_id, slot.rank, self.node_id, first=first, attempt=self.attempt,
+                spool=self.spool_dir / f"rank{slot.rank}.jsonl", memory_limit=self.ctx.config.log_memory,
+            )  # fmt: skip
+
+    async def _clean_up(self) -> None:
+        if self.launched and any(d and d.startswith("lost: the run's shim") for d in self.deaths.values()):
+            await self.runtime.remove_run(self.node_id, self.run_id)  # containers outlive a shim killed under us
+        if self.group is not None:
+            await asyncio.shield(self.runtime.close_group(self.group))
+        if self.launched and self.spec.distributed == "mpi":
+            freed = await self.runtime.reclaim(self.started_ns / 1e9)
+            if freed:
+                self.log.info("shared_memory_reclaimed", bytes=freed)
+        for path in self.held:
+            self.ctx.cache.release(path)
+        try:
+            await self.ctx.cache.trim()
+        except OSError as exc:
+            self.log.warning("cache_trim_failed", error=str(exc))
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        shutil.rmtree(self.shim.files.folder, ignore_errors=True)
 
     async def _on_msg(self, msg) -> None:
         self._observe(schemas.run_event_decoder.decode(msg.data))
@@ -191,6 +244,11 @@ class Execution:
                 self.abort_reason = "the run was retried as a new attempt"
                 self.abort.set()
             return
+        if getattr(event, "node_id", None) == self.node_id:
+            if isinstance(event, schemas.NodeFinished):
+                self.finished_here = True
+            elif isinstance(event, schemas.RankExited):
+                self.recorded_exits.add(event.rank)
         if isinstance(event, schemas.Rendezvous) and not self.rendezvous.done():
             self.rendezvous.set_result(event)
         if isinstance(event, schemas.Endpoints):
@@ -214,15 +272,15 @@ class Execution:
 
     async def _prepare(self) -> None:
         snap = await bus.request(
-            self.agent.nc, subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef(run_id=self.run_id), schemas.SnapshotUrl
+            self.ctx.nc, subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef(run_id=self.run_id), schemas.SnapshotUrl
         )
-        archive = self.agent.config.work_dir / "snapshots" / f"{snap.snapshot.content_hash}.tar.gz"
-        self.agent.cache.hold(archive)  # the cache may not evict it while it is fetched and unpacked
+        archive = self.ctx.config.work_dir / "snapshots" / f"{snap.snapshot.content_hash}.tar.gz"
+        self.ctx.cache.hold(archive)  # the cache may not evict it while it is fetched and unpacked
         try:
             await asyncio.to_thread(self._fetch_snapshot, snap, archive)
             await asyncio.to_thread(self._unpack, archive)
         finally:
-            self.agent.cache.release(archive)
+            self.ctx.cache.release(archive)
         if snap.checkpoint:
             await asyncio.to_thread(self._restore_checkpoint, snap.checkpoint)
         entry = self.run_dir / self.spec.entry_script
@@ -230,13 +288,13 @@ class Execution:
             raise CadreError(f"entry_script {self.spec.entry_script!r} is not in the snapshot")
         for ds in self.spec.datasets:
             urls = await bus.request(
-                self.agent.nc,
+                self.ctx.nc,
                 subjects.AgentApi.DATASET_URLS,
                 schemas.DatasetUrlsRequest(run_id=self.run_id, content_hash=ds.content_hash),
                 schemas.DatasetFiles,
                 timeout=30,
             )
-            self._hold(self.agent.config.work_dir / "datasets" / ds.content_hash)
+            self._hold(self.ctx.config.work_dir / "datasets" / ds.content_hash)
             self.dataset_paths[ds.name] = await asyncio.to_thread(self._materialize, ds, urls)
         # Build (or reuse) the job's environment; what the build prints goes to the run's logs as "prepare" lines.
         first = self.shippers[min(self.shippers)]
@@ -254,7 +312,7 @@ class Execution:
         if registry is None or registry.secret is None:
             return None
         return await bus.request(
-            self.agent.nc,
+            self.ctx.nc,
             subjects.agent_registry_credential(self.node_id),
             schemas.RegistryCredentialRequest(run_id=self.run_id),
             schemas.RegistryCredential,
@@ -265,7 +323,7 @@ class Execution:
         """Download a dataset version once per node (cached by content hash, shared read-only by runs); a
         download-mode input gets a private copy in the run's directory."""
         assert urls.version is not None
-        cache = self.agent.config.work_dir / "datasets" / ds.content_hash
+        cache = self.ctx.config.work_dir / "datasets" / ds.content_hash
         if not cache.is_dir():
             tmp = cache.with_name(f".{ds.content_hash}.{os.getpid()}.{self.run_id}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -366,7 +424,7 @@ class Execution:
         return env
 
     def _hold(self, path: Path) -> None:
-        self.agent.cache.hold(path)
+        self.ctx.cache.hold(path)
         self.held.append(path)
 
     async def _close_shippers(self) -> dict[int, int]:
@@ -376,7 +434,7 @@ class Execution:
         self, argv: list[str], rank: int | str, env: dict[str, str], slot: schemas.RankSlot | None
     ) -> ProcessSpec:
         labels = {LABEL_NODE: self.node_id, LABEL_RUN: self.run_id, LABEL_RANK: str(rank)}
-        mounts = [Mount(self.run_dir), Mount(self.agent.job_python, read_only=True)]
+        mounts = [Mount(self.run_dir), Mount(self.ctx.job_python, read_only=True)]
         mounts += [Mount(p, read_only=True) for p in self.dataset_paths.values() if not p.is_relative_to(self.run_dir)]
         return ProcessSpec(
             argv=argv,
@@ -391,47 +449,35 @@ class Execution:
             cpus=self.spec.cpus_per_process,
             memory=self.spec.memory_per_process,
             share_with=self.group,
-            python_path=[self.agent.job_python],
+            python_path=[self.ctx.job_python],
         )
 
     def _shares_host_with_other_nodes(self) -> bool:
         """Whether another node of this run runs on this very host (two agents on one machine)."""
-        me = self.agent.base_advert["host_id"]
+        me = self.ctx.host_id
         return any(host == me for node, host in self.a.hosts.items() if node != self.node_id)
 
-    async def _meet(self) -> schemas.Rendezvous | None:
-        """The master publishes where to meet; the others wait for it (or for a reason to give up)."""
+    async def _plan(self) -> schemas.Rendezvous | None:
+        """Where the nodes meet: the master chooses (and publishes it once its ranks run, see ``_publish``); the
+        others wait for it, or for a reason to give up."""
         if self.is_master:
-            address = self.agent.config.address
-            pmi_port = None
-            if self.spec.distributed == "mpi":
-                per_node = [sum(1 for s in self.a.placement if s.node_id == n) for n in self.nodes]
-                self.pmi = PmiServer(len(self.a.placement), per_node, self._on_mpi_abort)
-                pmi_port = await self.pmi.start(address)
-            master_port = free_port(address)
+            address = self.ctx.config.address
             endpoints: dict[int, str] = {}
             if self.spec.distributed == "tensorflow":
                 self._gather(self._my_endpoints())
                 if not await self._until(self.endpoints_complete, "the other nodes' task addresses"):
                     return None
                 endpoints = dict(self.endpoints)
-
-            def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-                if last is None or last.state.is_terminal() or not self._ours(last):
-                    return None
-                return bus.make_event(
-                    schemas.Rendezvous,
-                    self.run_id,
-                    last.state,
-                    node_id=self.node_id,
-                    master_addr=address,
-                    master_port=master_port,
-                    pmi_port=pmi_port,
-                    endpoints=endpoints,
-                )
-
-            event = await self.agent.events.append(self.run_id, build)
-            return event if isinstance(event, schemas.Rendezvous) else None
+            return bus.make_event(
+                schemas.Rendezvous,
+                self.run_id,
+                RunState.STARTING,
+                node_id=self.node_id,
+                master_addr=address,
+                master_port=free_port(address),
+                pmi_port=free_port(address) if self.spec.distributed == "mpi" else None,  # the shim serves it
+                endpoints=endpoints,
+            )
         if self.spec.distributed == "tensorflow":
             mine = self._my_endpoints()
 
@@ -440,10 +486,23 @@ class Execution:
                     return None
                 return bus.make_event(schemas.Endpoints, self.run_id, last.state, node_id=self.node_id, endpoints=mine)
 
-            await self.agent.events.append(self.run_id, announce)
+            await self.ctx.events.append(self.run_id, announce)
         if await self._until(self.rendezvous, f"the master node {self.nodes[0]} to start"):
             return self.rendezvous.result()
         return None
+
+    async def _publish(self, rdv: schemas.Rendezvous) -> bool:
+        """The master's ranks (and its PMI server) run: the other nodes may start theirs."""
+
+        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+            if last is None or last.state.is_terminal() or not self._ours(last):
+                return None
+            return bus.make_event(
+                schemas.Rendezvous, self.run_id, last.state, node_id=self.node_id, master_addr=rdv.master_addr,
+                master_port=rdv.master_port, pmi_port=rdv.pmi_port, endpoints=rdv.endpoints,
+            )  # fmt: skip
+
+        return isinstance(await self.ctx.events.append(self.run_id, build), schemas.Rendezvous)
 
     async def _until(self, awaitable: asyncio.Future[Any] | asyncio.Event, what: str) -> bool:
         """Wait for ``awaitable`` unless the run stops first; past RENDEZVOUS_TIMEOUT the run is aborted."""
@@ -471,7 +530,7 @@ class Execution:
 
     def _my_endpoints(self) -> dict[int, str]:
         """A port of its own for each of this node's ranks (tensorflow's task servers), on the node's address."""
-        address = self.agent.config.address
+        address = self.ctx.config.address
         return {slot.rank: f"{address}:{free_port(address)}" for slot in self.my_slots}
 
     async def _stopped(self) -> None:
@@ -487,12 +546,27 @@ class Execution:
 
     async def _execute(self) -> tuple[Outcome, dict[int, int]]:
         if self.cancel_requested.is_set() or self.abort.is_set():
-            return self._outcome({}, {}), await self._close_shippers()
+            return self._outcome({}), await self._close_shippers()
         await self._move(schemas.Starting, RunState.STARTING)
-        rdv = await self._meet()
+        rdv = await self._plan()
         if rdv is None:
-            return self._outcome({}, {}), await self._close_shippers()
-        shippers = self.shippers
+            return self._outcome({}), await self._close_shippers()
+        try:
+            await self._launch(rdv)
+        except Exception as exc:  # OSError, a port taken, or the Docker API refusing a container
+            counts = await self._close_shippers()
+            message = f"starting the ranks on {self.node_id} failed: {exc}"
+            return Outcome("failed", {}, schemas.ErrorInfo(code=Cause.LAUNCH_FAILED, message=message)), counts
+        if self.is_master and not await self._publish(rdv):
+            if not self.abort.is_set():
+                self.abort_reason = "the run moved on before its nodes met"
+                self.abort.set()
+        else:
+            await self._move(schemas.Running, RunState.RUNNING)
+        return await self._supervise()
+
+    async def _launch(self, rdv: schemas.Rendezvous) -> None:
+        """Hand this node's ranks to a shim of their own, which starts them and outlives this agent."""
         self.started_ns = time.time_ns()
         arguments = list(self.spec.arguments)
         for ds in self.spec.datasets:
@@ -500,61 +574,101 @@ class Execution:
         assert self.prepared is not None
         argv = [self.prepared.python, self.spec.entry_script, *arguments]
         co_hosted = self._shares_host_with_other_nodes()
-        self.context = RunContextServer(self.agent.js, self.run_id, self.run_dir)
-        await self.context.start()
-        try:
-            if len(self.my_slots) > 1:
-                self.group = await self.runtime.open_group(self._process_spec(argv, "sandbox", {}, None))
-            for slot in self.my_slots:
-                env = {**self._env(slot, rdv, co_hosted), **self.context.env()}
-                self.handles[slot.rank] = await self.runtime.start(self._process_spec(argv, slot.rank, env, slot))
-        except Exception as exc:  # OSError, or the Docker API refusing a container
-            for handle in self.handles.values():
-                await handle.terminate(self.agent.config.kill_grace)
-                await handle.cleanup()
-            counts = await self._close_shippers()
-            await self.context.close()
-            message = f"starting the ranks on {self.node_id} failed: {exc}"
-            return Outcome("failed", {}, schemas.ErrorInfo(code=Cause.LAUNCH_FAILED, message=message)), counts
-        self.pid_file.write_text(json.dumps([h.pid for h in self.handles.values()]))
-        await self._move(schemas.Running, RunState.RUNNING)
-        self.log.info("ranks_started", ranks=sorted(self.handles))
-        syncer = asyncio.ensure_future(self._sync_logs_dir())
+        context_port, token = free_port("127.0.0.1"), new_token()
+        if len(self.my_slots) > 1:
+            self.group = await self.runtime.open_group(self._process_spec(argv, "sandbox", {}, None))
+        ranks = {
+            slot.rank: self._process_spec(
+                argv, slot.rank, {**self._env(slot, rdv, co_hosted), **context_env(context_port, token)}, slot
+            )
+            for slot in self.my_slots
+        }
+        pmi = None
+        if self.is_master and rdv.pmi_port is not None:
+            per_node = [sum(1 for s in self.a.placement if s.node_id == n) for n in self.nodes]
+            pmi = PmiSpec(size=len(self.a.placement), ranks_per_node=per_node, host=rdv.master_addr, port=rdv.pmi_port)
+        config = self.ctx.config
+        spec = ShimSpec(
+            run_id=self.run_id, runtime=self.runtime.kind, ranks=ranks, run_dir=str(self.run_dir),
+            context_port=context_port, context_token=token, kill_grace=config.kill_grace,
+            # The shim fences only for an agent gone for good: a live one cut off from the bus fences first.
+            fence_after=config.fence_after + 2 * config.heartbeat_interval + 1, docker_host=config.docker_host,
+            gpu_devices=bool(getattr(self.runtime, "gpu_devices", False)), pmi=pmi,
+        )  # fmt: skip
+        self.line_base = {rank: shipper.count for rank, shipper in self.shippers.items()}
+        self.shim.keep(
+            Kept(
+                assignment=self.a, prepared=self.prepared, dataset_paths=self.dataset_paths, held=self.held,
+                started_ns=self.started_ns, group=self.group, line_base=self.line_base, launched=True,
+            )
+        )  # fmt: skip
+        self.launched = True
+        await self.shim.launch(spec)
 
+    async def _supervise(self) -> tuple[Outcome, dict[int, int]]:
+        """Follow this node's ranks under their shim until all have exited (stopping them when the run must end),
+        shipping their lines and the run's metrics as they come."""
+        shippers = self.shippers
+        self.log.info("ranks_started", ranks=sorted(self.shim.pids), adopted=self.adopted)
+        syncer = asyncio.ensure_future(self._sync_logs_dir())
+        forwarder = asyncio.ensure_future(
+            forward_context(self.shim, self.ctx.js, self.run_id, self.node_id, self.attempt, FINISH_PATIENCE)
+        )
+        watcher = asyncio.ensure_future(self._watch_shim())
         exit_codes: dict[int, int] = {}
         local_failure = asyncio.Event()
 
-        async def watch(rank: int, handle: ProcessHandle) -> None:
-            async for stream, text in handle.lines():
-                shippers[rank].add(stream, text)
-            code = await handle.wait()
-            await handle.cleanup()
+        async def watch(rank: int) -> None:
+            skip = max(0, shippers[rank].count - self.line_base.get(rank, 0))  # what a previous life shipped
+            async for line in self.shim.lines(rank, skip):
+                shippers[rank].add_line(line)
+            code, self.deaths[rank] = self.shim.exit_of(rank)
             exit_codes[rank] = code
             if code != 0 and not (self.abort.is_set() or self.cancel_requested.is_set() or local_failure.is_set()):
                 self.first_failure = rank  # the cause; ranks stopped because of it fail after
                 local_failure.set()
-            await self._annotate(schemas.RankExited, node_id=self.node_id, rank=rank, exit_code=code)
+            if rank not in self.recorded_exits:
+                await self._annotate(schemas.RankExited, node_id=self.node_id, rank=rank, exit_code=code)
 
-        all_done = asyncio.ensure_future(asyncio.gather(*(watch(r, h) for r, h in self.handles.items())))
+        all_done = asyncio.ensure_future(asyncio.gather(*(watch(slot.rank) for slot in self.my_slots)))
         stoppers = [
             asyncio.ensure_future(e.wait())
             for e in (self.cancel_requested, self.abort, local_failure, self.mpi_aborted)
         ]
-        done, _ = await asyncio.wait(
-            [all_done, *stoppers], timeout=self.spec.max_run_duration_seconds, return_when=asyncio.FIRST_COMPLETED
-        )
-        if all_done not in done:
-            if not done:
-                self.timed_out = True
-            # A rank failed, another node did, a cancel came, or time ran out: every rank here goes.
-            await asyncio.gather(*(h.terminate(self.agent.config.kill_grace) for h in self.handles.values()))
-            await all_done
-        for task in stoppers:
-            task.cancel()
-        syncer.cancel()
+        limit = self.spec.max_run_duration_seconds
+        left = None if limit is None else max(0.0, limit - (time.time_ns() - self.started_ns) / 1e9)
+        try:
+            done, _ = await asyncio.wait([all_done, *stoppers], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if all_done not in done:
+                if not done:
+                    self.timed_out = True
+                # A rank failed, another node did, a cancel came, or time ran out: every rank here goes.
+                self.shim.stop(self.ctx.config.kill_grace)
+                await all_done
+            # The ranks are gone; the shim writes what they sent last and exits. One that does not is killed.
+            if not (await asyncio.wait([forwarder], timeout=30))[0]:
+                self.shim.kill()
+                await forwarder
+        finally:
+            for task in (*stoppers, syncer, watcher):
+                task.cancel()
+            if not all_done.done():
+                all_done.cancel()
+            forwarder.cancel()
         counts = await self._close_shippers()
-        await self.context.close()
-        return self._outcome(exit_codes, shippers), counts
+        return self._outcome(exit_codes), counts
+
+    async def _watch_shim(self) -> None:
+        """What the shim says besides lines and exits: an MPI_Abort, or that it stopped the ranks on its own."""
+        while True:
+            ticket = self.shim.ticket()
+            if self.mpi_abort is None and (aborted := self.shim.mpi_abort()) is not None:
+                self._on_mpi_abort(*aborted)
+            if self.fenced is None and (why := self.shim.fenced()) is not None:
+                self.fenced = why
+            if self.shim.finished():
+                return
+            await self.shim.wait(ticket)
 
     def fence(self, reason: str) -> bool:
         """Stop this node's ranks now, whatever the run's state says; False if already done."""
@@ -565,7 +679,7 @@ class Execution:
         self.abort.set()
         return True
 
-    def _outcome(self, exit_codes: dict[int, int], shippers: dict[int, LogShipper]) -> Outcome:
+    def _outcome(self, exit_codes: dict[int, int]) -> Outcome:
         if self.fenced is not None:
             message = f"node {self.node_id} stopped its ranks: {self.fenced}"
             return Outcome("failed", exit_codes, schemas.ErrorInfo(code=Cause.FENCED, message=message))
@@ -592,15 +706,32 @@ class Execution:
             failed.sort(key=lambda rc: rc[0] != self.first_failure)
         rank, code = failed[0]
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        death = self.handles[rank].death if rank in self.handles else None
+        death = self.deaths.get(rank)
         cause = Cause.NONZERO_EXIT
         if death is not None:
             how = f"was {death} (exit code {code})"
             if "out of memory" in death:
                 cause = Cause.OUT_OF_MEMORY
-        tail = "\n".join(shippers[rank].tail) if rank in shippers else ""
+            elif death.startswith("lost: the run's shim"):
+                cause = Cause.AGENT_RESTARTED  # what kept the rank is gone: the node's infrastructure failed
+        tail = "\n".join(self.shippers[rank].tail) if rank in self.shippers else ""
         message = f"rank {rank} on node {self.node_id} {how}; last log lines:\n{tail}"
+        full = self._disk_full()
+        if cause is Cause.NONZERO_EXIT and full:
+            cause = Cause.DISK_FULL
+            message = f"{full}; rank {rank} {how}; last log lines:\n{tail}"
         return Outcome("failed", exit_codes, schemas.ErrorInfo(code=cause, message=message))
+
+    def _disk_full(self) -> str | None:
+        """Why the node's work dir counts as full (the shim hit ENOSPC, or under DISK_FULL_BYTES are free)."""
+        work_dir = self.ctx.config.work_dir
+        try:
+            free = shutil.disk_usage(work_dir).free
+        except OSError:
+            return None
+        if self.shim.files.disk_full.exists() or free < DISK_FULL_BYTES:
+            return f"the work dir {work_dir} on node {self.node_id} is full ({free >> 10} KiB free)"
+        return None
 
     async def _move(self, cls: type[schemas.RunEventBase], state: RunState) -> None:
         """Move the run forward (several nodes race to do it: the first wins, the others see it done)."""
@@ -612,7 +743,7 @@ class Execution:
                 return None
             return bus.make_event(cls, self.run_id, state, node_id=self.node_id)
 
-        await self.agent.events.append(self.run_id, build)
+        await self.ctx.events.append(self.run_id, build)
 
     async def _annotate(self, cls: type[schemas.RunEventBase], **fields: object) -> schemas.RunEvent | None:
         """Append an event that records a fact without moving the run."""
@@ -623,26 +754,28 @@ class Execution:
             return bus.make_event(cls, self.run_id, last.state, **fields)
 
         # A fact the run cannot end without (this node finished): a bus outage is waited out.
-        return await bus.outlast(lambda: self.agent.events.append(self.run_id, build), within=FINISH_PATIENCE)
+        return await bus.outlast(lambda: self.ctx.events.append(self.run_id, build), within=FINISH_PATIENCE)
 
     # --- finishing ------------------------------------------------------------------------------------
     async def _report(self, outcome: Outcome, line_counts: dict[int, int]) -> None:
         """Tell the run this node is done, upload its files, and ask the artifact service to commit them."""
-        try:
-            finished = await self._annotate(
-                schemas.NodeFinished,
-                node_id=self.node_id,
-                outcome=outcome.outcome,
-                exit_codes=outcome.exit_codes,
-                log_lines=line_counts,
-                error=outcome.error,
-                aborted=outcome.aborted,
-            )
-        except ConflictError:
-            finished = None
-        if finished is None:
-            self.log.warning("run_already_ended")
-            return
+        if not self.finished_here:  # a previous life of this agent may have said so before it stopped
+            try:
+                finished = await self._annotate(
+                    schemas.NodeFinished,
+                    node_id=self.node_id,
+                    outcome=outcome.outcome,
+                    exit_codes=outcome.exit_codes,
+                    log_lines=line_counts,
+                    error=outcome.error,
+                    aborted=outcome.aborted,
+                )
+            except ConflictError:
+                finished = None
+            if finished is None:
+                self.log.warning("run_already_ended")
+                return
+            self.finished_here = True
         self.log.info("node_finished", outcome=outcome.outcome, exit_codes=outcome.exit_codes)
         stored = await asyncio.to_thread(self._collect_files)
         error = None
@@ -698,7 +831,7 @@ class Execution:
         deadline = time.monotonic() + FINISH_PATIENCE
         while True:
             try:
-                return await bus.request(self.agent.nc, subject, payload, reply_type, timeout=120)
+                return await bus.request(self.ctx.nc, subject, payload, reply_type, timeout=120)
             except ServiceUnavailableError as exc:
                 if time.monotonic() > deadline:
                     raise
@@ -716,7 +849,7 @@ class Execution:
                 if not changed:
                     continue
                 urls = await bus.request(
-                    self.agent.nc,
+                    self.ctx.nc,
                     subjects.AgentApi.UPLOAD_URLS,
                     schemas.UploadUrlsRequest(
                         run_id=self.run_id, node_id=self.node_id, files=changed, allow_multipart=False

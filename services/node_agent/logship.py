@@ -54,13 +54,19 @@ class LogShipper:
         self._wake = asyncio.Event()
         self._closed = False
         self.sent = first  # lines published and acknowledged (a retried run's attempts number on)
+        self.count = first  # lines taken, published or not: the number the next line gets
         self._attempt = attempt  # readers drop a stale attempt's batches that come after the next one's
         self.tail: deque[str] = deque(maxlen=tail)
         self.log = structlog.get_logger().bind(run_id=run_id, rank=rank, component="logship")
         self._task = asyncio.create_task(self._loop())
 
     def add(self, stream: str, text: str) -> None:
-        line = schemas.LogLine(time.time(), stream, text)  # type: ignore[arg-type]
+        self.add_line(schemas.LogLine(time.time(), stream, text))  # type: ignore[arg-type]
+
+    def add_line(self, line: schemas.LogLine) -> None:
+        """A line with the time it was printed (the shim's clock read, not ours)."""
+        text = line.text
+        self.count += 1
         self.tail.append(text)
         if self._spooled:  # older lines wait on disk: this one goes after them
             self._spill([line])
@@ -139,6 +145,10 @@ class LogShipper:
         headers = {"Nats-Msg-Id": f"{self._run_id}:{self._rank}:{self._attempt}:{self.sent}"}
         await bus.outlast(lambda: self._js.publish(self._subject, schemas.encode(batch), timeout=10, headers=headers))
         self.sent += len(lines)
+
+    def cancel(self) -> None:
+        """Stop without sending what waits (the agent is leaving: the lines are in the shim's files)."""
+        self._task.cancel()
 
     async def close(self) -> int:
         """Flush everything and return how many lines this rank produced."""

@@ -53,8 +53,8 @@ class PmiServer:
         self.port = 0
         self.log = structlog.get_logger().bind(component="pmi")
 
-    async def start(self, host: str = "0.0.0.0") -> int:
-        self._server = await asyncio.start_server(self._serve, host, 0, limit=MAX_LINE)
+    async def start(self, host: str = "0.0.0.0", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -125,8 +125,13 @@ class Runtime(Protocol):
 
     async def close_group(self, ident: str) -> None: ...
 
-    async def leftovers(self, node_id: str) -> set[str]:
-        """Kill whatever a previous life of this agent left running; return the run ids it belonged to."""
+    async def leftovers(self, node_id: str, keep: set[str]) -> set[str]:
+        """Kill what a previous life of this agent left running, but for the runs in ``keep`` (taken over);
+        return the run ids it belonged to."""
+        ...
+
+    async def remove_run(self, node_id: str, run_id: str) -> None:
+        """Kill what is left of a run's ranks on this node once its shim is gone (containers outlive it)."""
         ...
 
     async def reclaim(self, since: float) -> int:
@@ -298,8 +303,11 @@ class ProcessRuntime:
     async def reclaim(self, since: float) -> int:
         return await asyncio.to_thread(reclaim_shared_memory, since)
 
-    async def leftovers(self, node_id: str) -> set[str]:
-        return set()  # ranks die with the agent (PR_SET_PDEATHSIG); the pid files cover the rest
+    async def remove_run(self, node_id: str, run_id: str) -> None:
+        return None  # a plain-process rank dies with its shim (PR_SET_PDEATHSIG)
+
+    async def leftovers(self, node_id: str, keep: set[str]) -> set[str]:
+        return set()  # ranks die with their shim (PR_SET_PDEATHSIG), and a shim is found by its folder
 
 
 SHM_DIR = Path("/dev/shm")

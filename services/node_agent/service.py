@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from nats.js import api as js_api
@@ -18,40 +18,17 @@ from nats.js.kv import KeyValue
 
 from services.node_agent import capacity
 from services.node_agent.cache import NodeCache
-from services.node_agent.execution import Execution
-from services.node_agent.logship import MEMORY_LIMIT
+from services.node_agent.config import AgentConfig
+from services.node_agent.execution import Execution, NodeContext
 from services.node_agent.runcontext import job_package
 from services.node_agent.runtime import ProcessRuntime, Runtime
+from services.node_agent.supervision import RunShim
 from shared import bus, schemas, subjects
 from shared.environments import PULL_POLICIES
 from shared.errors import ValidationError
 from shared.service import Service
-from shared.settings import FENCE_AFTER_DEFAULT, BusSettings
+from shared.settings import BusSettings
 from shared.states import PLACED_STATES, Cause
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    node_id: str
-    work_dir: Path
-    compute_target: str = "local"
-    declared_gpus: int | None = None
-    slots: int | None = None
-    heartbeat_interval: float = 2.0
-    kill_grace: float = 10.0
-    address: str = "127.0.0.1"  # how ranks on other nodes reach this one
-    runtime: str = "process"  # process | docker | auto (docker when a Docker engine answers)
-    default_image: str = "python:3.11-slim"  # for runs that name no custom_docker_image (Docker runtime)
-    pull_policy: str = "if-not-present"
-    docker_host: str | None = None  # default: DOCKER_HOST, else the local socket
-    container_python: str = "python3"
-    cache_bytes: int = 100 << 30  # snapshots, datasets and venvs kept on this node, least recently used go first
-    # Cut off from the bus this long, the agent stops its ranks itself: by then the scheduler has given the node
-    # up (its --node-grace), so no rank writes on after the run was decided. Long enough to outlast a bus restart.
-    fence_after: float = FENCE_AFTER_DEFAULT
-    log_memory: int = MEMORY_LIMIT  # bytes of log lines per rank held in memory while the bus is away; then disk
-    # PIP_INDEX_URL / PIP_FIND_LINKS / PIP_TRUSTED_HOST for environment builds (may hold credentials: never logged)
-    pip_options: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def check_config(config: AgentConfig) -> None:
@@ -132,16 +109,20 @@ class NodeAgentService(Service):
             heartbeat_interval=config.heartbeat_interval,
         )
         self.executions: dict[str, tuple[Execution, asyncio.Task[None]]] = {}  # run id -> this node's part, running
-        self.job_python: Path  # the folder first on every rank's PYTHONPATH (the job's cadre package)
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
+        self.ctx: NodeContext  # what an execution may use of this agent
 
     async def setup(self) -> None:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self.events = bus.RunEventLog(self.js)
-        await self._clean_up_after_crash()
+        job_python = await asyncio.to_thread(job_package, self.config.work_dir)
+        self.ctx = NodeContext(
+            config=self.config, nc=self.nc, js=self.js, events=self.events, cache=self.cache, runtime=self.runtime,
+            job_python=job_python, host_id=self.base_advert["host_id"],
+        )  # fmt: skip
+        await self._take_over()  # before the cache sweep: what a run taken over uses must stay
         await self.cache.sweep()
-        self.job_python = await asyncio.to_thread(job_package, self.config.work_dir)
         # The services create the topology; an agent started first waits for it.
         self.nodes_kv = await bus.retry(lambda: self.js.key_value(subjects.NODES_BUCKET))
         targets = await bus.retry(lambda: self.js.key_value(subjects.TARGETS_BUCKET))
@@ -168,24 +149,39 @@ class NodeAgentService(Service):
             runtime=await asyncio.to_thread(self.runtime.describe),
         )
 
-    async def _clean_up_after_crash(self) -> None:
-        """Ranks of a previous life of this agent must not run on unwatched: kill them and report the node done."""
+    async def _take_over(self) -> None:
+        """The runs a previous life of this agent left: those whose shim runs (or ran) their ranks go on under
+        this agent; the others (it stopped before their ranks started) end as AgentRestarted."""
         runs_dir = self.config.work_dir / "runs"
-        orphans = await self.runtime.leftovers(self.config.node_id)  # containers left by a previous life
-        for pid_file in sorted(runs_dir.glob("*.pids")) if runs_dir.is_dir() else []:
-            orphans.add(pid_file.stem)
-            if self.runtime.kind == "process":
-                for pid in json.loads(pid_file.read_text() or "[]"):
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+        adopted: set[str] = set()
+        orphans: dict[str, str] = {}  # run id -> why it cannot go on
+        node = self.config.node_id
+        for folder in sorted(runs_dir.glob("*.shim")) if runs_dir.is_dir() else []:
+            run_id = folder.name.removesuffix(".shim")
+            shim = RunShim(folder)
+            kept = shim.kept()
+            if kept is None or not kept.launched or not await shim.adopt():
+                shim.kill()  # it may be starting ranks nobody would watch
+                orphans[run_id] = f"node agent {node} restarted before the run's ranks started on it"
+            elif not shim.alive() and not shim.finished_ranks(kept.assignment, node):
+                orphans[run_id] = f"node agent {node} restarted, and the run's shim on it had died with its ranks"
+            else:
+                self._start(Execution(self.ctx, kept.assignment, kept))
+                adopted.add(run_id)
+        for run_id in await self.runtime.leftovers(node, keep=adopted):  # containers of no shim
+            orphans.setdefault(run_id, f"node agent {node} restarted")
+        for pid_file in sorted(runs_dir.glob("*.pids")) if runs_dir.is_dir() else []:  # agents before shims
+            orphans.setdefault(pid_file.stem, f"node agent {node} restarted")
+            for pid in json.loads(pid_file.read_text() or "[]"):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
             pid_file.unlink(missing_ok=True)
-        for run_id in sorted(orphans):
-            shutil.rmtree(runs_dir / run_id, ignore_errors=True)
-            shutil.rmtree(runs_dir / f"{run_id}.logspool", ignore_errors=True)
-            self.log.warning("orphaned_ranks_killed", run_id=run_id)
-            error = schemas.ErrorInfo(code=Cause.AGENT_RESTARTED, message=f"node agent {self.config.node_id} restarted")
+        for run_id, why in sorted(orphans.items()):
+            await self.runtime.remove_run(node, run_id)
+            for leftover in (run_id, f"{run_id}.logspool", f"{run_id}.shim"):
+                shutil.rmtree(runs_dir / leftover, ignore_errors=True)
+            self.log.warning("orphaned_run_ended", run_id=run_id, reason=why)
+            error = schemas.ErrorInfo(code=Cause.AGENT_RESTARTED, message=why)
 
             def build(last: schemas.RunEvent | None, error: schemas.ErrorInfo = error) -> schemas.RunEvent | None:
                 if last is None or last.state.is_decided():
@@ -224,6 +220,8 @@ class NodeAgentService(Service):
                     self._fence(cut_off)
                 continue
             last_ok = time.monotonic()
+            for execution, _ in list(self.executions.values()):
+                execution.shim.touch()  # the shim fences the ranks when these stop (an agent gone for good)
             if failed:
                 self.log.info("heartbeat_resumed", failed_in_a_row=failed)
                 failed = 0
@@ -259,8 +257,11 @@ class NodeAgentService(Service):
             self.log.info("assignment_stale", run_id=run_id, state=state.value if state else None)
             return
         self.log.info("assignment_taken", run_id=run_id)
-        execution = Execution(self, assignment, self.runtime)
-        self.executions[run_id] = (execution, asyncio.create_task(self._execute(execution), name=f"run-{run_id}"))
+        self._start(Execution(self.ctx, assignment))
+
+    def _start(self, execution: Execution) -> None:
+        task = asyncio.create_task(self._execute(execution), name=f"run-{execution.run_id}")
+        self.executions[execution.run_id] = (execution, task)
 
     async def _execute(self, execution: Execution) -> None:
         try:
@@ -273,11 +274,17 @@ class NodeAgentService(Service):
                 del self.executions[execution.run_id]
 
     async def teardown(self) -> None:
-        # Leaving on purpose: say so at once instead of letting the heartbeat time out.
-        tasks = [task for _, task in self.executions.values()]
-        for task in tasks:
+        # Runs whose ranks started go on under their shims (an upgrade or a restart must not end them); the
+        # node stays registered and ages, and the scheduler's grace covers the time until this agent is back.
+        running = list(self.executions.values())
+        for _, task in running:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(task for _, task in running), return_exceptions=True)
+        detached = sorted(execution.run_id for execution, _ in running if execution.detached)
+        if detached:
+            self.log.info("runs_left_to_their_shims", runs=detached)
+            return
+        # Leaving on purpose with nothing running: say so at once instead of letting the heartbeat time out.
         try:
             await self.nodes_kv.delete(self.config.node_id)
         except Exception as exc:

@@ -12,6 +12,7 @@ command fails only when it cannot run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cadre import Estimator, Experiment, MpiConfiguration, Workspace, _local
+from tests.helpers import private_mounts, tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 LINES = 600  # per rank, one every 50 ms: a run of ~30 s
@@ -116,17 +118,54 @@ def stop(name: str, seconds: float) -> Callable[[Path], str]:
     return inject
 
 
+CLEANUPS: list[Callable[[], str]] = []  # run once the run is final; each returns a note
+WORK_TMPFS = "64m"  # agent-1's work dir, so that it can fill up
+
+
+def disk_full(name: str) -> Callable[[Path], str]:
+    def inject(home: Path) -> str:
+        work = home / "cluster" / "agents" / name
+        if not os.path.ismount(work):
+            return "not injected: the work dir is no tmpfs (needs root and a mount namespace)"
+        pid = pids_of(home)[name]
+        filler = work / "filler"
+        with open(filler, "wb") as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * (1 << 20))
+                fh.flush()
+
+        def free_it() -> str:
+            filler.unlink(missing_ok=True)
+            alive = pids_of(home)[name] == pid and _local.is_running(home)
+            return f"the agent {'lived through it' if alive else 'DID NOT live through it'} (same pid)"
+
+        CLEANUPS.append(free_it)
+        return f"{name}'s work dir (a {WORK_TMPFS} tmpfs) filled up; "
+
+    return inject
+
+
+def restart(name: str) -> Callable[[Path], str]:
+    def inject(home: Path) -> str:
+        _local.restart(name, home=home, timeout=60)
+        return f"{name} stopped (SIGTERM) and started again, as an upgrade"
+
+    return inject
+
+
 FAULTS: dict[str, Callable[[Path], str]] = {
     "kill-submitter": kill9("submitter"),
     "kill-scheduler": kill9("scheduler"),
     "kill-artifact": kill9("artifact"),
     "kill-registry": kill9("registry"),
     "kill-agent": kill9("agent-1"),
+    "restart-agent": restart("agent-1"),
     "nats-down-30s": down("nats-server", 30),
     "nats-down-120s": down("nats-server", 120),
     "s3-down-60s": down("weed", 60),
     "agent-sigstop-10s": stop("agent-1", 10),
     "agent-sigstop-past-grace": stop("agent-1", NODE_GRACE + 10),
+    "agent-disk-full": disk_full("agent-1"),
 }
 
 
@@ -187,7 +226,10 @@ def run_fault(name: str, inject: Callable[[Path], str], ws: Workspace, home: Pat
         time.sleep(0.1)
     time.sleep(rng.uniform(2, 12))
     note = inject(home)
-    return measure(name, run, time.monotonic(), note)
+    row = measure(name, run, time.monotonic(), note)
+    while CLEANUPS:
+        row.note += CLEANUPS.pop()()
+    return row
 
 
 def write_report(rows: list[Outcome], seed: int) -> str:
@@ -227,11 +269,14 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: still tear the cluster down
     chosen = args.only or [*FAULTS, "client-killed"]
     rows: list[Outcome] = []
-    with tempfile.TemporaryDirectory(prefix="cadre-chaos-") as tmp:
+    mounts = private_mounts()  # while single-threaded: a tmpfs of our own, seen by the cluster only
+    with tempfile.TemporaryDirectory(prefix="cadre-chaos-") as tmp, contextlib.ExitStack() as stack:
         home = Path(tmp)
         project = home / "project"
         project.mkdir()
         (project / "train.py").write_text(textwrap.dedent(JOB))
+        if mounts:
+            stack.enter_context(tmpfs(home / "cluster" / "agents" / "agent-1", WORK_TMPFS))
         _local.up(home=home, agents=2, slots_per_agent=2, timeout=120, node_grace=NODE_GRACE)
         try:
             with Workspace.from_config(home / "profile.json") as ws:
