@@ -14,9 +14,8 @@ from pathlib import Path
 
 from services.scheduler.placement import NodeState, allocate, place
 from services.scheduler.service import SETTLE_SECONDS
-from shared import bus, schemas, subjects
+from shared import bus, lifecycle, schemas, subjects
 from shared.settings import BusSettings
-from shared.states import RunState
 
 NODES = 1000
 SLOTS = 8
@@ -116,7 +115,7 @@ async def end_to_end(home: Path, runs: int, node_count: int, ppn: int) -> dict[s
     start = time.perf_counter()
     acks = []
     for run_id in run_ids:
-        event = bus.make_event(schemas.Queued, run_id, RunState.QUEUED, spec=spec)
+        event = lifecycle.event(schemas.Queued, run_id, spec=spec)
         queued_at[run_id] = time.perf_counter()
         acks.append(await js.publish_async(subjects.run_events(run_id), schemas.encode(event)))
     await asyncio.gather(*acks)

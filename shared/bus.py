@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 import urllib.parse
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -29,7 +28,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.errors import ServiceUnavailableError as JsUnavailable
 from nats.js.kv import KeyValue
 
-from shared import schemas, subjects
+from shared import lifecycle, schemas, subjects
 from shared.errors import (
     AuthenticationError,
     ClusterNotRunningError,
@@ -40,7 +39,7 @@ from shared.errors import (
 )
 from shared.errors import NotFoundError as CadreNotFoundError
 from shared.settings import BusSettings, retention_days
-from shared.states import RunState, check_transition
+from shared.states import check_transition
 
 T = TypeVar("T")
 
@@ -239,10 +238,6 @@ async def get_record(runs_kv: KeyValue, run_id: str) -> schemas.RunRecord:
     return schemas.record_decoder.decode(entry.value)
 
 
-def new_event_id() -> str:
-    return uuid.uuid4().hex
-
-
 EventBuilder = Callable[[schemas.RunEvent | None], "schemas.RunEvent | None"]
 
 
@@ -286,7 +281,7 @@ class RunEventLog:
             if event is None:
                 return None
             if event.attempt == 0:  # it belongs to the run's current attempt
-                event = msgspec.structs.replace(event, attempt=attempt_of(last) if last else 1)
+                event = msgspec.structs.replace(event, attempt=lifecycle.attempt_of(last) if last else 1)
             check_transition(last.state if last else None, event.state)
             try:
                 await self._js.publish(
@@ -404,23 +399,6 @@ async def replay(
                 return
     finally:
         await sub.unsubscribe()
-
-
-def attempt_of(event: schemas.RunEvent) -> int:
-    """The attempt an event belongs to (events stored before attempts existed belong to the first)."""
-    return event.attempt or 1
-
-
-def current_attempt(events: list[schemas.RunEvent]) -> list[schemas.RunEvent]:
-    """The events of the run's latest attempt (all of them when it was never retried)."""
-    if not events:
-        return []
-    latest = attempt_of(events[-1])
-    return [ev for ev in events if attempt_of(ev) == latest]
-
-
-def make_event(cls: type[schemas.RunEventBase], run_id: str, state: RunState, **fields: object) -> schemas.RunEvent:
-    return cls(event_id=new_event_id(), run_id=run_id, state=state, at=time.time(), **fields)  # type: ignore[return-value]
 
 
 async def outlast(fn: Callable[[], Awaitable[T]], within: float | None = None) -> T:

@@ -1,4 +1,4 @@
-"""Run-level logic shared by services and the client: ids, spec validation, folding events into details."""
+"""Run-level logic shared by services and the client: ids, spec validation, retries, log cursors, run data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 from shared import environments, files, schemas, subjects
 from shared.errors import ValidationError
-from shared.states import INFRASTRUCTURE_CAUSES, Cause, RunState
+from shared.states import INFRASTRUCTURE_CAUSES, Cause
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -126,68 +126,6 @@ def validate_spec(spec: schemas.RunSpec) -> None:
             environments.parse_size(size, what)
     if spec.cpus_per_process is not None and not 0 < spec.cpus_per_process <= 4096:
         raise ValidationError(f"cpus_per_process must be a positive number, not {spec.cpus_per_process}")
-
-
-def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.RunDetails:
-    """Replay a run's events into its details (the projection every reader sees). Exit codes, log counts and the
-    error are the latest attempt's; the attempts before it are listed with their causes."""
-    state = RunState.NOT_STARTED
-    started_at = ended_at = None
-    queue_reason: str | None = None
-    placement: list[schemas.RankSlot] = []
-    exit_codes: dict[int, int] = {}
-    log_lines: dict[int, int] = {}
-    error: schemas.ErrorInfo | None = None
-    history: list[schemas.StateChange] = []
-    attempts: list[schemas.AttemptInfo] = []
-    nodes: list[str] = []
-    for ev in events:
-        if ev.state is not state or not history:
-            history.append(schemas.StateChange(state=ev.state, at=ev.at, kind=type(ev).__name__))
-        state = ev.state
-        match ev:
-            case schemas.Queued(reason=reason):
-                queue_reason = reason
-            case schemas.Assigned(placement=p):
-                placement, queue_reason = list(p), None
-                nodes = sorted({s.node_id for s in p})
-            case schemas.Retried(cause=cause, error=err, nodes=was_on):
-                attempts.append(schemas.AttemptInfo(
-                    attempt=ev.attempt - 1, cause=cause, message=err.message, nodes=was_on or nodes, ended_at=ev.at,
-                ))  # fmt: skip
-                exit_codes, log_lines, error, queue_reason = {}, dict(log_lines), None, "retrying"
-            case schemas.Running():
-                started_at = started_at or ev.at
-            case schemas.RankExited(rank=rank, exit_code=code):
-                exit_codes[rank] = code
-            case schemas.NodeFinished(exit_codes=codes, log_lines=lines):
-                exit_codes.update(codes)
-                log_lines.update(lines)
-            case schemas.Finalizing(exit_codes=codes, log_lines=lines, error=err):
-                exit_codes.update(codes)
-                log_lines.update(lines)
-                error = err or error
-            case schemas.Failed(error=err):
-                error = err
-        if state.is_terminal():
-            ended_at = ev.at
-    return schemas.RunDetails(
-        run_id=record.run_id,
-        experiment=record.spec.experiment,
-        state=state,
-        spec=record.spec,
-        submitted_at=record.submitted_at,
-        started_at=started_at,
-        ended_at=ended_at,
-        queue_reason=queue_reason if state is RunState.QUEUED else None,
-        placement=placement,
-        exit_codes=exit_codes,
-        log_lines=log_lines,
-        error=error,
-        history=history,
-        attempt=(events[-1].attempt or 1) if events else 1,
-        attempts=attempts,
-    )
 
 
 class LogCursor:

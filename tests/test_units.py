@@ -8,6 +8,7 @@ import os
 import socket
 import tarfile
 import time
+import typing
 from pathlib import Path
 
 import msgspec
@@ -17,9 +18,10 @@ from cadre._estimator import Estimator, render_params
 from cadre._snapshot import collect, pack
 from services.node_agent.cache import NodeCache
 from services.scheduler.placement import NodeState, place
-from shared import schemas
+from shared import lifecycle, schemas
 from shared.errors import ConflictError, ValidationError
-from shared.runs import fold, validate_spec
+from shared.lifecycle import fold
+from shared.runs import validate_spec
 from shared.settings import Limits
 from shared.states import TRANSITIONS, RunState, can_transition, check_transition
 
@@ -348,3 +350,25 @@ def test_failure_causes_are_one_enum_with_the_wire_codes() -> None:
     # Encoded as its plain code on the wire, and read back as the same member.
     info = msgspec.json.decode(msgspec.json.encode(schemas.ErrorInfo(code=Cause.FENCED, message="m")))
     assert info == {"code": "fenced", "message": "m"}
+
+
+def test_every_event_moves_the_run_where_the_transition_table_allows_and_facts_keep_the_state() -> None:
+    events = typing.get_args(schemas.RunEvent)
+    assert set(lifecycle.MOVES_TO) <= set(events)
+    for cls, state in lifecycle.MOVES_TO.items():  # some state (or, for Submitted, none yet) can reach it
+        assert can_transition(None, state) or any(can_transition(s, state) for s in RunState if s != state), cls
+    queued = lifecycle.event(schemas.Queued, "r1")
+    assert queued.state is RunState.QUEUED and queued.event_id
+    with pytest.raises(ValueError, match="NodeLost records a fact"):
+        lifecycle.event(schemas.NodeLost, "r1", node_id="n")
+    running = msgspec.structs.replace(lifecycle.event(schemas.Running, "r1", node_id="n"), attempt=2)
+    lost = lifecycle.append_if(lifecycle.undecided(2), schemas.NodeLost, "r1", node_id="n")(running)
+    assert isinstance(lost, schemas.NodeLost) and lost.state is RunState.RUNNING  # a fact: the state stays
+    assert lifecycle.append_if(lifecycle.undecided(1), schemas.NodeLost, "r1", node_id="n")(running) is None
+    assert lifecycle.append_if(lifecycle.undecided(), schemas.NodeLost, "r1", node_id="n")(None) is None
+    # Nodes race to move a placed run forward: only a move forward is written.
+    assert lifecycle.before(RunState.RUNNING, 2)(running) is False
+    starting = msgspec.structs.replace(lifecycle.event(schemas.Starting, "r1", node_id="n"), attempt=2)
+    assert lifecycle.before(RunState.RUNNING, 2)(starting) and not lifecycle.before(RunState.RUNNING, 1)(starting)
+    history = [queued, starting, running]
+    assert lifecycle.current_attempt(history) == [starting, running]

@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from services.artifact.datasets import Datasets
-from shared import bus, files, runs, schemas, subjects
+from shared import bus, files, lifecycle, runs, schemas, subjects
 from shared.errors import CadreError, ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, StoreSettings
@@ -119,7 +119,7 @@ class ArtifactService(Service):
         url = await self.store.presign_get(subjects.snapshot_key(record.spec.snapshot.content_hash))
         checkpoint: dict[str, str] = {}
         last, _ = await self.events.last(req.run_id)
-        if last is not None and bus.attempt_of(last) > 1:
+        if last is not None and lifecycle.attempt_of(last) > 1:
             prefix = subjects.run_file_prefix(req.run_id)
             for key, _size, _etag in await self.store.list(f"{prefix}{record.spec.checkpoint_folder}/"):
                 checkpoint[key[len(prefix) :]] = await self.store.presign_get(key)
@@ -178,13 +178,11 @@ class ArtifactService(Service):
                 message=f"files from {req.node_id} failed verification: " + "; ".join(problems),
             )
 
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_decided() or bus.attempt_of(last) != req.attempt:
-                return None  # decided already, or the commit of an attempt the run has moved on from
-            return bus.make_event(
-                schemas.NodeCommitted, req.run_id, last.state, node_id=req.node_id, files=list(req.files), error=error
-            )
-
+        # Not once decided, nor for an attempt the run has moved on from.
+        build = lifecycle.append_if(
+            lifecycle.undecided(req.attempt), schemas.NodeCommitted, req.run_id, node_id=req.node_id,
+            files=list(req.files), error=error,
+        )  # fmt: skip
         await self.events.append(req.run_id, build)
         await self.finalize(req.run_id)
         final, _ = await self.events.last(req.run_id)
@@ -197,7 +195,7 @@ class ArtifactService(Service):
     async def finalize(self, run_id: str) -> None:
         """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run."""
         async with self._lock(run_id):
-            events = bus.current_attempt(await self.events.history(run_id))  # an earlier attempt's nodes are done
+            events = lifecycle.current_attempt(await self.events.history(run_id))  # an earlier attempt's nodes are done
             placement = next((ev.placement for ev in reversed(events) if isinstance(ev, schemas.Assigned)), [])
             nodes = {s.node_id for s in placement}
             committed = {ev.node_id for ev in events if isinstance(ev, schemas.NodeCommitted)}
@@ -206,23 +204,15 @@ class ArtifactService(Service):
                 return
             decided = decide(events, lost)
             if decided.outcome == "failed" and await self._retry(
-                run_id, bus.attempt_of(events[-1]), decided, placement
+                run_id, lifecycle.attempt_of(events[-1]), decided, placement
             ):
                 self._locks.pop(run_id, None)
                 return
 
-            def to_finalizing(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-                if last is None or last.state.is_decided():
-                    return None
-                return bus.make_event(
-                    schemas.Finalizing,
-                    run_id,
-                    RunState.FINALIZING,
-                    outcome=decided.outcome,
-                    exit_codes=decided.exit_codes,
-                    log_lines=decided.log_lines,
-                    error=decided.error,
-                )
+            to_finalizing = lifecycle.append_if(
+                lifecycle.undecided(), schemas.Finalizing, run_id, outcome=decided.outcome,
+                exit_codes=decided.exit_codes, log_lines=decided.log_lines, error=decided.error,
+            )  # fmt: skip
 
             finalizing = await self.events.append(run_id, to_finalizing)
             if isinstance(finalizing, schemas.Finalizing):
@@ -240,13 +230,11 @@ class ArtifactService(Service):
         delay = runs.retry_delay(attempt)
         lines = {slot.rank: await self._close_log(run_id, slot.rank, attempt + 1) for slot in placement}
 
-        def to_retry(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_decided() or bus.attempt_of(last) != attempt:
-                return None
-            return bus.make_event(
-                schemas.Retried, run_id, RunState.QUEUED, attempt=attempt + 1, cause=cause, error=decided.error,
-                nodes=sorted({s.node_id for s in placement}), not_before=time.time() + delay, log_lines=lines,
-            )  # fmt: skip
+        to_retry = lifecycle.append_if(
+            lifecycle.undecided(attempt), schemas.Retried, run_id, attempt=attempt + 1, cause=cause,
+            error=decided.error, nodes=sorted({s.node_id for s in placement}), not_before=time.time() + delay,
+            log_lines=lines,
+        )  # fmt: skip
 
         if await self.events.append(run_id, to_retry) is None:
             return False
@@ -300,20 +288,19 @@ class ArtifactService(Service):
             subjects.run_manifest_key(run_id), schemas.encode(manifest), content_type="application/json"
         )
         if decided.outcome == "succeeded":
-            end: schemas.RunEvent = bus.make_event(
+            end: schemas.RunEvent = lifecycle.event(
                 schemas.Completed,
                 run_id,
-                RunState.COMPLETED,
                 file_count=len(manifest.files),
                 total_bytes=sum(f.size for f in manifest.files),
             )
         elif decided.outcome == "canceled":
-            end = bus.make_event(schemas.Canceled, run_id, RunState.CANCELED)
+            end = lifecycle.event(schemas.Canceled, run_id)
         else:
             error = decided.error or schemas.ErrorInfo(
                 code=Cause.INTERNAL, message="the run failed, and no node said why"
             )
-            end = bus.make_event(schemas.Failed, run_id, RunState.FAILED, error=error)
+            end = lifecycle.event(schemas.Failed, run_id, error=error)
 
         def to_end(current: schemas.RunEvent | None) -> schemas.RunEvent | None:
             return None if current is None or current.state.is_terminal() else end

@@ -10,21 +10,12 @@ exit, a node lost, a cancel, the time limit) stops the ranks everywhere within m
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
-import hashlib
-import json
-import os
 import shutil
-import socket
-import tarfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
-import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -32,31 +23,26 @@ from nats.js import JetStreamContext
 from services.node_agent.cache import NodeCache
 from services.node_agent.config import AgentConfig
 from services.node_agent.logship import LogShipper
+from services.node_agent.rendezvous import Meeting, Place, free_port, tf_config
 from services.node_agent.runcontext import context_env, new_token
 from services.node_agent.runtime import (
     LABEL_NODE,
     LABEL_RANK,
     LABEL_RUN,
     Mount,
-    Prepared,
     ProcessSpec,
     Runtime,
 )
 from services.node_agent.shim import PmiSpec, ShimSpec
+from services.node_agent.staging import Staging
 from services.node_agent.supervision import Kept, RunShim, acknowledged_lines, forward_context, shim_folder
-from shared import bus, files, schemas, subjects
-from shared.environments import Environment
-from shared.errors import CadreError, ConflictError, ServiceUnavailableError, StorageError
-from shared.states import FORWARD_ORDER, Cause, RunState
+from services.node_agent.uploads import FINISH_PATIENCE, Uploads
+from shared import bus, lifecycle, schemas, subjects
+from shared.errors import CadreError, ConflictError
+from shared.states import Cause, RunState
 
-UPLOAD_DIRS = ("outputs", "logs")
-UPLOAD_WORKERS = 4
-UPLOAD_ATTEMPTS = 4
 RENDEZVOUS_TIMEOUT = 120.0
-LOG_SYNC_INTERVAL = 2.0
 DISK_FULL_BYTES = 1 << 20  # a rank's failure with less than this free in the work dir is the disk's
-FINISH_PATIENCE = 600.0  # seconds an agent keeps trying to hand a finished run's files over
-T = TypeVar("T")
 
 
 @dataclass
@@ -65,29 +51,6 @@ class Outcome:
     exit_codes: dict[int, int]
     error: schemas.ErrorInfo | None = None
     aborted: bool = False
-
-
-def tf_config(endpoints: dict[int, str], workers: int, rank: int) -> str:
-    """TensorFlow's cluster spec for one process: ranks below ``workers`` are workers, the rest parameter servers."""
-    ranks = sorted(endpoints)
-    cluster = {"worker": [endpoints[r] for r in ranks[:workers]], "ps": [endpoints[r] for r in ranks[workers:]]}
-    task = {"type": "worker", "index": rank} if rank < workers else {"type": "ps", "index": rank - workers}
-    return json.dumps({"cluster": {k: v for k, v in cluster.items() if v}, "task": task})
-
-
-def download(url: str, root: Path, name: str) -> Path:
-    """Stream a (presigned) URL to ``root/name``, a relative name that cannot leave ``root``."""
-    dest = files.safe_destination(root, name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=300) as resp, open(dest, "wb") as out:
-        shutil.copyfileobj(resp, out, files.CHUNK)
-    return dest
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -123,19 +86,17 @@ class Execution:
         self.is_master = self.nodes[0] == self.node_id
         self.run_dir = ctx.config.work_dir / "runs" / self.run_id
         self.spool_dir = ctx.config.work_dir / "runs" / f"{self.run_id}.logspool"  # lines the bus has not taken
+        self.log = structlog.get_logger().bind(run_id=self.run_id, node_id=self.node_id)
         self.shim = RunShim(shim_folder(ctx.config.work_dir, self.run_id))
+        self.staging = Staging(ctx, assignment, self.run_dir, self.log)
+        self.uploads = Uploads(ctx, assignment, self.run_dir, self.is_master, self.log)
+        self.meeting = Meeting(ctx, assignment, self.nodes, self._stopped, self._give_up)
         self.shippers: dict[int, LogShipper] = {}
         self.deaths: dict[int, str | None] = {}  # how each rank died, when its exit code does not say it
-        self.prepared: Prepared | None = None
         self.group: str | None = None  # the namespaces this node's ranks share (a sandbox container)
-        self.held: list[Path] = []  # cache entries this run uses: never evicted under it
         self.cancel_requested = asyncio.Event()
         self.abort = asyncio.Event()  # another node failed, was lost, or the run ended
         self.abort_reason: str | None = None
-        self.rendezvous: asyncio.Future[schemas.Rendezvous] = asyncio.get_running_loop().create_future()
-        self.endpoints: dict[int, str] = {}  # tensorflow: task addresses gathered by the master
-        self.endpoints_complete = asyncio.Event()
-        self.dataset_paths: dict[str, Path] = {}
         self.mpi_abort: tuple[int, int] | None = None
         self.mpi_aborted = asyncio.Event()
         self.timed_out = False
@@ -149,12 +110,11 @@ class Execution:
         self.recorded_exits: set[int] = set()  # ranks whose RankExited is in the history already
         self.adopted = kept is not None and kept.launched
         if kept is not None and kept.launched:
-            self.prepared, self.group, self.started_ns = kept.prepared, kept.group, kept.started_ns
-            self.dataset_paths, self.line_base = dict(kept.dataset_paths), dict(kept.line_base)
+            self.group, self.started_ns, self.line_base = kept.group, kept.started_ns, dict(kept.line_base)
+            self.staging.prepared, self.staging.dataset_paths = kept.prepared, dict(kept.dataset_paths)
             for path in kept.held:
-                self._hold(path)
+                self.staging.hold(path)
             self.launched = True
-        self.log = structlog.get_logger().bind(run_id=self.run_id, node_id=self.node_id)
 
     # --- the whole life of the run on this node ------------------------------------------------------
     async def run(self) -> None:
@@ -166,12 +126,14 @@ class Execution:
             await self._open_shippers(history)
             if self.adopted:
                 self.log.info("run_adopted", ranks=sorted(self.shim.pids), finished_here=self.finished_here)
+                if self.finished_here and history and history[-1].state.is_decided():
+                    return  # a previous life reported it, and the run has ended: only the clean-up is left
                 outcome, line_counts = await self._supervise()
                 await self._report(outcome, line_counts)
                 return
             self.shim.keep(Kept(assignment=self.a))  # a restarted agent knows this run was taken here
             try:
-                await self._prepare()
+                await self.staging.prepare(lambda line: self.shippers[min(self.shippers)].add("p", line))
             except Exception as exc:  # a failed build, a missing image, the Docker engine gone: the run fails
                 code = exc.code if isinstance(exc, CadreError) else Cause.PREPARE_FAILED
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -199,7 +161,7 @@ class Execution:
         """A shipper per rank here, numbering on from where the bus stands (a retried run's attempts, or a previous
         life of this agent, shipped lines before)."""
         retried = next((ev for ev in reversed(history) if isinstance(ev, schemas.Retried)), None)
-        if retried is None or bus.attempt_of(retried) != self.attempt:
+        if retried is None or lifecycle.attempt_of(retried) != self.attempt:
             retried = None
         for slot in self.my_slots:
             first = retried.log_lines.get(slot.rank, 0) if retried else 0
@@ -221,8 +183,7 @@ class Execution:
             freed = await self.runtime.reclaim(self.started_ns / 1e9)
             if freed:
                 self.log.info("shared_memory_reclaimed", bytes=freed)
-        for path in self.held:
-            self.ctx.cache.release(path)
+        self.staging.release()
         try:
             await self.ctx.cache.trim()
         except OSError as exc:
@@ -234,13 +195,9 @@ class Execution:
     async def _on_msg(self, msg) -> None:
         self._observe(schemas.run_event_decoder.decode(msg.data))
 
-    def _ours(self, last: schemas.RunEvent | None) -> bool:
-        """Whether the run is still at this execution's attempt (a writer of another attempt must not append)."""
-        return last is not None and bus.attempt_of(last) == self.attempt
-
     def _observe(self, event: schemas.RunEvent) -> None:
-        if bus.attempt_of(event) != self.attempt:
-            if bus.attempt_of(event) > self.attempt and not self.abort.is_set():
+        if lifecycle.attempt_of(event) != self.attempt:
+            if lifecycle.attempt_of(event) > self.attempt and not self.abort.is_set():
                 self.abort_reason = "the run was retried as a new attempt"
                 self.abort.set()
             return
@@ -249,10 +206,7 @@ class Execution:
                 self.finished_here = True
             elif isinstance(event, schemas.RankExited):
                 self.recorded_exits.add(event.rank)
-        if isinstance(event, schemas.Rendezvous) and not self.rendezvous.done():
-            self.rendezvous.set_result(event)
-        if isinstance(event, schemas.Endpoints):
-            self._gather(event.endpoints)
+        self.meeting.observe(event)
         if event.state is RunState.CANCEL_REQUESTED:
             self.cancel_requested.set()
         reason = None
@@ -270,115 +224,7 @@ class Execution:
             self.abort_reason = reason
             self.abort.set()
 
-    async def _prepare(self) -> None:
-        snap = await bus.request(
-            self.ctx.nc, subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef(run_id=self.run_id), schemas.SnapshotUrl
-        )
-        archive = self.ctx.config.work_dir / "snapshots" / f"{snap.snapshot.content_hash}.tar.gz"
-        self.ctx.cache.hold(archive)  # the cache may not evict it while it is fetched and unpacked
-        try:
-            await asyncio.to_thread(self._fetch_snapshot, snap, archive)
-            await asyncio.to_thread(self._unpack, archive)
-        finally:
-            self.ctx.cache.release(archive)
-        if snap.checkpoint:
-            await asyncio.to_thread(self._restore_checkpoint, snap.checkpoint)
-        entry = self.run_dir / self.spec.entry_script
-        if not entry.is_file():
-            raise CadreError(f"entry_script {self.spec.entry_script!r} is not in the snapshot")
-        for ds in self.spec.datasets:
-            urls = await bus.request(
-                self.ctx.nc,
-                subjects.AgentApi.DATASET_URLS,
-                schemas.DatasetUrlsRequest(run_id=self.run_id, content_hash=ds.content_hash),
-                schemas.DatasetFiles,
-                timeout=30,
-            )
-            self._hold(self.ctx.config.work_dir / "datasets" / ds.content_hash)
-            self.dataset_paths[ds.name] = await asyncio.to_thread(self._materialize, ds, urls)
-        # Build (or reuse) the job's environment; what the build prints goes to the run's logs as "prepare" lines.
-        first = self.shippers[min(self.shippers)]
-        auth = await self._registry_credential()
-        self.prepared = await self.runtime.prepare(Environment.of(self.spec), lambda line: first.add("p", line), auth)
-        if self.prepared.cache_path is not None:
-            self._hold(self.prepared.cache_path)
-        self.log.info(
-            "environment_ready", environment=self.prepared.key, image=self.prepared.image, python=self.prepared.python
-        )
-
-    async def _registry_credential(self) -> schemas.RegistryCredential | None:
-        """The private registry's password, asked for on this node's own subject; held only for the pull."""
-        registry = self.spec.environment.registry if self.spec.environment else None
-        if registry is None or registry.secret is None:
-            return None
-        return await bus.request(
-            self.ctx.nc,
-            subjects.agent_registry_credential(self.node_id),
-            schemas.RegistryCredentialRequest(run_id=self.run_id),
-            schemas.RegistryCredential,
-            timeout=30,
-        )
-
-    def _materialize(self, ds: schemas.DatasetInput, urls: schemas.DatasetFiles) -> Path:
-        """Download a dataset version once per node (cached by content hash, shared read-only by runs); a
-        download-mode input gets a private copy in the run's directory."""
-        assert urls.version is not None
-        cache = self.ctx.config.work_dir / "datasets" / ds.content_hash
-        if not cache.is_dir():
-            tmp = cache.with_name(f".{ds.content_hash}.{os.getpid()}.{self.run_id}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            for entry in urls.version.files:
-                dest = download(urls.urls[entry.name], tmp, entry.name)
-                if files.digest(dest, entry.name).sha256 != entry.sha256:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise StorageError(f"dataset {ds.dataset}:{ds.version} file {entry.name} failed its checksum")
-                dest.chmod(0o444)  # the shared copy is read-only: one run cannot change another's data
-            for path in [tmp, *tmp.rglob("*")]:
-                if path.is_dir():
-                    path.chmod(0o555)
-            try:
-                tmp.rename(cache)
-            except OSError:  # another run on this node finished the same download first
-                shutil.rmtree(tmp, ignore_errors=True)
-        if ds.mode == "mount":
-            return cache
-        private = self.run_dir / "datasets" / ds.name
-        shutil.copytree(cache, private)
-        for path in [private, *private.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        return private
-
-    def _restore_checkpoint(self, urls: dict[str, str]) -> None:
-        """The checkpoint files the attempts before synced, into this attempt's working directory."""
-        for name, url in sorted(urls.items()):
-            download(url, self.run_dir, name)
-        self.log.info("checkpoint_restored", files=len(urls), attempt=self.attempt)
-
-    def _fetch_snapshot(self, snap: schemas.SnapshotUrl, path: Path) -> None:
-        """Download once per content hash; runs of the same code share the cached archive."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{self.run_id}.part")  # dot: not a cache entry yet
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(snap.url, timeout=60) as resp, open(tmp, "wb") as out:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != snap.snapshot.content_hash:
-            tmp.unlink(missing_ok=True)
-            raise StorageError("the downloaded snapshot does not match its content hash")
-        tmp.replace(path)
-
-    def _unpack(self, archive: Path) -> None:
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        self.run_dir.mkdir(parents=True)
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(self.run_dir, filter="data")
-        for name in UPLOAD_DIRS:
-            (self.run_dir / name).mkdir(exist_ok=True)
-
-    def _env(self, slot: schemas.RankSlot, rdv: schemas.Rendezvous, co_hosted: bool) -> dict[str, str]:
+    def _env(self, slot: schemas.RankSlot, rdv: Place, co_hosted: bool) -> dict[str, str]:
         env = dict(self.spec.environment_variables)
         if self.spec.distributed == "mpi" and self.runtime.kind == "docker":
             # Ranks in separate containers cannot attach to each other's memory (CMA); ranks of agents that share
@@ -409,7 +255,7 @@ class Execution:
             env["CADRE_COMMUNICATION_BACKEND"] = self.spec.communication_backend
         if self.spec.distributed == "tensorflow":
             env["TF_CONFIG"] = tf_config(rdv.endpoints, world - self.spec.parameter_server_count, slot.rank)
-        for name, path in self.dataset_paths.items():
+        for name, path in self.staging.dataset_paths.items():
             env[f"CADRE_DATASET_{name.upper().replace('-', '_')}"] = str(path)
         if self.spec.distributed == "mpi" and rdv.pmi_port is not None:
             # PMI-1 "simple" wire-up: MPICH ranks find the job through the master agent's PMI server.
@@ -423,10 +269,6 @@ class Execution:
             )
         return env
 
-    def _hold(self, path: Path) -> None:
-        self.ctx.cache.hold(path)
-        self.held.append(path)
-
     async def _close_shippers(self) -> dict[int, int]:
         return {rank: await shipper.close() for rank, shipper in self.shippers.items()}
 
@@ -435,13 +277,14 @@ class Execution:
     ) -> ProcessSpec:
         labels = {LABEL_NODE: self.node_id, LABEL_RUN: self.run_id, LABEL_RANK: str(rank)}
         mounts = [Mount(self.run_dir), Mount(self.ctx.job_python, read_only=True)]
-        mounts += [Mount(p, read_only=True) for p in self.dataset_paths.values() if not p.is_relative_to(self.run_dir)]
+        datasets = self.staging.dataset_paths.values()
+        mounts += [Mount(p, read_only=True) for p in datasets if not p.is_relative_to(self.run_dir)]
         return ProcessSpec(
             argv=argv,
             cwd=self.run_dir,
             env=env,
             name=f"cadre-{self.node_id}-{self.run_id}-{rank}",
-            prepared=self.prepared,
+            prepared=self.staging.prepared,
             labels=labels,
             mounts=mounts,
             gpu_ids=list(slot.gpu_ids) if slot else [],
@@ -457,81 +300,10 @@ class Execution:
         me = self.ctx.host_id
         return any(host == me for node, host in self.a.hosts.items() if node != self.node_id)
 
-    async def _plan(self) -> schemas.Rendezvous | None:
-        """Where the nodes meet: the master chooses (and publishes it once its ranks run, see ``_publish``); the
-        others wait for it, or for a reason to give up."""
-        if self.is_master:
-            address = self.ctx.config.address
-            endpoints: dict[int, str] = {}
-            if self.spec.distributed == "tensorflow":
-                self._gather(self._my_endpoints())
-                if not await self._until(self.endpoints_complete, "the other nodes' task addresses"):
-                    return None
-                endpoints = dict(self.endpoints)
-            return bus.make_event(
-                schemas.Rendezvous,
-                self.run_id,
-                RunState.STARTING,
-                node_id=self.node_id,
-                master_addr=address,
-                master_port=free_port(address),
-                pmi_port=free_port(address) if self.spec.distributed == "mpi" else None,  # the shim serves it
-                endpoints=endpoints,
-            )
-        if self.spec.distributed == "tensorflow":
-            mine = self._my_endpoints()
-
-            def announce(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-                if last is None or last.state.is_decided() or not self._ours(last):
-                    return None
-                return bus.make_event(schemas.Endpoints, self.run_id, last.state, node_id=self.node_id, endpoints=mine)
-
-            await self.ctx.events.append(self.run_id, announce)
-        if await self._until(self.rendezvous, f"the master node {self.nodes[0]} to start"):
-            return self.rendezvous.result()
-        return None
-
-    async def _publish(self, rdv: schemas.Rendezvous) -> bool:
-        """The master's ranks (and its PMI server) run: the other nodes may start theirs."""
-
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_terminal() or not self._ours(last):
-                return None
-            return bus.make_event(
-                schemas.Rendezvous, self.run_id, last.state, node_id=self.node_id, master_addr=rdv.master_addr,
-                master_port=rdv.master_port, pmi_port=rdv.pmi_port, endpoints=rdv.endpoints,
-            )  # fmt: skip
-
-        return isinstance(await self.ctx.events.append(self.run_id, build), schemas.Rendezvous)
-
-    async def _until(self, awaitable: asyncio.Future[Any] | asyncio.Event, what: str) -> bool:
-        """Wait for ``awaitable`` unless the run stops first; past RENDEZVOUS_TIMEOUT the run is aborted."""
-        target = asyncio.ensure_future(awaitable.wait()) if isinstance(awaitable, asyncio.Event) else awaitable
-        stop = asyncio.ensure_future(self._stopped())
-        try:
-            done, _ = await asyncio.wait([target, stop], timeout=RENDEZVOUS_TIMEOUT,
-                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        finally:
-            stop.cancel()
-            if target is not awaitable:
-                target.cancel()
-        if target.done() and not target.cancelled():
-            return True
-        if not done:
-            self.abort_reason = f"waited {RENDEZVOUS_TIMEOUT:.0f}s for {what}"
+    def _give_up(self, reason: str) -> None:
+        if not self.abort.is_set():
+            self.abort_reason = reason
             self.abort.set()
-        return False
-
-    def _gather(self, endpoints: dict[int, str]) -> None:
-        """The master collects every rank's task address; once it has them all, it can publish the Rendezvous."""
-        self.endpoints.update(endpoints)
-        if len(self.endpoints) >= len(self.a.placement):
-            self.endpoints_complete.set()
-
-    def _my_endpoints(self) -> dict[int, str]:
-        """A port of its own for each of this node's ranks (tensorflow's task servers), on the node's address."""
-        address = self.ctx.config.address
-        return {slot.rank: f"{address}:{free_port(address)}" for slot in self.my_slots}
 
     async def _stopped(self) -> None:
         await asyncio.wait(
@@ -547,32 +319,30 @@ class Execution:
     async def _execute(self) -> tuple[Outcome, dict[int, int]]:
         if self.cancel_requested.is_set() or self.abort.is_set():
             return self._outcome({}), await self._close_shippers()
-        await self._move(schemas.Starting, RunState.STARTING)
-        rdv = await self._plan()
-        if rdv is None:
+        await self._move(schemas.Starting)
+        place = await self.meeting.plan()
+        if place is None:
             return self._outcome({}), await self._close_shippers()
         try:
-            await self._launch(rdv)
+            await self._launch(place)
         except Exception as exc:  # OSError, a port taken, or the Docker API refusing a container
             counts = await self._close_shippers()
             message = f"starting the ranks on {self.node_id} failed: {exc}"
             return Outcome("failed", {}, schemas.ErrorInfo(code=Cause.LAUNCH_FAILED, message=message)), counts
-        if self.is_master and not await self._publish(rdv):
-            if not self.abort.is_set():
-                self.abort_reason = "the run moved on before its nodes met"
-                self.abort.set()
+        if self.is_master and not await self.meeting.publish(place):
+            self._give_up("the run moved on before its nodes met")
         else:
-            await self._move(schemas.Running, RunState.RUNNING)
+            await self._move(schemas.Running)
         return await self._supervise()
 
-    async def _launch(self, rdv: schemas.Rendezvous) -> None:
+    async def _launch(self, rdv: Place) -> None:
         """Hand this node's ranks to a shim of their own, which starts them and outlives this agent."""
         self.started_ns = time.time_ns()
         arguments = list(self.spec.arguments)
         for ds in self.spec.datasets:
-            arguments = [str(self.dataset_paths[ds.name]) if a == ds.placeholder else a for a in arguments]
-        assert self.prepared is not None
-        argv = [self.prepared.python, self.spec.entry_script, *arguments]
+            arguments = [str(self.staging.dataset_paths[ds.name]) if a == ds.placeholder else a for a in arguments]
+        assert self.staging.prepared is not None
+        argv = [self.staging.prepared.python, self.spec.entry_script, *arguments]
         co_hosted = self._shares_host_with_other_nodes()
         context_port, token = free_port("127.0.0.1"), new_token()
         if len(self.my_slots) > 1:
@@ -596,9 +366,10 @@ class Execution:
             gpu_devices=bool(getattr(self.runtime, "gpu_devices", False)), pmi=pmi,
         )  # fmt: skip
         self.line_base = {rank: shipper.count for rank, shipper in self.shippers.items()}
+        staged = self.staging
         self.shim.keep(
             Kept(
-                assignment=self.a, prepared=self.prepared, dataset_paths=self.dataset_paths, held=self.held,
+                assignment=self.a, prepared=staged.prepared, dataset_paths=staged.dataset_paths, held=staged.held,
                 started_ns=self.started_ns, group=self.group, line_base=self.line_base, launched=True,
             )
         )  # fmt: skip
@@ -610,7 +381,7 @@ class Execution:
         shipping their lines and the run's metrics as they come."""
         shippers = self.shippers
         self.log.info("ranks_started", ranks=sorted(self.shim.pids), adopted=self.adopted)
-        syncer = asyncio.ensure_future(self._sync_logs_dir())
+        syncer = asyncio.ensure_future(self.uploads.sync_loop())
         forwarder = asyncio.ensure_future(
             forward_context(self.shim, self.ctx.js, self.run_id, self.node_id, self.attempt, FINISH_PATIENCE)
         )
@@ -733,26 +504,14 @@ class Execution:
             return f"the work dir {work_dir} on node {self.node_id} is full ({free >> 10} KiB free)"
         return None
 
-    async def _move(self, cls: type[schemas.RunEventBase], state: RunState) -> None:
+    async def _move(self, cls: type[schemas.RunEventBase]) -> None:
         """Move the run forward (several nodes race to do it: the first wins, the others see it done)."""
-
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or not self._ours(last) or last.state not in FORWARD_ORDER:
-                return None
-            if FORWARD_ORDER[last.state] >= FORWARD_ORDER[state]:
-                return None
-            return bus.make_event(cls, self.run_id, state, node_id=self.node_id)
-
-        await self.ctx.events.append(self.run_id, build)
+        guard = lifecycle.before(lifecycle.MOVES_TO[cls], self.attempt)
+        await self.ctx.events.append(self.run_id, lifecycle.append_if(guard, cls, self.run_id, node_id=self.node_id))
 
     async def _annotate(self, cls: type[schemas.RunEventBase], **fields: object) -> schemas.RunEvent | None:
         """Append an event that records a fact without moving the run."""
-
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_decided() or not self._ours(last):
-                return None
-            return bus.make_event(cls, self.run_id, last.state, **fields)
-
+        build = lifecycle.append_if(lifecycle.undecided(self.attempt), cls, self.run_id, **fields)
         # A fact the run cannot end without (this node finished): a bus outage is waited out.
         return await bus.outlast(lambda: self.ctx.events.append(self.run_id, build), within=FINISH_PATIENCE)
 
@@ -777,171 +536,4 @@ class Execution:
                 return
             self.finished_here = True
         self.log.info("node_finished", outcome=outcome.outcome, exit_codes=outcome.exit_codes)
-        stored = await asyncio.to_thread(self._collect_files)
-        error = None
-        parts: dict[str, schemas.MultipartDone] = {}
-        started = time.monotonic()
-        try:
-            if stored:
-                urls = await self._patiently(
-                    subjects.AgentApi.UPLOAD_URLS,
-                    schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=stored),
-                    schemas.UploadUrls,
-                )
-                # The ranks are done, so the files are final: hash them while they upload, not before.
-                parts, stored = await asyncio.gather(
-                    asyncio.to_thread(self._upload, stored, urls),
-                    asyncio.to_thread(
-                        lambda: [
-                            files.digest(self.run_dir / f.name, f.name, with_md5=f.name not in urls.multipart)
-                            for f in stored
-                        ]
-                    ),
-                )
-        except (CadreError, OSError) as exc:
-            self.log.error("upload_failed", error=str(exc))
-            stored, parts = [], {}
-            error = schemas.ErrorInfo(
-                code=Cause.UPLOAD_FAILED, message=f"uploading run files failed on {self.node_id}: {exc}"
-            )
-        uploaded = time.monotonic()
-        await self._patiently(
-            subjects.AgentApi.COMMIT,
-            schemas.CommitRequest(
-                run_id=self.run_id, node_id=self.node_id, attempt=self.attempt, files=stored, error=error, parts=parts
-            ),
-            schemas.RunSummary,
-        )
-        size = sum(f.size for f in stored)
-        self.log.info(
-            "files_committed",
-            files=len(stored),
-            bytes=size,
-            upload_s=round(uploaded - started, 3),
-            commit_s=round(time.monotonic() - uploaded, 3),
-            mb_per_s=round(size / (1 << 20) / max(uploaded - started, 1e-6), 1),
-        )
-
-    async def _patiently(self, subject: str, payload: msgspec.Struct, reply_type: type[T]) -> T:
-        """A request the run cannot end without: while the artifact service is down or restarting, wait for it.
-
-        Uploads and commits are idempotent (same names, same content), so a retry never stores a file twice.
-        """
-        delay = 0.5
-        deadline = time.monotonic() + FINISH_PATIENCE
-        while True:
-            try:
-                return await bus.request(self.ctx.nc, subject, payload, reply_type, timeout=120)
-            except ServiceUnavailableError as exc:
-                if time.monotonic() > deadline:
-                    raise
-                self.log.warning("artifact_service_unavailable", subject=subject, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    async def _sync_logs_dir(self) -> None:
-        """While the ranks run, upload what changed under logs/ every few seconds (TensorBoard reads it live)."""
-        seen: dict[str, tuple[int, int]] = {}
-        while True:
-            await asyncio.sleep(LOG_SYNC_INTERVAL)
-            try:
-                changed = await asyncio.to_thread(self._changed_logs, seen)
-                if not changed:
-                    continue
-                urls = await bus.request(
-                    self.ctx.nc,
-                    subjects.AgentApi.UPLOAD_URLS,
-                    schemas.UploadUrlsRequest(
-                        run_id=self.run_id, node_id=self.node_id, files=changed, allow_multipart=False
-                    ),
-                    schemas.UploadUrls,
-                    timeout=30,
-                )
-                await asyncio.to_thread(self._upload, changed, urls)
-            except (CadreError, OSError) as exc:  # the final upload at the end stores everything anyway
-                self.log.warning("logs_sync_failed", error=str(exc))
-
-    def _changed_logs(self, seen: dict[str, tuple[int, int]]) -> list[schemas.FileEntry]:
-        """What changed under logs/ and the checkpoint folder (a retry restores the latter)."""
-        out = []
-        roots = [self.run_dir / "logs", self.run_dir / self.spec.checkpoint_folder]
-        for path in sorted(p for root in roots if root.is_dir() for p in root.rglob("*")):
-            if not path.is_file() or path.is_symlink():
-                continue
-            st = path.stat()
-            name = path.relative_to(self.run_dir).as_posix()
-            if seen.get(name) != (st.st_size, st.st_mtime_ns):
-                seen[name] = (st.st_size, st.st_mtime_ns)
-                out.append(files.digest(path, name))
-        return out
-
-    def _collect_files(self) -> list[schemas.FileEntry]:
-        """Names and sizes of what the run wrote; the digests are computed while the files upload.
-
-        The master node stores everything under outputs/ and logs/; the other nodes only what changed during the
-        run, so files that came with the snapshot are not uploaded once per node (and cannot collide).
-        """
-        since = 0 if self.is_master else self.started_ns
-        entries = []
-        for top in (*UPLOAD_DIRS, self.spec.checkpoint_folder):
-            root = self.run_dir / top
-            if not root.is_dir():
-                continue
-            for path in sorted(root.rglob("*")):
-                if path.is_file() and not path.is_symlink():
-                    st = path.stat()
-                    if st.st_mtime_ns < since:
-                        continue
-                    name = path.relative_to(self.run_dir).as_posix()
-                    entries.append(schemas.FileEntry(name=name, size=st.st_size, md5=""))
-        return entries
-
-    def _upload(self, entries: list[schemas.FileEntry], urls: schemas.UploadUrls) -> dict[str, schemas.MultipartDone]:
-        """PUT every file (large ones in parallel parts), each request retried; returns the parts to complete.
-
-        Memory stays bounded: bodies are streamed from disk, never read whole. Retrying a PUT rewrites the same
-        key or part, so a retry can neither corrupt nor duplicate an object.
-        """
-
-        def put(url: str, path: Path, offset: int, size: int) -> str:
-            last_exc: Exception | None = None
-            failures, deadline = 0, time.monotonic() + FINISH_PATIENCE
-            while True:
-                try:
-                    # Exactly the bytes that were hashed, even if the script is still appending to the file.
-                    return files.put_range(url, path, offset, size)
-                except ConnectionRefusedError as exc:  # the store is down or restarting: wait for it
-                    last_exc = exc
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(min(5.0, 0.25 * 2 ** min(failures, 5)))
-                    failures += 1
-                except OSError as exc:
-                    last_exc = exc
-                    failures += 1
-                    if failures >= UPLOAD_ATTEMPTS:
-                        break
-                    time.sleep(0.2 * failures)
-            raise StorageError(f"{path.name}: {last_exc}")
-
-        jobs: list[tuple[str, int, concurrent.futures.Future[str]]] = []
-        with concurrent.futures.ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-            for entry in entries:
-                path = self.run_dir / entry.name
-                if entry.name in urls.multipart:
-                    mp = urls.multipart[entry.name]
-                    for number, url in enumerate(mp.urls, start=1):
-                        offset = (number - 1) * mp.part_size
-                        size = min(mp.part_size, entry.size - offset)
-                        jobs.append((entry.name, number, pool.submit(put, url, path, offset, size)))
-                else:
-                    jobs.append((entry.name, 0, pool.submit(put, urls.urls[entry.name], path, 0, entry.size)))
-            etags: dict[str, list[tuple[int, str]]] = {}
-            for name, number, fut in jobs:
-                etag = fut.result()
-                if number:
-                    etags.setdefault(name, []).append((number, etag))
-        return {
-            name: schemas.MultipartDone(upload_id=urls.multipart[name].upload_id, etags=sorted(tags))
-            for name, tags in etags.items()
-        }
+        await self.uploads.hand_over(self.started_ns)

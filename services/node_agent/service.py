@@ -23,7 +23,7 @@ from services.node_agent.execution import Execution, NodeContext
 from services.node_agent.runcontext import job_package
 from services.node_agent.runtime import ProcessRuntime, Runtime
 from services.node_agent.supervision import RunShim
-from shared import bus, schemas, subjects
+from shared import bus, lifecycle, schemas, subjects
 from shared.environments import PULL_POLICIES
 from shared.errors import ValidationError
 from shared.service import Service
@@ -182,15 +182,9 @@ class NodeAgentService(Service):
                 shutil.rmtree(runs_dir / leftover, ignore_errors=True)
             self.log.warning("orphaned_run_ended", run_id=run_id, reason=why)
             error = schemas.ErrorInfo(code=Cause.AGENT_RESTARTED, message=why)
-
-            def build(last: schemas.RunEvent | None, error: schemas.ErrorInfo = error) -> schemas.RunEvent | None:
-                if last is None or last.state.is_decided():
-                    return None
-                return bus.make_event(
-                    schemas.NodeFinished, last.run_id, last.state, node_id=self.config.node_id, outcome="failed",
-                    error=error,
-                )  # fmt: skip
-
+            build = lifecycle.append_if(
+                lifecycle.undecided(), schemas.NodeFinished, run_id, node_id=node, outcome="failed", error=error
+            )
             if await self.events.append(run_id, build) is not None:
                 await bus.request(
                     self.nc,
@@ -250,9 +244,9 @@ class NodeAgentService(Service):
             await asyncio.wait([task], timeout=60)
         history = await self.events.history(run_id)
         state = history[-1].state if history else None
-        attempt = bus.current_attempt(history)
+        attempt = lifecycle.current_attempt(history)
         done_here = any(isinstance(e, schemas.NodeFinished) and e.node_id == self.config.node_id for e in attempt)
-        stale = not history or bus.attempt_of(history[-1]) != assignment.attempt
+        stale = not history or lifecycle.attempt_of(history[-1]) != assignment.attempt
         if state not in PLACED_STATES or done_here or stale:  # others may have moved it on
             self.log.info("assignment_stale", run_id=run_id, state=state.value if state else None)
             return

@@ -197,8 +197,7 @@ class RunShim:
             os.close(self._pipe)
             self._pipe = None
         if self._popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._popen.wait(timeout=5)  # reap it
+            self._popen.poll()  # reaped if it has exited; one still exiting is reaped by subprocess later
 
     def finished_ranks(self, assignment: schemas.Assignment, node_id: str) -> bool:
         """Whether every rank of this node exited and said so (what a dead shim leaves is then complete)."""

@@ -18,7 +18,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from services.scheduler.placement import NodeState, allocate, place
-from shared import bus, runs, schemas, settings, subjects
+from shared import bus, lifecycle, runs, schemas, settings, subjects
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings
@@ -167,7 +167,7 @@ class SchedulerService(Service):
                         # it is deduplicated by message id, and agents ignore runs they already took.
                         record = await self._record(run_id)
                         if record is not None:
-                            await self._send_assignments(record, placement, bus.attempt_of(event))
+                            await self._send_assignments(record, placement, lifecycle.attempt_of(event))
         elif self.allocations.pop(run_id, None) is not None:
             self._wake.set()
 
@@ -251,10 +251,8 @@ class SchedulerService(Service):
     async def _assign(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> bool:
         run_id = record.run_id
 
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state is not RunState.QUEUED:
-                return None  # canceled or already placed meanwhile
-            return bus.make_event(schemas.Assigned, run_id, RunState.PREPARING, placement=placement)
+        # Not if it was canceled or placed meanwhile.
+        build = lifecycle.append_if(lifecycle.in_state(RunState.QUEUED), schemas.Assigned, run_id, placement=placement)
 
         async with self._io:
             try:
@@ -272,7 +270,7 @@ class SchedulerService(Service):
                 self._wake.set()
                 return False
             self.reasons.pop(run_id, None)
-            await self._send_assignments(record, placement, bus.attempt_of(event))
+            await self._send_assignments(record, placement, lifecycle.attempt_of(event))
         self.log.info("run_assigned", run_id=run_id, nodes=sorted({s.node_id for s in placement}))
         return True
 
@@ -307,11 +305,7 @@ class SchedulerService(Service):
         asyncio.get_running_loop().call_later(RETRY_SECONDS, self._wake.set)
 
     async def _annotate(self, run_id: str, reason: str) -> None:
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state is not RunState.QUEUED:
-                return None
-            return bus.make_event(schemas.Queued, run_id, RunState.QUEUED, reason=reason)
-
+        build = lifecycle.append_if(lifecycle.in_state(RunState.QUEUED), schemas.Queued, run_id, reason=reason)
         try:
             await self.events.append(run_id, build)
         except Exception as exc:
@@ -331,13 +325,8 @@ class SchedulerService(Service):
             self._requeue(record, "fail", exc)
 
     async def _fail(self, run_id: str, code: str, message: str) -> None:
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_decided():
-                return None
-            return bus.make_event(
-                schemas.Failed, run_id, RunState.FAILED, error=schemas.ErrorInfo(code=code, message=message)
-            )
-
+        error = schemas.ErrorInfo(code=code, message=message)
+        build = lifecycle.append_if(lifecycle.undecided(), schemas.Failed, run_id, error=error)
         await self.events.append(run_id, build)
         self.log.warning("run_failed", run_id=run_id, reason=message)
 
@@ -466,16 +455,11 @@ class SchedulerService(Service):
         await asyncio.gather(*(one(run_id, nodes) for run_id, nodes in affected))
 
     async def _node_lost(self, run_id: str, node_id: str, nodes: set[str]) -> None:
-        history = bus.current_attempt(await self.events.history(run_id))
+        history = lifecycle.current_attempt(await self.events.history(run_id))
         if not history or any(isinstance(e, schemas.NodeFinished) and e.node_id == node_id for e in history):
             return  # its part was done and reported: losing it now costs the run nothing
-        attempt = bus.attempt_of(history[-1])
-
-        def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
-            if last is None or last.state.is_decided() or bus.attempt_of(last) != attempt:
-                return None
-            return bus.make_event(schemas.NodeLost, run_id, last.state, node_id=node_id)
-
+        attempt = lifecycle.attempt_of(history[-1])
+        build = lifecycle.append_if(lifecycle.undecided(attempt), schemas.NodeLost, run_id, node_id=node_id)
         if await self.events.append(run_id, build) is None:
             return
         lost = {e.node_id for e in history if isinstance(e, schemas.NodeLost)} | {node_id}

@@ -12,7 +12,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from shared import bus, runs, schemas, subjects
+from shared import bus, lifecycle, runs, schemas, subjects
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, Limits, StoreSettings
@@ -104,16 +104,15 @@ class SubmitterService(Service):
         await self.runs_kv.create(run_id, schemas.encode(record))
         await self.events.append(
             run_id,
-            lambda _: bus.make_event(
+            lambda _: lifecycle.event(
                 schemas.Submitted,
                 run_id,
-                RunState.NOT_STARTED,
                 experiment=spec.experiment,
                 compute_target=spec.compute_target,
                 entry_script=spec.entry_script,
             ),
         )
-        await self.events.append(run_id, lambda _: bus.make_event(schemas.Queued, run_id, RunState.QUEUED, spec=spec))
+        await self.events.append(run_id, lambda _: lifecycle.event(schemas.Queued, run_id, spec=spec))
         self.log.info("run_submitted", run_id=run_id, experiment=spec.experiment, target=spec.compute_target)
         return schemas.SubmitReply(run_id=run_id, state=RunState.QUEUED)
 
@@ -154,7 +153,7 @@ class SubmitterService(Service):
         """A run's registry password, for a node that runs one of its ranks, while the run is not decided."""
         node_id = subject.rsplit(".", 1)[-1]
         record = await bus.get_record(self.runs_kv, req.run_id)
-        details = runs.fold(record, await self.events.history(req.run_id))
+        details = lifecycle.fold(record, await self.events.history(req.run_id))
         if node_id not in {slot.node_id for slot in details.placement}:
             self.log.warning("registry_credential_refused", run_id=req.run_id, node_id=node_id)
             raise NotFoundError(f"run {req.run_id} has no rank on node {node_id}")
@@ -172,7 +171,7 @@ class SubmitterService(Service):
 
     async def get_run(self, req: schemas.RunRef) -> schemas.RunDetails:
         record = await bus.get_record(self.runs_kv, req.run_id)
-        return runs.fold(record, await self.events.history(req.run_id))
+        return lifecycle.fold(record, await self.events.history(req.run_id))
 
     async def list_runs(self, req: schemas.RunListRequest) -> schemas.RunList:
         latest = sorted(await self.events.latest_per_run(), key=lambda e: e.at, reverse=True)
@@ -199,8 +198,8 @@ class SubmitterService(Service):
             if state.is_terminal() or state in (RunState.CANCEL_REQUESTED, RunState.FINALIZING):
                 return None  # already ending: cancelling twice is not an error
             if state in (RunState.NOT_STARTED, RunState.QUEUED):
-                return bus.make_event(schemas.Canceled, req.run_id, RunState.CANCELED)
-            return bus.make_event(schemas.CancelRequested, req.run_id, RunState.CANCEL_REQUESTED)
+                return lifecycle.event(schemas.Canceled, req.run_id)
+            return lifecycle.event(schemas.CancelRequested, req.run_id)
 
         await self.events.append(req.run_id, build)
         last, _ = await self.events.last(req.run_id)
