@@ -8,7 +8,7 @@ TEST_ROOTFS := .cache/test-rootfs.tar
 # Wheels the agents install pip_packages from in the tests (a loopback index: the tests have no network).
 TEST_WHEELS := .cache/test-wheels
 
-.PHONY: install demo test bench chaos lint format up down clean
+.PHONY: install demo test bench chaos fleet lint format up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: $(STAMP)
 ## The fault suite (figures, never a gate): faults at random moments of a 2x2 run; writes docs/reliability.md.
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos
+
+## A fleet on this machine (root): hosts as network namespaces, a 3-server NATS cluster, a 2-host MPI job.
+fleet: $(STAMP)
+	$(BIN)/python -m tests.fleet
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

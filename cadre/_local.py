@@ -495,7 +495,7 @@ def _s3_identities(access_key: str, secret_key: str) -> str:
     return json.dumps({"identities": [identity]}, indent=2) + "\n"
 
 
-def _weed_argv(weed: str, cluster: Path, ports: list[int], identities: Path) -> list[str]:
+def _weed_argv(weed: str, cluster: Path, ports: list[int], identities: Path, ip: str = "127.0.0.1") -> list[str]:
     s3, master, volume, filer, admin = ports
     sockets = _socket_dir(cluster)
     for stale in ("filer.sock", "s3.sock"):
@@ -505,8 +505,8 @@ def _weed_argv(weed: str, cluster: Path, ports: list[int], identities: Path) -> 
         f"-logdir={_mkdir(cluster / 'logs' / 'weed')}",  # global flag: must precede the subcommand
         "mini",
         f"-dir={_mkdir(cluster / 's3')}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
+        f"-ip={ip}",
+        f"-ip.bind={ip}",
         f"-s3.port={s3}",
         f"-master.port={master}",
         f"-volume.port={volume}",
@@ -603,8 +603,9 @@ def _wait_nats(
     started: list[tuple[ProcessRecord, subprocess.Popen[bytes]]],
     deadline: float,
     timeout: float,
+    host: str = "127.0.0.1",
 ) -> None:
-    url = f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"
+    url = f"http://{host}:{monitor_port}/healthz?js-enabled-only=true"
     while True:
         _check_children(started)
         try:

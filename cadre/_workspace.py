@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TypeVar
@@ -12,7 +13,7 @@ from nats.js import JetStreamContext
 
 from cadre._bridge import LoopThread
 from cadre._profile import Profile, load_profile
-from shared import bus
+from shared import bus, files
 from shared.errors import NotSupportedError
 from shared.settings import BusSettings
 
@@ -70,8 +71,13 @@ def http_put_file(url: str, path: Path, size: int, timeout: float = 300) -> None
     """Stream a file to a presigned URL (never all in memory)."""
     with open(path, "rb") as fh:
         req = urllib.request.Request(url, data=fh, method="PUT", headers={"Content-Length": str(size)})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            resp.read()
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                resp.read()
+        except urllib.error.URLError as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                raise
+            raise files.unreachable_store(url, exc, "this client") from exc
 
 
 def http_put(url: str, data: bytes, timeout: float = 300) -> None:

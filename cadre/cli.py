@@ -107,7 +107,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if d["queueReason"]:
         print(f"waiting:    {d['queueReason']}")
     for slot in d["placement"]:
-        print(f"rank {slot['rank']}:     node {slot['node_id']} local rank {slot['local_rank']}")
+        where = f" on {slot['host']}" if slot.get("host") else ""
+        print(f"rank {slot['rank']}:     node {slot['node_id']}{where} local rank {slot['local_rank']}")
     if d["exitCodes"]:
         print("exit codes: " + ", ".join(f"rank {r}: {c}" for r, c in sorted(d["exitCodes"].items())))
     if d["error"]:
@@ -243,7 +244,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for h in d["history"]:
         print(f"  +{h['at'] - start:8.3f}s  {h['state']}")
     for slot in d["placement"]:
-        print(f"  rank {slot['rank']}: node {slot['node_id']} local rank {slot['local_rank']} gpus {slot['gpu_ids']}")
+        where = f" on {slot['host']}" if slot.get("host") else ""
+        rank, node, local = slot["rank"], slot["node_id"], slot["local_rank"]
+        print(f"  rank {rank}: node {node}{where} local rank {local} gpus {slot['gpu_ids']}")
     if d["queueReason"]:
         print(f"waiting:     {d['queueReason']}")
     if d["exitCodes"]:

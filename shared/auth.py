@@ -98,6 +98,29 @@ def agent_permissions(node_id: str) -> Permissions:
     )
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """A server's part of a NATS cluster: routes authenticate with their own user, never anonymously."""
+
+    name: str
+    listen: str  # host:port of this server's route listener
+    routes: list[str]  # host:port of every server's route listener (its own included: nats-server skips it)
+    user: str
+    password: str = field(repr=False)
+
+    def render(self) -> list[str]:
+        q = json.dumps
+        routes = ", ".join(q(f"nats-route://{self.user}:{self.password}@{r}") for r in self.routes)
+        return [
+            "cluster {",
+            f"  name: {q(self.name)}",
+            f"  listen: {q(self.listen)}",
+            f"  authorization {{ user: {q(self.user)}, password: {q(self.password)} }}",
+            f"  routes: [{routes}]",
+            "}",
+        ]
+
+
 def render_nats_config(
     users: list[tuple[str, str, Permissions]],
     *,
@@ -106,8 +129,10 @@ def render_nats_config(
     store_dir: str,
     server_name: str,
     header: str,
+    cluster: Cluster | None = None,
 ) -> str:
-    """A nats-server config with JetStream and one user per (name, password, permissions); no anonymous access."""
+    """A nats-server config with JetStream and one user per (name, password, permissions); no anonymous access.
+    ``cluster``: this server's part of a cluster (its route listener, every server's route, the route password)."""
     # Every string is JSON-quoted: subjects hold `$`, `>` and `*`, which unquoted mean variables/wildcards.
     q = json.dumps
 
@@ -128,6 +153,7 @@ def render_nats_config(
             "jetstream {",
             f"  store_dir: {q(store_dir)}",
             "}",
+            *(cluster.render() if cluster else []),
             "authorization {",
             "  users = [",
             *user_lines,

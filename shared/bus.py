@@ -38,7 +38,7 @@ from shared.errors import (
     error_class,
 )
 from shared.errors import NotFoundError as CadreNotFoundError
-from shared.settings import BusSettings, retention_days
+from shared.settings import BusSettings, retention_days, stream_replicas
 from shared.states import check_transition
 
 T = TypeVar("T")
@@ -95,8 +95,9 @@ async def connect(settings: BusSettings, **kwargs: Any) -> NATS:
         if user_cb is not None:
             await user_cb(exc)
 
+    servers = [u.strip() for u in settings.url.split(",") if u.strip()]  # a cluster: every server's URL
     options: dict[str, Any] = {
-        "servers": [settings.url],
+        "servers": servers,
         "user": settings.user,
         "password": settings.password,
         "name": settings.name,
@@ -109,7 +110,7 @@ async def connect(settings: BusSettings, **kwargs: Any) -> NATS:
     }
     try:
         # nats-py retries a first connection forever when reconnects are unlimited: probe once first.
-        await _probe(settings.url)
+        await _probe_any(servers)
     except (TimeoutError, OSError) as exc:
         raise ClusterNotRunningError(
             f"cannot reach the cadre bus at {settings.url} ({exc.__class__.__name__}); "
@@ -129,12 +130,21 @@ async def connect(settings: BusSettings, **kwargs: Any) -> NATS:
     )
 
 
-async def _probe(url: str, timeout: float = 2.0) -> None:
-    parsed = urllib.parse.urlparse(url)
-    _, writer = await asyncio.wait_for(
-        asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout
-    )
-    writer.close()
+async def _probe_any(urls: list[str], timeout: float = 2.0) -> None:
+    """One of the servers takes a connection (the first error is raised if none does)."""
+    first: BaseException | None = None
+    for url in urls:
+        parsed = urllib.parse.urlparse(url)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout
+            )
+        except (TimeoutError, OSError) as exc:
+            first = first or exc
+            continue
+        writer.close()
+        return
+    raise first or OSError("no server URL")
 
 
 async def ensure_topology(js: JetStreamContext) -> None:
@@ -145,11 +155,13 @@ async def ensure_topology(js: JetStreamContext) -> None:
     """
     days = retention_days()
     retention = days[0] * 86400 if days[0] else None
+    replicas = stream_replicas()  # 3 on a three-server bus: a stream survives losing one server
     streams = [
         js_api.StreamConfig(
             name=subjects.EVENTS_STREAM,
             subjects=[subjects.all_run_events()],
             storage=js_api.StorageType.FILE,
+            num_replicas=replicas,
             duplicate_window=120,
             max_age=retention,
         ),
@@ -157,12 +169,14 @@ async def ensure_topology(js: JetStreamContext) -> None:
             name=subjects.LOGS_STREAM,
             subjects=[subjects.all_run_logs()],
             storage=js_api.StorageType.FILE,
+            num_replicas=replicas,
             max_age=days[1] * 86400 if days[1] else None,
         ),
         js_api.StreamConfig(
             name=subjects.ASSIGNMENTS_STREAM,
             subjects=[subjects.all_node_assignments()],
             storage=js_api.StorageType.FILE,
+            num_replicas=replicas,
             retention=js_api.RetentionPolicy.WORK_QUEUE,
             duplicate_window=120,
         ),
@@ -170,31 +184,32 @@ async def ensure_topology(js: JetStreamContext) -> None:
             name=subjects.METRICS_STREAM,
             subjects=[subjects.all_run_metrics()],
             storage=js_api.StorageType.FILE,
+            num_replicas=replicas,
             max_age=retention,
         ),
         js_api.StreamConfig(
             name=subjects.NODES_STREAM,
             subjects=[subjects.all_node_events()],
             storage=js_api.StorageType.FILE,
+            num_replicas=replicas,
             max_age=retention,
         ),
         js_api.StreamConfig(
             name=subjects.SERVICES_STREAM,
             subjects=[subjects.all_service_events()],
             storage=js_api.StorageType.FILE,
+            num_replicas=replicas,
             max_age=retention,
         ),
         js_api.StreamConfig(
             name=subjects.MODELS_STREAM,
             subjects=[subjects.all_model_events()],
             storage=js_api.StorageType.FILE,
+            num_replicas=replicas,
         ),
     ]
     for cfg in streams:
-        try:
-            await js.add_stream(cfg)
-        except BadRequestError:
-            await js.update_stream(cfg)
+        await _settled(lambda cfg=cfg: _add_or_update(js, cfg), cfg.name or "")
     for bucket, history in (
         (subjects.NODES_BUCKET, 1),
         (subjects.TARGETS_BUCKET, 1),
@@ -204,9 +219,29 @@ async def ensure_topology(js: JetStreamContext) -> None:
         (subjects.ENVIRONMENTS_BUCKET, 1),
         (subjects.SECRETS_BUCKET, 1),
     ):
-        await js.create_key_value(
-            js_api.KeyValueConfig(bucket=bucket, history=history, storage=js_api.StorageType.FILE)
-        )
+        kv = js_api.KeyValueConfig(bucket=bucket, history=history, storage=js_api.StorageType.FILE, replicas=replicas)
+        await _settled(lambda kv=kv: js.create_key_value(kv), bucket)
+
+
+async def _add_or_update(js: JetStreamContext, cfg: js_api.StreamConfig) -> None:
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError:
+        await js.update_stream(cfg)
+
+
+async def _settled(create: Callable[[], Awaitable[object]], name: str, within: float = 30.0) -> None:
+    """``create()``, again while another service is creating the same stream: on a clustered bus the creation is
+    a proposal the servers agree on first, so for a moment the stream is neither new nor there to update."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await create()
+            return
+        except (JsNotFound, BadRequestError, *TRANSIENT_ERRORS) as exc:
+            if time.monotonic() > deadline:
+                raise ClusterNotRunningError(f"JetStream could not create {name}: {exc}") from exc
+            await asyncio.sleep(0.1)
 
 
 async def request(nc: NATS, subject: str, payload: msgspec.Struct, reply_type: type[T], timeout: float = 10.0) -> T:

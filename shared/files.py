@@ -10,7 +10,7 @@ import urllib.parse
 from pathlib import Path
 
 from shared import schemas
-from shared.errors import ValidationError
+from shared.errors import StorageError, ValidationError
 
 CHUNK = 1 << 20
 
@@ -119,3 +119,14 @@ def put_range(url: str, path: Path, offset: int, size: int, timeout: float = 300
         raise OSError(f"PUT failed: {exc!r}") from exc
     finally:
         conn.close()
+
+
+def unreachable_store(url: str, exc: BaseException, where: str) -> StorageError:
+    """The error for a presigned URL that cannot be reached: it names the setting that decides its host."""
+    host = urllib.parse.urlsplit(url).netloc
+    reason = getattr(exc, "reason", exc)
+    return StorageError(
+        f"the object store at {host} is not reachable from {where} ({reason}); presigned URLs name the S3 endpoint "
+        "the services advertise (CADRE_S3_PUBLIC_ENDPOINT, else CADRE_S3_ENDPOINT), which every agent and client "
+        "host must reach"
+    )

@@ -122,6 +122,7 @@ class RankSlot(msgspec.Struct, frozen=True, kw_only=True):
     node_id: str
     local_rank: int
     gpu_ids: list[int] = []
+    host: str | None = None  # the node's address, where the rank runs (its agent's --address)
 
 
 class FileEntry(msgspec.Struct, frozen=True, kw_only=True):

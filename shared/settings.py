@@ -51,12 +51,14 @@ class BusSettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    endpoint: str  # host:port
+    endpoint: str  # host:port, as the services reach it
     access_key: str
     secret_key: str = field(repr=False)
     bucket: str = "cadre"
     secure: bool = False
     region: str = "us-east-1"
+    # host:port that presigned URLs name, as agents and clients on other hosts reach the store (default: endpoint)
+    public_endpoint: str | None = None
 
     @classmethod
     def from_env(cls) -> StoreSettings:
@@ -67,6 +69,7 @@ class StoreSettings:
             bucket=_env("CADRE_S3_BUCKET", "cadre") or "cadre",
             secure=(_env("CADRE_S3_SECURE", "false") or "").lower() in ("1", "true", "yes"),
             region=_env("CADRE_S3_REGION", "us-east-1") or "us-east-1",
+            public_endpoint=_env("CADRE_S3_PUBLIC_ENDPOINT", None) or None,
         )
 
 
@@ -91,6 +94,14 @@ FENCE_AFTER_DEFAULT = 300.0  # seconds an agent cut off from the bus keeps its r
 
 def node_grace() -> float:
     return float(_env("CADRE_NODE_GRACE", str(NODE_GRACE_DEFAULT)) or NODE_GRACE_DEFAULT)
+
+
+def stream_replicas() -> int:
+    """Copies of every stream and KV bucket (``CADRE_BUS_REPLICAS``: 1 on one server, 3 on a three-server bus)."""
+    value = int(_env("CADRE_BUS_REPLICAS", "1") or 1)
+    if value not in (1, 3, 5):
+        raise ValueError(f"CADRE_BUS_REPLICAS must be 1, 3 or 5, not {value}")
+    return value
 
 
 def log_level() -> str:

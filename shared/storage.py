@@ -21,18 +21,28 @@ from shared.settings import StoreSettings
 URL_TTL = timedelta(hours=6)
 
 
+def _minio(settings: StoreSettings, endpoint: str) -> Minio:
+    return Minio(
+        endpoint,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+        secure=settings.secure,
+        region=settings.region,
+    )
+
+
 class ObjectStore:
     """Async facade over the (blocking) minio client; calls run in worker threads."""
 
     def __init__(self, settings: StoreSettings) -> None:
         self.bucket = settings.bucket
-        self._client = Minio(
-            settings.endpoint,
-            access_key=settings.access_key,
-            secret_key=settings.secret_key,
-            secure=settings.secure,
-            region=settings.region,
-        )
+        self._client = _minio(settings, settings.endpoint)
+        # URLs are signed for the host that uses them: the signature covers the host, so a URL for the internal
+        # name would not work from another machine. Signing is local (the region is given: no lookup).
+        self.public_endpoint = settings.public_endpoint or settings.endpoint
+        self._signer = self._client
+        if self.public_endpoint != settings.endpoint:
+            self._signer = _minio(settings, self.public_endpoint)
 
     async def _call(self, fn, *args, **kwargs):
         try:
@@ -63,10 +73,10 @@ class ObjectStore:
         return int(st.size or 0), (st.etag or "").strip('"')
 
     async def presign_put(self, key: str) -> str:
-        return await self._call(self._client.presigned_put_object, self.bucket, key, expires=URL_TTL)
+        return await self._call(self._signer.presigned_put_object, self.bucket, key, expires=URL_TTL)
 
     async def presign_get(self, key: str) -> str:
-        return await self._call(self._client.presigned_get_object, self.bucket, key, expires=URL_TTL)
+        return await self._call(self._signer.presigned_get_object, self.bucket, key, expires=URL_TTL)
 
     async def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         await self._call(self._client.put_object, self.bucket, key, io.BytesIO(data), len(data), content_type)
@@ -89,7 +99,7 @@ class ObjectStore:
 
     async def presign_part(self, key: str, upload_id: str, part_number: int) -> str:
         return await self._call(
-            self._client.get_presigned_url,
+            self._signer.get_presigned_url,
             "PUT",
             self.bucket,
             key,

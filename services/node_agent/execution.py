@@ -35,7 +35,14 @@ from services.node_agent.runtime import (
 )
 from services.node_agent.shim import PmiSpec, ShimSpec
 from services.node_agent.staging import Staging
-from services.node_agent.supervision import Kept, RunShim, acknowledged_lines, forward_context, shim_folder
+from services.node_agent.supervision import (
+    Kept,
+    RunShim,
+    ShimLauncher,
+    acknowledged_lines,
+    forward_context,
+    shim_folder,
+)
 from services.node_agent.uploads import FINISH_PATIENCE, Uploads
 from shared import bus, lifecycle, schemas, subjects
 from shared.errors import CadreError, ConflictError
@@ -65,6 +72,7 @@ class NodeContext:
     runtime: Runtime
     job_python: Path  # the folder first on every rank's PYTHONPATH (the job's cadre package)
     host_id: str  # which machine this is (agents sharing one host share it)
+    launcher: ShimLauncher  # forks the runs' shims
 
 
 class Execution:
@@ -374,7 +382,7 @@ class Execution:
             )
         )  # fmt: skip
         self.launched = True
-        await self.shim.launch(spec)
+        await self.shim.launch(spec, self.ctx.launcher)
 
     async def _supervise(self) -> tuple[Outcome, dict[int, int]]:
         """Follow this node's ranks under their shim until all have exited (stopping them when the run must end),

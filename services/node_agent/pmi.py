@@ -50,6 +50,8 @@ class PmiServer:
         self._on_abort = on_abort
         self._barrier: list[asyncio.StreamWriter] = []
         self._server: asyncio.base_events.Server | None = None
+        self._gone: set[int] = set()  # ranks whose connection has ended (they finalized, or died)
+        self._all_gone = asyncio.Event()
         self.port = 0
         self.log = structlog.get_logger().bind(component="pmi")
 
@@ -57,6 +59,15 @@ class PmiServer:
         self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until every rank of the job has let go of its connection (the other nodes' ranks may still be in
+        MPI_Finalize when this node's are done); False after ``timeout``."""
+        try:
+            await asyncio.wait_for(self._all_gone.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         if self._server is not None:
@@ -119,3 +130,7 @@ class PmiServer:
             if writer in self._barrier:
                 self._barrier.remove(writer)
             writer.close()
+            if rank >= 0:
+                self._gone.add(rank)
+                if len(self._gone) >= self.size:
+                    self._all_gone.set()

@@ -204,7 +204,7 @@ class _Process:
             pass
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: if the agent dies (even by SIGKILL), the kernel kills the rank too."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -290,7 +290,7 @@ class ProcessRuntime:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
             limit=LINE_LIMIT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         return _Process(proc)
 

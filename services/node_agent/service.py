@@ -22,7 +22,7 @@ from services.node_agent.config import AgentConfig
 from services.node_agent.execution import Execution, NodeContext
 from services.node_agent.runcontext import job_package
 from services.node_agent.runtime import ProcessRuntime, Runtime
-from services.node_agent.supervision import RunShim
+from services.node_agent.supervision import RunShim, ShimLauncher
 from shared import bus, lifecycle, schemas, subjects
 from shared.environments import PULL_POLICIES
 from shared.errors import ValidationError
@@ -120,6 +120,7 @@ class NodeAgentService(Service):
         self.ctx = NodeContext(
             config=self.config, nc=self.nc, js=self.js, events=self.events, cache=self.cache, runtime=self.runtime,
             job_python=job_python, host_id=self.base_advert["host_id"],
+            launcher=ShimLauncher(self.config.work_dir / "shim-launcher.log"),
         )  # fmt: skip
         await self._take_over()  # before the cache sweep: what a run taken over uses must stay
         await self.cache.sweep()
@@ -127,8 +128,8 @@ class NodeAgentService(Service):
         self.nodes_kv = await bus.retry(lambda: self.js.key_value(subjects.NODES_BUCKET))
         targets = await bus.retry(lambda: self.js.key_value(subjects.TARGETS_BUCKET))
         info = schemas.ComputeTargetInfo(name=self.config.compute_target, first_seen_at=time.time())
-        try:
-            await targets.create(self.config.compute_target, schemas.encode(info))
+        try:  # a bucket just created on a clustered bus may still be electing its leader: waited out
+            await bus.outlast(lambda: targets.create(self.config.compute_target, schemas.encode(info)), within=60)
         except KeyWrongLastSequenceError:
             pass  # the target is known already
         psub = await bus.retry(
@@ -139,7 +140,7 @@ class NodeAgentService(Service):
                 config=js_api.ConsumerConfig(ack_wait=60, max_deliver=20),
             )
         )
-        await self._heartbeat_once()  # only now: a node that shows up can take work
+        await bus.outlast(self._heartbeat_once, within=60)  # only now: a node that shows up can take work
         self.spawn(self._heartbeat_loop(), "heartbeat")
         self.spawn(self._take_assignments(psub), "assignments")
         self.log.info(
@@ -274,6 +275,7 @@ class NodeAgentService(Service):
         for _, task in running:
             task.cancel()
         await asyncio.gather(*(task for _, task in running), return_exceptions=True)
+        self.ctx.launcher.close()  # the shims it forked go on
         detached = sorted(execution.run_id for execution, _ in running if execution.detached)
         if detached:
             self.log.info("runs_left_to_their_shims", runs=detached)

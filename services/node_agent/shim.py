@@ -31,6 +31,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ from shared.procs import is_alive, start_time
 
 NOTIFY_FD_ENV = "CADRE_SHIM_NOTIFY_FD"  # a pipe the shim writes a byte to whenever it wrote something
 WATCH_INTERVAL = 0.5  # seconds between looks at ``alive`` and ``stop``
+PMI_LINGER = 60.0  # seconds the master's PMI server outlives its own ranks, for the others' MPI_Finalize
 EXIT_ROOM = 4096  # bytes allocated up front for each rank's exit file
 
 
@@ -249,11 +251,14 @@ class Shim:
         await asyncio.gather(*(self._keep(rank, handle) for rank, handle in self.handles.items()))
         watcher.cancel()
         await context.close()  # what the ranks sent last is in context.jsonl before ``done``
-        if pmi is not None:
-            await pmi.close()
         self._context_out.close()
         self.files.write(self.files.done, b"")
         self.notify()
+        if pmi is not None:
+            # The other nodes' ranks may still be finalizing through this server: it stays up until they let go
+            # (or PMI_LINGER passes). The agent has all it needs by now.
+            await pmi.drained(PMI_LINGER)
+            await pmi.close()
         return 0
 
     async def _keep(self, rank: int, handle: ProcessHandle) -> None:
@@ -342,6 +347,39 @@ class Shim:
         await asyncio.gather(*(h.terminate(grace) for h in handles), return_exceptions=True)
 
 
+def zygote(fd: int) -> None:
+    """Fork one shim per request on the socket ``fd`` (a run's folder, with its notify pipe): the imports are paid
+    once per agent, not once per run. Its shims outlive it: they are sessions of their own."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited shims; the agent follows them by pid
+    sock = socket.socket(fileno=fd)
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+        except OSError:
+            return
+        if not data:
+            return  # the agent is gone
+        pid = os.fork()
+        if pid == 0:  # the shim
+            code = 1
+            try:
+                sock.close()
+                os.setsid()
+                folder = Path(data.decode())
+                out = os.open(ShimFiles(folder).output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                os.environ[NOTIFY_FD_ENV] = str(fds[0]) if fds else "-1"
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own ranks
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                code = asyncio.run(main(folder))
+            finally:
+                os._exit(code)
+        for passed in fds:
+            os.close(passed)
+        sock.sendall(f"{pid}\n".encode())
+
+
 async def main(folder: Path) -> int:
     files = ShimFiles(folder)
     files.write(files.pid, f"{os.getpid()} {start_time(os.getpid()) or ''}".encode())
@@ -356,4 +394,7 @@ async def main(folder: Path) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the agent's terminal going away is not the run's end
-    sys.exit(asyncio.run(main(Path(sys.argv[1]))))
+    if sys.argv[1] == "--zygote":
+        zygote(int(sys.argv[2]))
+    else:
+        sys.exit(asyncio.run(main(Path(sys.argv[1]))))

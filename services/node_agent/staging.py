@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tarfile
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -148,10 +149,16 @@ class Staging:
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{self.run_id}.part")  # dot: not a cache entry yet
         digest = hashlib.sha256()
-        with urllib.request.urlopen(snap.url, timeout=60) as resp, open(tmp, "wb") as out:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
+        try:
+            with urllib.request.urlopen(snap.url, timeout=60) as resp, open(tmp, "wb") as out:
+                while chunk := resp.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except urllib.error.URLError as exc:  # not an HTTP error: the store's host cannot be reached from here
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, urllib.error.HTTPError):
+                raise
+            raise files.unreachable_store(snap.url, exc, f"node {self.node_id}") from exc
         if digest.hexdigest() != snap.snapshot.content_hash:
             tmp.unlink(missing_ok=True)
             raise StorageError("the downloaded snapshot does not match its content hash")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,11 +25,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 import services
-from services.node_agent.runtime import PASSTHROUGH_ENV, Prepared
-from services.node_agent.shim import NOTIFY_FD_ENV, ShimFiles, ShimSpec, decode, encode
+from services.node_agent.runtime import PASSTHROUGH_ENV, Prepared, die_with_parent
+from services.node_agent.shim import ShimFiles, ShimSpec, decode, encode
 from shared import bus, schemas, subjects
 from shared.errors import CadreError
-from shared.procs import is_alive
+from shared.procs import is_alive, start_time
 
 READY_TIMEOUT = 60.0  # seconds for a shim to start its ranks (containers may take a while)
 STOP_PATIENCE = 15.0  # past the grace, a shim that has not stopped its ranks is killed (its ranks die with it)
@@ -49,6 +50,64 @@ class Kept(msgspec.Struct, kw_only=True):
     launched: bool = False
 
 
+def shim_env() -> dict[str, str]:
+    """A shim's environment: never the agent's credentials."""
+    env = {k: v for k, v in os.environ.items() if k in _SHIM_ENV}
+    root = str(Path(services.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+class ShimLauncher:
+    """One per agent: a process that has done the shim's imports and forks a shim per run (milliseconds, where a
+    fresh interpreter takes ~80 ms). It dies with the agent; the shims it forked do not."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._lock = asyncio.Lock()
+
+    def _start(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        ours, theirs = socket.socketpair()
+        with open(self.log, "ab") as out:
+            # Not asyncio's subprocess: it kills its children when the loop closes.
+            self._popen = subprocess.Popen(
+                [sys.executable, "-m", "services.node_agent.shim", "--zygote", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=shim_env(),
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            )  # fmt: skip
+        theirs.close()
+        self._sock = ours
+
+    async def spawn(self, folder: Path, notify_fd: int) -> int:
+        """A new shim for ``folder`` (``notify_fd``: the write end of its notify pipe); returns its pid."""
+        async with self._lock:
+
+            def ask() -> int:
+                if self._popen is None or self._popen.poll() is not None:
+                    self._start()
+                assert self._sock is not None
+                socket.send_fds(self._sock, [str(folder).encode()], [notify_fd])
+                reply = b""
+                while not reply.endswith(b"\n"):
+                    chunk = self._sock.recv(64)
+                    if not chunk:
+                        raise CadreError("the shim launcher exited; see its log " + str(self.log))
+                    reply += chunk
+                return int(reply)
+
+            return await asyncio.to_thread(ask)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # the launcher reads end-of-file and exits
+            self._sock = None
+
+
 def shim_folder(work_dir: Path, run_id: str) -> Path:
     return work_dir / "runs" / f"{run_id}.shim"
 
@@ -57,7 +116,7 @@ class RunShim:
     def __init__(self, folder: Path) -> None:
         self.files = ShimFiles(folder)
         self.pids: dict[int, int] = {}
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._proc: tuple[int, int | None] | None = None  # (pid, start time) of a shim this agent started
         self._pipe: int | None = None  # the read end of the shim's notify pipe (only for a shim we started)
         self._tick = asyncio.Event()
         self._stop_asked = False
@@ -99,8 +158,8 @@ class RunShim:
 
     # --- life -------------------------------------------------------------------------------------------
     def alive(self) -> bool:
-        if self._popen is not None:
-            return self._popen.poll() is None
+        if self._proc is not None:
+            return is_alive(*self._proc)
         return self.files.shim_alive()
 
     def touch(self) -> None:
@@ -108,7 +167,7 @@ class RunShim:
         with contextlib.suppress(OSError):
             self.files.alive.touch()
 
-    async def launch(self, spec: ShimSpec) -> None:
+    async def launch(self, spec: ShimSpec, launcher: ShimLauncher) -> None:
         """Start the shim and wait until it has started the ranks (CadreError if it could not)."""
         self.files.folder.mkdir(parents=True, exist_ok=True)
         self.files.write(self.files.spec, encode(spec))
@@ -116,22 +175,11 @@ class RunShim:
         read, write = os.pipe()
         os.set_blocking(read, False)
         os.set_blocking(write, False)
-        env = {k: v for k, v in os.environ.items() if k in _SHIM_ENV}  # never the agent's credentials
-        root = str(Path(services.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-        env[NOTIFY_FD_ENV] = str(write)
-        with open(self.files.output, "ab") as out:
-            # Not asyncio's subprocess: it kills its children when the loop closes, and the shim must outlive us.
-            self._popen = subprocess.Popen(
-                [sys.executable, "-m", "services.node_agent.shim", str(self.files.folder)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                pass_fds=(write,),
-                start_new_session=True,  # not in the agent's process group: a signal to the agent is not ours
-            )
-        os.close(write)
+        try:
+            pid = await launcher.spawn(self.files.folder, write)
+        finally:
+            os.close(write)
+        self._proc = (pid, start_time(pid))
         self._pipe = read
         asyncio.get_running_loop().add_reader(read, self._woken)
         deadline = time.monotonic() + READY_TIMEOUT
@@ -196,8 +244,6 @@ class RunShim:
                 asyncio.get_running_loop().remove_reader(self._pipe)
             os.close(self._pipe)
             self._pipe = None
-        if self._popen is not None:
-            self._popen.poll()  # reaped if it has exited; one still exiting is reaped by subprocess later
 
     def finished_ranks(self, assignment: schemas.Assignment, node_id: str) -> bool:
         """Whether every rank of this node exited and said so (what a dead shim leaves is then complete)."""

@@ -92,7 +92,13 @@ def place(spec: schemas.RunSpec, nodes: list[NodeState], known: list[schemas.Nod
         for local_rank in range(ppn):
             gpu_ids = [gpus[local_rank]] if node.advert.gpus else []
             placement.append(
-                schemas.RankSlot(rank=rank, node_id=node.advert.node_id, local_rank=local_rank, gpu_ids=gpu_ids)
+                schemas.RankSlot(
+                    rank=rank,
+                    node_id=node.advert.node_id,
+                    local_rank=local_rank,
+                    gpu_ids=gpu_ids,
+                    host=node.advert.address,
+                )
             )
             rank += 1
     return Decision(placement=placement)

@@ -1,0 +1,116 @@
+"""cadre across hosts (tests/fleet.py): network-namespace hosts on a bridge of their own, a three-server NATS
+JetStream cluster with every stream at 3 replicas, the services and the S3 server on one host, agents on three
+more, the client on its own. Ranks talk over the hosts' interfaces, files move through presigned URLs every host
+reaches, and a run goes on when the server leading its streams is killed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fleet import Fleet, available
+
+from cadre import Estimator, Experiment, MpiConfiguration, Workspace, _local
+from shared import subjects
+
+WHERE = """
+import os, socket
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+probe.connect((os.environ["MASTER_ADDR"], 9))  # no packet: only which interface reaches the master
+me = probe.getsockname()[0]
+total = comm.allreduce(rank + 1)
+print(f"rank {rank} on {me} total {total}", flush=True)
+os.makedirs("outputs", exist_ok=True)
+with open(f"outputs/rank{rank}.txt", "w") as fh:
+    fh.write(me)
+"""
+
+TICKS = """
+import time
+for i in range(300):
+    print(f"tick {i}", flush=True)
+    time.sleep(0.02)
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    why = available()
+    if why:
+        pytest.skip(why)
+    with Fleet(tmp_path_factory.mktemp("fleet")) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def fws(fleet: Fleet) -> Iterator[Workspace]:
+    assert fleet.profile_path is not None
+    with Workspace.from_config(fleet.profile_path) as ws:
+        yield ws
+
+
+def test_mpi_ranks_on_two_hosts_talk_over_their_interfaces_and_files_cross_hosts(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    est = Estimator(
+        make_project(**{"where.py": WHERE}), "where.py", node_count=2, process_count_per_node=2,
+        distributed_training=MpiConfiguration(),
+    )  # fmt: skip
+    run = Experiment(fws, "fleet").submit(est)
+    out = io.StringIO()
+    assert run.wait_for_completion(show_output=True, output=out, timeout=120)["status"] == "Completed"
+    placement = run.get_details()["placement"]
+    hosts = {slot["rank"]: slot["host"] for slot in placement}
+    assert len(set(hosts.values())) == 2  # two hosts, two ranks each
+    for slot in placement:
+        assert slot["host"] == fleet.hosts[slot["node_id"]].ip  # the rank map names each rank's host
+    seen = dict(re.findall(r"rank (\d) on (\S+) total 10", out.getvalue()))
+    assert {int(r): ip for r, ip in seen.items()} == hosts, out.getvalue()
+    # Every rank's output went up from its own host and comes down to the client's, through presigned URLs that
+    # name the S3 endpoint the services advertise (they themselves reach it on loopback).
+    for rank, ip in hosts.items():
+        path = run.download_file(f"outputs/rank{rank}.txt", tmp_path / f"rank{rank}.txt")
+        assert path.read_text() == ip
+
+
+def test_a_run_goes_on_when_the_server_leading_its_streams_is_killed(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    run = Experiment(fws, "fleet").submit(Estimator(make_project(**{"ticks.py": TICKS}), "ticks.py"))
+    deadline = time.monotonic() + 60
+    while run.get_status() != "Running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leader = fleet.stream_leader(subjects.LOGS_STREAM)
+    time.sleep(1.0)
+    fleet.kill(f"nats-{leader}")
+    out = io.StringIO()
+    follower = threading.Thread(target=lambda: run.wait_for_completion(show_output=True, output=out, timeout=120))
+    follower.start()
+    follower.join(150)
+    assert run.get_status() == "Completed"
+    assert re.findall(r"tick (\d+)", out.getvalue()) == [str(i) for i in range(300)]
+    assert fleet.stream_leader(subjects.LOGS_STREAM) != leader  # another server took over
+    # The killed server comes back and catches up: it holds every stream again, as current as the others.
+    rec = fleet.start_nats(leader)
+    mine = [r for r in fleet.records if r[0] is rec]
+    _local._wait_nats(8222, rec, mine, time.monotonic() + 60, 60, host=fleet.hosts[f"nats-{leader}"].ip)
+
+    def caught_up() -> bool:
+        info = fleet.monitor(leader, "jsz?streams=true")
+        streams = {s["name"]: s for a in info.get("account_details", []) for s in a.get("stream_detail", [])}
+        logs = streams.get(subjects.LOGS_STREAM)
+        return logs is not None and logs["state"]["messages"] > 0 and len(streams) >= 7
+
+    deadline = time.monotonic() + 60
+    while not caught_up():
+        assert time.monotonic() < deadline, "the restarted server did not catch up"
+        time.sleep(0.2)
