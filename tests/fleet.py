@@ -59,12 +59,15 @@ class Host:
     name: str
     ns: str
     ip: str
+    port: str  # its link's end on the bridge
 
 
 @dataclass
 class Fleet:
     root: Path
     agents: int = AGENTS
+    node_grace: float | None = None  # the scheduler's (CADRE_NODE_GRACE); None: its default
+    agent_args: list[str] = field(default_factory=list)  # after the defaults, for every agent
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     hosts: dict[str, Host] = field(default_factory=dict)
     records: list[tuple[_local.ProcessRecord, subprocess.Popen[bytes]]] = field(default_factory=list)
@@ -84,9 +87,9 @@ class Fleet:
         self._ip("-n", self._switch, "link", "add", "br0", "type", "bridge")
         self._ip("-n", self._switch, "link", "set", "br0", "up")
         for i, name in enumerate(names, start=1):
-            host = Host(name, f"cf{self.tag}-{name}", f"{SUBNET}.{10 + i}")
-            self.hosts[name] = host
             port = f"p{i}{self.tag}"[:15]
+            host = Host(name, f"cf{self.tag}-{name}", f"{SUBNET}.{10 + i}", port)
+            self.hosts[name] = host
             self._ip("netns", "add", host.ns)
             self._ip("-n", self._switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host.ns)
             self._ip("-n", self._switch, "link", "set", port, "master", "br0")
@@ -187,6 +190,8 @@ class Fleet:
             env = {**bus_env, "CADRE_NATS_USER": name, "CADRE_NATS_PASSWORD": self.passwords[name]}
             if name in _local.S3_SERVICES:
                 env.update(s3_env)
+            if name == "scheduler" and self.node_grace is not None:
+                env["CADRE_NODE_GRACE"] = str(self.node_grace)
             argv = [sys.executable, "-m", f"services.{name}"]
             service_recs.append(self.spawn(name, "service", "services", argv, _local._child_env(env)))
         agent_recs = []
@@ -196,7 +201,7 @@ class Fleet:
             argv = [
                 sys.executable, "-m", "services.node_agent", "--node-id", name, "--compute-target", "local",
                 "--work-dir", str(self.root / "agents" / name), "--runtime", "process", "--address", host.ip,
-                "--slots", "2", "--gpus", "0", "--heartbeat", "0.5",
+                "--slots", "2", "--gpus", "0", "--heartbeat", "0.5", *self.agent_args,
             ]  # fmt: skip
             agent_recs.append(self.spawn(name, "agent", name, argv, _local._child_env(env)))
         client = BusSettings(
@@ -210,6 +215,10 @@ class Fleet:
         profile = Profile(nats_url=self.nats_urls(), user=client.user, password=client.password, name="fleet")
         self.profile_path = save_profile(profile, self.root / "profile.json")
         return self
+
+    def link(self, host: str, up: bool) -> None:
+        """Take ``host``'s link to the bridge down (a cable pulled: no packet either way, no reset) or up."""
+        self._ip("-n", self._switch or "", "link", "set", self.hosts[host].port, "up" if up else "down")
 
     def kill(self, name: str) -> None:
         rec = next(r for r, p in self.records if r.name == name and p.poll() is None)

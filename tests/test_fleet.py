@@ -17,7 +17,8 @@ import pytest
 from fleet import Fleet, available
 
 from cadre import Estimator, Experiment, MpiConfiguration, Workspace, _local
-from shared import subjects
+from shared import schemas, subjects
+from shared.procs import is_alive
 
 WHERE = """
 import os, socket
@@ -34,6 +35,24 @@ with open(f"outputs/rank{rank}.txt", "w") as fh:
     fh.write(me)
 """
 
+GRACE, FENCE = 6.0, 8.0
+
+STEPS = """
+import os, time
+spool, attempt = os.environ["SPOOL"], os.environ["CADRE_ATTEMPT"]
+with open(os.path.join(spool, f"attempt{attempt}.pid"), "w") as fh:
+    fh.write(str(os.getpid()))
+os.makedirs("checkpoints", exist_ok=True)
+state = "checkpoints/step.txt"
+start = int(open(state).read()) + 1 if os.path.exists(state) else 0  # a retry resumes from the checkpoint
+for i in range(start, 160):
+    print(f"step {i} attempt {attempt}", flush=True)
+    with open(state + ".tmp", "w") as fh:
+        fh.write(str(i))
+    os.replace(state + ".tmp", state)
+    time.sleep(0.05)
+"""
+
 TICKS = """
 import time
 for i in range(300):
@@ -47,7 +66,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     why = available()
     if why:
         pytest.skip(why)
-    with Fleet(tmp_path_factory.mktemp("fleet")) as f:
+    # A short node grace and fence, so that a host cut off is given up, and stops its ranks, within seconds.
+    with Fleet(tmp_path_factory.mktemp("fleet"), node_grace=GRACE, agent_args=["--fence-after", str(FENCE)]) as f:
         yield f
 
 
@@ -113,4 +133,46 @@ def test_a_run_goes_on_when_the_server_leading_its_streams_is_killed(
     deadline = time.monotonic() + 60
     while not caught_up():
         assert time.monotonic() < deadline, "the restarted server did not catch up"
+        time.sleep(0.2)
+
+
+def test_a_host_cut_off_mid_run_fences_its_rank_and_the_run_completes_on_another_host_from_its_checkpoint(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    est = Estimator(
+        make_project(**{"steps.py": STEPS}), "steps.py", max_retries=1, environment_variables={"SPOOL": str(spool)}
+    )
+    run = Experiment(fws, "fleet").submit(est)
+    first = spool / "attempt1.pid"
+    deadline = time.monotonic() + 60
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    node = run.get_details()["placement"][0]["node_id"]
+    time.sleep(3.0)  # a checkpoint is synced (every 2 s)
+    fleet.link(node, up=False)  # the cable pulled: no packet either way
+    try:
+        pid = int(first.read_text())
+        deadline = time.monotonic() + FENCE + 10
+        while is_alive(pid, None):  # the cut-off agent stops its own rank: no zombie writes on
+            assert time.monotonic() < deadline, "the cut-off host's rank was not fenced"
+            time.sleep(0.1)
+        details = run.wait_for_completion(timeout=120)
+    finally:
+        fleet.link(node, up=True)
+    assert details["status"] == "Completed" and details["attempt"] == 2
+    assert details["attempts"][0]["cause"] == "node_lost" and details["attempts"][0]["nodes"] == [node]
+    assert details["placement"][0]["node_id"] != node  # attempt 2 ran on another host
+    out = io.StringIO()
+    run.stream_logs(follow=False, output=out)
+    second = [int(i) for i in re.findall(r"step (\d+) attempt 2", out.getvalue())]
+    assert second and second[0] > 0 and second[-1] == 159  # resumed from the checkpoint, not from step 0
+    # The link is back: the host's agent rejoins by itself.
+    deadline = time.monotonic() + 30
+    while True:
+        state = fws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+        if any(n.advert.node_id == node and n.state == "Ready" for n in state.nodes):
+            break
+        assert time.monotonic() < deadline, "the healed host did not rejoin"
         time.sleep(0.2)
