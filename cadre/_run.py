@@ -390,14 +390,7 @@ class Run:
         # One hash is enough, and hashing is what bounds the speed: SHA-256 once the run is committed, else MD5.
         expected = info.sha256 or (info.md5 if len(info.md5) == 32 else "")
         hasher = hashlib.sha256() if info.sha256 else hashlib.md5(usedforsecurity=False)
-        done = 0
-        with urllib.request.urlopen(info.url, timeout=300) as resp, open(tmp, "wb") as fh:
-            while chunk := resp.read(files.CHUNK):
-                hasher.update(chunk)
-                fh.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, info.size)
+        files.fetch(info.url, tmp, info.size, hasher, (lambda done: progress(done, info.size)) if progress else None)
         if expected and hasher.hexdigest() != expected:
             tmp.unlink(missing_ok=True)
             raise OSError(f"download of {name} is corrupt (checksum mismatch); try again")

@@ -82,6 +82,7 @@ def agent_permissions(node_id: str) -> Permissions:
             f"$JS.ACK.{s.ASSIGNMENTS_STREAM}.{consumer}.>",
             f"{JS}.INFO",
             f"{JS}.STREAM.INFO.{kv_nodes}",
+            f"{JS}.STREAM.MSG.GET.{kv_nodes}",  # whether its name is taken (adverts are no secret: nodes lists them)
             f"{JS}.STREAM.INFO.{kv_targets}",
             f"{JS}.DIRECT.GET.{kv_targets}.>",
             f"{JS}.STREAM.MSG.GET.{kv_targets}",

@@ -43,7 +43,9 @@ from shared.states import check_transition
 
 T = TypeVar("T")
 
-WRONG_LAST_SEQUENCE = 10071  # JetStream's answer when an expected-last-subject-sequence check fails
+# JetStream's answers when an expected-last-subject-sequence check fails: one server says which sequence it has
+# (10071); a clustered stream's leader answers with the constant form (10164).
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 
 # What a bus outage (a server restarting, a partition, JetStream without quorum) raises: worth waiting out.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -329,7 +331,7 @@ class RunEventLog:
                 )
                 return event
             except APIError as exc:
-                if exc.err_code != WRONG_LAST_SEQUENCE:
+                if exc.err_code not in WRONG_LAST_SEQUENCE:
                     raise
         raise ConflictError(f"run {run_id}: too much contention appending an event")
 

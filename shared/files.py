@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import http.client
 import io
 import posixpath
 import urllib.parse
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from shared import schemas
 from shared.errors import StorageError, ValidationError
@@ -130,3 +135,57 @@ def unreachable_store(url: str, exc: BaseException, where: str) -> StorageError:
         "the services advertise (CADRE_S3_PUBLIC_ENDPOINT, else CADRE_S3_ENDPOINT), which every agent and client "
         "host must reach"
     )
+
+
+PART = 8 << 20  # bytes per ranged GET of a parallel download
+FETCH_WORKERS = 4
+
+
+def fetch(url: str, dest: Path, size: int, hasher: Any, progress: Callable[[int], None] | None = None) -> None:
+    """Download ``url`` (``size`` bytes) to ``dest``, feeding ``hasher`` in order as the bytes arrive.
+
+    A large object comes as ranged GETs in parallel while this thread writes and hashes the parts in order, so
+    the network and the hash overlap; at most ``2 * FETCH_WORKERS`` parts are held in memory.
+    """
+    if size <= 2 * PART:
+        with urllib.request.urlopen(url, timeout=300) as resp, open(dest, "wb") as out:
+            done = 0
+            while chunk := resp.read(CHUNK):
+                hasher.update(chunk)
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done)
+        return
+
+    def get(index: int) -> bytes:
+        start = index * PART
+        end = min(size, start + PART) - 1
+        req = urllib.request.Request(url, headers={"Range": f"bytes={start}-{end}"})
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            if resp.status != 206:
+                raise StorageError(f"the object store ignored a ranged GET (HTTP {resp.status})")
+            data = resp.read()
+        if len(data) != end - start + 1:
+            raise StorageError(f"a ranged GET returned {len(data)} bytes, not {end - start + 1}")
+        return data
+
+    parts = (size + PART - 1) // PART
+    with concurrent.futures.ThreadPoolExecutor(FETCH_WORKERS) as pool, open(dest, "wb") as out:
+        pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+        submitted = 0
+        done = 0
+        try:
+            while done < size:
+                while submitted < parts and len(pending) < 2 * FETCH_WORKERS:
+                    pending.append(pool.submit(get, submitted))
+                    submitted += 1
+                data = pending.popleft().result()
+                hasher.update(data)  # hashlib lets go of the GIL: the GETs go on meanwhile
+                out.write(data)
+                done += len(data)
+                if progress:
+                    progress(done)
+        finally:
+            for fut in pending:
+                fut.cancel()

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared import bus, schemas, subjects
-from shared.errors import CadreError, InvalidRequestError
+from shared.errors import CadreError, InvalidRequestError, ServiceUnavailableError
 from shared.settings import BusSettings
 
 Req = TypeVar("Req", bound=msgspec.Struct)
@@ -111,6 +111,13 @@ class Service:
                 reply = schemas.Reply(error=_invalid(f"the request on {msg.subject} is not a JSON object: {exc}"))
             except CadreError as exc:
                 reply = schemas.Reply(error=schemas.ErrorInfo(code=exc.code, message=exc.message))
+            except bus.TRANSIENT_ERRORS as exc:  # JetStream cannot make progress now: the caller may try again
+                self.log.warning("jetstream_unavailable", subject=subject, error=repr(exc))
+                message = (
+                    f"{self.name} cannot write to JetStream now ({exc.__class__.__name__}): the bus is restarting, "
+                    "or fewer than a majority of its servers are up; try again once they are"
+                )
+                reply = schemas.Reply(error=schemas.ErrorInfo(code=ServiceUnavailableError.code, message=message))
             except Exception as exc:  # a bug: log it whole, tell the caller only what happened
                 self.log.exception("handler_failed", subject=subject)
                 reply = schemas.Reply(

@@ -194,16 +194,7 @@ class Fleet:
                 env["CADRE_NODE_GRACE"] = str(self.node_grace)
             argv = [sys.executable, "-m", f"services.{name}"]
             service_recs.append(self.spawn(name, "service", "services", argv, _local._child_env(env)))
-        agent_recs = []
-        for name in agents:
-            host = self.hosts[name]
-            env = {**bus_env, "CADRE_NATS_USER": name, "CADRE_NATS_PASSWORD": self.passwords[name]}
-            argv = [
-                sys.executable, "-m", "services.node_agent", "--node-id", name, "--compute-target", "local",
-                "--work-dir", str(self.root / "agents" / name), "--runtime", "process", "--address", host.ip,
-                "--slots", "2", "--gpus", "0", "--heartbeat", "0.5", *self.agent_args,
-            ]  # fmt: skip
-            agent_recs.append(self.spawn(name, "agent", name, argv, _local._child_env(env)))
+        agent_recs = [self.start_agent(name, name) for name in agents]
         client = BusSettings(
             url=self.nats_urls(), user=_local.CLIENT_USER, password=self.passwords[_local.CLIENT_USER], name="fleet"
         )
@@ -215,6 +206,20 @@ class Fleet:
         profile = Profile(nats_url=self.nats_urls(), user=client.user, password=client.password, name="fleet")
         self.profile_path = save_profile(profile, self.root / "profile.json")
         return self
+
+    def start_agent(self, name: str, host: str, password: str | None = None, log: str | None = None) -> Any:
+        """An agent with node id ``name`` on ``host`` (its own credentials unless ``password`` says otherwise)."""
+        env = {
+            "CADRE_NATS_URL": self.nats_urls(),
+            "CADRE_NATS_USER": name,
+            "CADRE_NATS_PASSWORD": password or self.passwords[name],
+        }
+        argv = [
+            sys.executable, "-m", "services.node_agent", "--node-id", name, "--compute-target", "local",
+            "--work-dir", str(self.root / "agents" / (log or name)), "--runtime", "process", "--address",
+            self.hosts[host].ip, "--slots", "2", "--gpus", "0", "--heartbeat", "0.5", *self.agent_args,
+        ]  # fmt: skip
+        return self.spawn(log or name, "agent", host, argv, _local._child_env(env))
 
     def link(self, host: str, up: bool) -> None:
         """Take ``host``'s link to the bridge down (a cable pulled: no packet either way, no reset) or up."""

@@ -12,12 +12,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from fleet import Fleet, available
 
 from cadre import Estimator, Experiment, MpiConfiguration, Workspace, _local
 from shared import schemas, subjects
+from shared.errors import ServiceUnavailableError
 from shared.procs import is_alive
 
 WHERE = """
@@ -36,6 +38,7 @@ with open(f"outputs/rank{rank}.txt", "w") as fh:
 """
 
 GRACE, FENCE = 6.0, 8.0
+T = TypeVar("T")
 
 STEPS = """
 import os, time
@@ -176,3 +179,72 @@ def test_a_host_cut_off_mid_run_fences_its_rank_and_the_run_completes_on_another
             break
         assert time.monotonic() < deadline, "the healed host did not rejoin"
         time.sleep(0.2)
+
+
+def test_with_two_of_three_servers_lost_requests_say_the_bus_cannot_make_progress_and_all_recovers(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    project = make_project(**{"hello.py": "print('hello from the fleet')"})
+    before = Experiment(fws, "fleet").submit(Estimator(project, "hello.py"))
+    assert before.wait_for_completion(timeout=60)["status"] == "Completed"
+    fleet.kill("nats-2")
+    fleet.kill("nats-3")
+    try:
+        with pytest.raises(ServiceUnavailableError, match="fewer than a majority of its servers are up"):
+            Experiment(fws, "fleet").submit(Estimator(project, "hello.py"))
+    finally:
+        for i in (2, 3):
+            rec = fleet.start_nats(i)
+            mine = [r for r in fleet.records if r[0] is rec]
+            _local._wait_nats(8222, rec, mine, time.monotonic() + 60, 60, host=fleet.hosts[f"nats-{i}"].ip)
+    # Back to three (once they have a leader again): nothing was lost or corrupted, and runs go on.
+    assert _once_available(lambda: before.get_details()["status"]) == "Completed"
+    after = _once_available(lambda: Experiment(fws, "fleet").submit(Estimator(project, "hello.py")))
+    assert after.wait_for_completion(timeout=90)["status"] == "Completed"
+
+
+def _once_available(fn: Callable[[], T], within: float = 60.0) -> T:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return fn()
+        except ServiceUnavailableError:
+            assert time.monotonic() < deadline, "the bus did not recover"
+            time.sleep(0.5)
+
+
+def test_an_agent_with_a_node_id_in_use_or_a_wrong_password_is_refused_and_says_why(fleet: Fleet) -> None:
+    holder = fleet.hosts["agent-0"]
+    deadline = time.monotonic() + 60
+    while not _heartbeating(_once_available(lambda: fleet_state(fleet)), "agent-0"):  # (the bus may be recovering)
+        assert time.monotonic() < deadline, "agent-0 is not heartbeating"
+        time.sleep(0.2)
+    twin = fleet.start_agent("agent-0", "client", log="agent-0-twin")  # the right credentials, another host
+    wrong = fleet.start_agent("agent-1", "client", password="not-the-password", log="agent-1-wrong")
+    for rec, said in (
+        (twin, f"node id 'agent-0' is in use by the agent at {holder.ip} (host "),
+        (wrong, "refused user 'agent-1' (Authorization Violation)"),
+    ):
+        proc = next(p for r, p in fleet.records if r is rec)
+        try:
+            assert proc.wait(60) == 2
+        finally:
+            if proc.poll() is None:
+                fleet.kill(rec.name)  # it took the name: it must not go on running as agent-0
+        log = Path(rec.log).read_text()
+        assert said in log, log[-2000:]
+        assert "Traceback" not in log  # one clear line, not a stack
+    state = _once_available(
+        lambda: fleet_state(fleet),
+    )
+    assert {n.advert.node_id: n.advert.address for n in state.nodes}["agent-0"] == holder.ip  # the holder keeps it
+
+
+def fleet_state(fleet: Fleet) -> schemas.SchedulerState:
+    assert fleet.profile_path is not None
+    with Workspace.from_config(fleet.profile_path) as ws:
+        return ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+
+
+def _heartbeating(state: schemas.SchedulerState, node_id: str) -> bool:
+    return any(n.advert.node_id == node_id and n.state == "Ready" and n.advert.alive(time.time()) for n in state.nodes)

@@ -262,7 +262,7 @@ class ArtifactService(Service):
                 )
                 return count
             except APIError as exc:
-                if exc.err_code != bus.WRONG_LAST_SEQUENCE:
+                if exc.err_code not in bus.WRONG_LAST_SEQUENCE:
                     raise
         raise ConflictError(f"run {run_id}: rank {rank}'s log would not settle; try again")
 

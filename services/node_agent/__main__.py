@@ -5,11 +5,13 @@ a flag on the command line wins."""
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from services.node_agent.service import AgentConfig, NodeAgentService
 from shared.environments import PULL_POLICIES, parse_size
+from shared.errors import CadreError
 from shared.logging import configure
 from shared.settings import FENCE_AFTER_DEFAULT, BusSettings, log_level, secret_env
 
@@ -77,4 +79,8 @@ def parse() -> AgentConfig:
 
 config = parse()
 configure("node_agent", log_level())
-asyncio.run(NodeAgentService(BusSettings.from_env(f"agent-{config.node_id}"), config).run())
+try:
+    asyncio.run(NodeAgentService(BusSettings.from_env(f"agent-{config.node_id}"), config).run())
+except CadreError as exc:  # refused (a wrong credential, a node id in use, a bad flag): said in one line
+    print(f"cadre node agent {config.node_id}: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)

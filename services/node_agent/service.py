@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from nats.js import api as js_api
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from services.node_agent import capacity
@@ -122,10 +122,11 @@ class NodeAgentService(Service):
             job_python=job_python, host_id=self.base_advert["host_id"],
             launcher=ShimLauncher(self.config.work_dir / "shim-launcher.log"),
         )  # fmt: skip
-        await self._take_over()  # before the cache sweep: what a run taken over uses must stay
-        await self.cache.sweep()
         # The services create the topology; an agent started first waits for it.
         self.nodes_kv = await bus.retry(lambda: self.js.key_value(subjects.NODES_BUCKET))
+        await self._refuse_a_name_in_use()
+        await self._take_over()  # before the cache sweep: what a run taken over uses must stay
+        await self.cache.sweep()
         targets = await bus.retry(lambda: self.js.key_value(subjects.TARGETS_BUCKET))
         info = schemas.ComputeTargetInfo(name=self.config.compute_target, first_seen_at=time.time())
         try:  # a bucket just created on a clustered bus may still be electing its leader: waited out
@@ -148,6 +149,24 @@ class NodeAgentService(Service):
             slots=self.base_advert["slots"],
             gpus=len(self.base_advert["gpus"]),
             runtime=await asyncio.to_thread(self.runtime.describe),
+        )
+
+    async def _refuse_a_name_in_use(self) -> None:
+        """Another agent heartbeating under this node id (from another host or address) keeps it: say which."""
+        try:
+            entry = await bus.outlast(lambda: self.nodes_kv.get(self.config.node_id), within=60)
+        except KeyNotFoundError:
+            return
+        if not entry.value:
+            return
+        other = schemas.decode(entry.value, schemas.NodeAdvert)
+        mine = (self.base_advert["host_id"], self.base_advert["address"])
+        if (other.host_id, other.address) == mine or not other.alive(time.time()):
+            return  # a previous life of this agent, or an agent gone: the name is free
+        raise ValidationError(
+            f"node id {self.config.node_id!r} is in use by the agent at {other.address} (host {other.hostname}), "
+            f"which heartbeated {max(0.0, time.time() - other.heartbeat_at):.1f}s ago: give this agent another "
+            "--node-id, or stop that one first"
         )
 
     async def _take_over(self) -> None:
