@@ -132,9 +132,9 @@ class Run:
             while (item := items.get())[0] != "end":
                 if item[0] == "error":
                     raise item[1]
-                if item[0] == "line":
-                    rank, line = item[1]
-                    by_rank.setdefault(rank, []).append(line.text)
+                if item[0] == "lines":
+                    rank, lines = item[1]
+                    by_rank.setdefault(rank, []).extend(line.text for line in lines)
         finally:
             self._ws._loop.call(stop())
         single = len(details["placement"]) <= 1
@@ -222,14 +222,13 @@ class Run:
                 if kind == "multi":
                     multi_rank = value
                     continue
-                rank, line = value
+                rank, lines = value  # a batch: one queue item and one write per batch, not per line
                 if output is not None:
                     prefix = f"[rank {rank}] " if multi_rank else ""
-                    if line.stream == "p":  # the node preparing the run: environment build output
-                        prefix += "[prepare] "
-                    output.write(f"{prefix}{line.text}\n")
+                    prepare = f"{prefix}[prepare] "  # the node preparing the run: environment build output
+                    output.write("".join(f"{prepare if ln.stream == 'p' else prefix}{ln.text}\n" for ln in lines))
                     output.flush()
-                printed += 1
+                printed += len(lines)
         finally:
             self._ws._loop.call(stop())
 
@@ -262,8 +261,9 @@ class Run:
         async def on_log(msg) -> None:
             batch = schemas.log_batch_decoder.decode(msg.data)
             cursor = cursors.setdefault(batch.rank, LogCursor(from_line))
-            for line in cursor.take(batch):
-                items.put(("line", (batch.rank, line)))
+            lines = cursor.take(batch)
+            if lines:
+                items.put(("lines", (batch.rank, lines)))
             received[batch.rank] = cursor.have
             check_done()
 
@@ -331,8 +331,8 @@ class Run:
         async def read() -> list[schemas.RunData]:
             js = self._ws._js
             subject = subjects.run_metrics(self.id)
-            try:
-                last = await js.get_last_msg(subjects.METRICS_STREAM, subject)
+            try:  # right after a bus outage the stream may still be electing its leader: waited out
+                last = await bus.outlast(lambda: js.get_last_msg(subjects.METRICS_STREAM, subject), OUTAGE_PATIENCE)
             except JsNotFound:
                 return []
             msgs = bus.replay(js, subjects.METRICS_STREAM, subject, last.seq or 0)

@@ -155,11 +155,12 @@ class Fleet:
         self._own_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         self.enter("client")
         agents = [f"agent-{i}" for i in range(self.agents)]
-        names = [_local.CLIENT_USER, *_local.SERVICES, *agents, "route"]
+        spare = f"agent-{self.agents}"  # a bus user for an agent a test starts itself
+        names = [_local.CLIENT_USER, *_local.SERVICES, *agents, spare, "route"]
         self.passwords = {name: secrets.token_urlsafe(24) for name in names}
         users = [(_local.CLIENT_USER, self.passwords[_local.CLIENT_USER], client_permissions())]
         users += [(name, self.passwords[name], service_permissions()) for name in _local.SERVICES]
-        users += [(name, self.passwords[name], agent_permissions(name)) for name in agents]
+        users += [(name, self.passwords[name], agent_permissions(name)) for name in [*agents, spare]]
         for i in (1, 2, 3):
             self._nats_conf(i, users)
             self.start_nats(i)
@@ -207,15 +208,18 @@ class Fleet:
         self.profile_path = save_profile(profile, self.root / "profile.json")
         return self
 
-    def start_agent(self, name: str, host: str, password: str | None = None, log: str | None = None) -> Any:
-        """An agent with node id ``name`` on ``host`` (its own credentials unless ``password`` says otherwise)."""
+    def start_agent(
+        self, name: str, host: str, password: str | None = None, log: str | None = None, launch: list[str] | None = None
+    ) -> Any:
+        """An agent with node id ``name`` on ``host`` (its own credentials unless ``password`` says otherwise;
+        ``launch``: the interpreter's arguments before the agent's, instead of ``-m services.node_agent``)."""
         env = {
             "CADRE_NATS_URL": self.nats_urls(),
             "CADRE_NATS_USER": name,
             "CADRE_NATS_PASSWORD": password or self.passwords[name],
         }
         argv = [
-            sys.executable, "-m", "services.node_agent", "--node-id", name, "--compute-target", "local",
+            sys.executable, *(launch or ["-m", "services.node_agent"]), "--node-id", name, "--compute-target", "local",
             "--work-dir", str(self.root / "agents" / (log or name)), "--runtime", "process", "--address",
             self.hosts[host].ip, "--slots", "2", "--gpus", "0", "--heartbeat", "0.5", *self.agent_args,
         ]  # fmt: skip

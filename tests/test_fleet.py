@@ -248,3 +248,35 @@ def fleet_state(fleet: Fleet) -> schemas.SchedulerState:
 
 def _heartbeating(state: schemas.SchedulerState, node_id: str) -> bool:
     return any(n.advert.node_id == node_id and n.state == "Ready" and n.advert.alive(time.time()) for n in state.nodes)
+
+
+# The agent as a host whose clock is ten minutes slow would run it: every time.time() it reads is off.
+SLOW_CLOCK = (
+    "import runpy, time; real = time.time; time.time = lambda: real() - 600; "
+    "runpy.run_module('services.node_agent', run_name='__main__')"
+)
+
+
+def test_an_agent_whose_clock_is_ten_minutes_slow_stays_ready_and_takes_work(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    name = f"agent-{fleet.agents}"  # the fleet's spare agent user
+    rec = fleet.start_agent(name, "client", launch=["-c", SLOW_CLOCK])
+    try:
+        deadline = time.monotonic() + 60
+        while not _heartbeating_by_the_schedulers_clock(fleet_state(fleet), name):
+            assert time.monotonic() < deadline, "the slow-clock agent did not join"
+            time.sleep(0.2)
+        time.sleep(GRACE + 2)  # past the node grace: liveness is judged by the scheduler's own clock
+        state = fleet_state(fleet)
+        assert _heartbeating_by_the_schedulers_clock(state, name), [(n.advert.node_id, n.state) for n in state.nodes]
+        est = Estimator(make_project(**{"hello.py": "print('everywhere')"}), "hello.py", node_count=fleet.agents + 1)
+        run = Experiment(fws, "fleet").submit(est)
+        assert run.wait_for_completion(timeout=90)["status"] == "Completed"
+        assert name in {slot["node_id"] for slot in run.get_details()["placement"]}
+    finally:
+        fleet.kill(rec.name)
+
+
+def _heartbeating_by_the_schedulers_clock(state: schemas.SchedulerState, node_id: str) -> bool:
+    return any(n.advert.node_id == node_id and n.state == "Ready" for n in state.nodes)

@@ -42,6 +42,7 @@ class SchedulerService(Service):
         self.node_grace = node_grace  # a silent node's runs go on this long before the node is lost
         self.nodes: dict[str, schemas.NodeAdvert] = {}  # live
         self.known: dict[str, schemas.NodeAdvert] = {}  # every node not deregistered, live or lost
+        self.heard_at: dict[str, float] = {}  # node id -> when its last new heartbeat arrived, by this clock
         self.not_responding: set[str] = set()
         self.queues: dict[str, OrderedDict[str, schemas.RunRecord]] = {}
         self.reasons: dict[str, str] = {}
@@ -89,6 +90,7 @@ class SchedulerService(Service):
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 gone = self.known.pop(entry.key, None)
+                self.heard_at.pop(entry.key, None)
                 self.not_responding.discard(entry.key)
                 if self.nodes.pop(entry.key, None) is not None:
                     self.log.info("node_left", node_id=entry.key)
@@ -98,6 +100,7 @@ class SchedulerService(Service):
                     await self._node_event(gone, "left", "the agent deregistered")
             else:
                 advert = schemas.node_decoder.decode(entry.value)
+                self._heard(advert)
                 if advert.node_id not in self.known:
                     self.target_grew_at[advert.compute_target] = time.monotonic()
                 self.known[advert.node_id] = advert
@@ -368,7 +371,8 @@ class SchedulerService(Service):
         if entry.value:
             fresh = schemas.node_decoder.decode(entry.value)
             current = self.nodes.get(node_id)
-            if current is not None and fresh.heartbeat_at > current.heartbeat_at:
+            if current is not None and fresh.heartbeat_at != current.heartbeat_at:  # a beat the watch has not shown
+                self._heard(fresh)
                 self.nodes[node_id] = fresh
                 self.known[node_id] = fresh
                 if node_id in self.not_responding:
@@ -380,12 +384,21 @@ class SchedulerService(Service):
         # Never under two heartbeats, whatever the setting: one late beat must not lose a node.
         return max(self.node_grace, 2 * advert.heartbeat_interval)
 
+    def _heard(self, advert: schemas.NodeAdvert) -> None:
+        """A new heartbeat arrived: when, by this scheduler's clock (an agent's clock may be off by minutes)."""
+        known = self.known.get(advert.node_id)
+        if known is None or known.heartbeat_at != advert.heartbeat_at or advert.node_id not in self.heard_at:
+            self.heard_at[advert.node_id] = time.time()
+
+    def _last_heard(self, advert: schemas.NodeAdvert) -> float:
+        """Silence while this scheduler was cut off from the bus does not count against a node: its clock starts
+        again when the connection came back."""
+        return max(self.heard_at.get(advert.node_id, self.bus_up_since), self.bus_up_since)
+
     def _heard_from(self, advert: schemas.NodeAdvert, now: float, lost: bool = False) -> bool:
         """Whether the node's heartbeats are arriving (missing 1.5 beats: not responding), or with ``lost``,
-        whether it is still within its grace. Silence while this scheduler was cut off from the bus does not count
-        against a node: its clock starts again when the connection came back."""
-        heard = max(advert.heartbeat_at, self.bus_up_since)
-        return now - heard <= (self._grace(advert) if lost else 1.5 * advert.heartbeat_interval)
+        whether it is still within its grace. Times are this scheduler's own: the agent's only tells beats apart."""
+        return now - self._last_heard(advert) <= (self._grace(advert) if lost else 1.5 * advert.heartbeat_interval)
 
     async def _node_event(self, advert: schemas.NodeAdvert, kind: str, detail: str) -> None:
         """Record a node's change for operators, once: a restarted scheduler does not repeat a join it saw."""
@@ -417,7 +430,7 @@ class SchedulerService(Service):
                 state = "Lost"
             lost_in = None
             if state == "NotResponding":
-                lost_in = max(0.0, max(advert.heartbeat_at, self.bus_up_since) + self._grace(advert) - now)
+                lost_in = max(0.0, self._last_heard(advert) + self._grace(advert) - now)
             nodes.append(schemas.NodeStatus(
                 advert=advert, state=state, used_slots=used.used_slots if used else 0,
                 used_gpus=sorted(used.used_gpus) if used else [], runs=runs_on.get(nid, []), lost_in=lost_in,
