@@ -40,7 +40,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from cadre._profile import Profile, cadre_home, load_profile, save_profile
-from services.node_agent.shim import stop_shims
+from services.node_agent.shim import ShimFiles
 from shared import schemas
 from shared.auth import (
     Permissions,
@@ -298,7 +298,7 @@ def down(home: Path | None = None, timeout: float = 40.0) -> bool:
         return False
     running = any(_is_ours(r) for r in state.processes)
     _stop(state.processes, timeout)
-    stop_shims(home / "cluster" / "agents", grace=15.0)  # runs go with the cluster (an agent's stop leaves them)
+    _stop(shim_records(home / "cluster" / "agents"), 15.0)  # runs go with the cluster (an agent's stop leaves them)
     _unlink(state_path)
     _remove_profile_of(home / "profile.json", state)
     return running
@@ -755,6 +755,18 @@ def _stop(records: list[ProcessRecord], timeout: float) -> None:
         for rec in live:
             _signal_group(rec, signal.SIGKILL)
         _wait_exit(live, time.monotonic() + 5.0)
+
+
+def shim_records(agents_dir: Path) -> list[ProcessRecord]:
+    """The runs' shims under the agents' work dirs: each leads a process group of its own (SIGTERM: it stops its
+    ranks; SIGKILL: a plain-process rank dies with it)."""
+    out = []
+    for folder in sorted(agents_dir.glob("*/runs/*.shim")):
+        files = ShimFiles(folder)
+        if (proc := files.shim_process()) is not None:
+            out.append(ProcessRecord(name=folder.name, role="shim", pid=proc[0], start_time=proc[1], argv=[],
+                                     log=str(files.output)))  # fmt: skip
+    return out
 
 
 def _wait_exit(records: list[ProcessRecord], deadline: float) -> list[ProcessRecord]:

@@ -30,7 +30,6 @@ from typing import Any
 
 from cadre import _local
 from cadre._profile import Profile, save_profile
-from services.node_agent.shim import stop_shims
 from shared.auth import Cluster, agent_permissions, client_permissions, render_nats_config, service_permissions
 from shared.settings import BusSettings
 
@@ -253,7 +252,7 @@ class Fleet:
     def stop(self) -> None:
         try:
             _local._stop([r for r, _ in self.records], timeout=20)
-            stop_shims(self.root / "agents", grace=10)
+            _local._stop(_local.shim_records(self.root / "agents"), 10)
         finally:
             self._leave()
             for host in self.hosts.values():

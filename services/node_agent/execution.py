@@ -36,6 +36,7 @@ from services.node_agent.runtime import (
 from services.node_agent.shim import PmiSpec, ShimSpec
 from services.node_agent.staging import Staging
 from services.node_agent.supervision import (
+    SHIM_LOST,
     Kept,
     RunShim,
     ShimLauncher,
@@ -117,7 +118,7 @@ class Execution:
         self.finished_here = False  # this node reported NodeFinished for this attempt (a previous life did)
         self.recorded_exits: set[int] = set()  # ranks whose RankExited is in the history already
         self.adopted = kept is not None and kept.launched
-        if kept is not None and kept.launched:
+        if kept is not None and self.adopted:
             self.group, self.started_ns, self.line_base = kept.group, kept.started_ns, dict(kept.line_base)
             self.staging.prepared, self.staging.dataset_paths = kept.prepared, dict(kept.dataset_paths)
             for path in kept.held:
@@ -183,7 +184,7 @@ class Execution:
             )  # fmt: skip
 
     async def _clean_up(self) -> None:
-        if self.launched and any(d and d.startswith("lost: the run's shim") for d in self.deaths.values()):
+        if self.launched and SHIM_LOST in self.deaths.values():
             await self.runtime.remove_run(self.node_id, self.run_id)  # containers outlive a shim killed under us
         if self.group is not None:
             await asyncio.shield(self.runtime.close_group(self.group))
@@ -205,9 +206,8 @@ class Execution:
 
     def _observe(self, event: schemas.RunEvent) -> None:
         if lifecycle.attempt_of(event) != self.attempt:
-            if lifecycle.attempt_of(event) > self.attempt and not self.abort.is_set():
-                self.abort_reason = "the run was retried as a new attempt"
-                self.abort.set()
+            if lifecycle.attempt_of(event) > self.attempt:
+                self._give_up("the run was retried as a new attempt")
             return
         if getattr(event, "node_id", None) == self.node_id:
             if isinstance(event, schemas.NodeFinished):
@@ -228,9 +228,8 @@ class Execution:
             reason = f"rank {event.rank} on node {event.node_id} exited with code {event.exit_code}"
         elif isinstance(event, schemas.NodeFinished) and event.error is not None and not event.aborted:
             reason = f"node {event.node_id} failed: {event.error.message.splitlines()[0]}"
-        if reason and not self.abort.is_set():
-            self.abort_reason = reason
-            self.abort.set()
+        if reason:
+            self._give_up(reason)
 
     def _env(self, slot: schemas.RankSlot, rdv: Place, co_hosted: bool) -> dict[str, str]:
         env = dict(self.spec.environment_variables)
@@ -491,7 +490,7 @@ class Execution:
             how = f"was {death} (exit code {code})"
             if "out of memory" in death:
                 cause = Cause.OUT_OF_MEMORY
-            elif death.startswith("lost: the run's shim"):
+            elif death == SHIM_LOST:
                 cause = Cause.AGENT_RESTARTED  # what kept the rank is gone: the node's infrastructure failed
         tail = "\n".join(self.shippers[rank].tail) if rank in self.shippers else ""
         message = f"rank {rank} on node {self.node_id} {how}; last log lines:\n{tail}"

@@ -150,26 +150,6 @@ class ShimFiles:
         return proc is not None and is_alive(*proc)
 
 
-def stop_shims(agents_dir: Path, grace: float) -> int:
-    """Stop every shim under the agents' work dirs (``cadre down``: the cluster goes, its runs with it).
-
-    SIGTERM, so each stops its ranks; past ``grace`` SIGKILL, and a plain-process rank dies with its shim.
-    Returns how many shims were running.
-    """
-    shims = [ShimFiles(folder) for folder in sorted(agents_dir.glob("*/runs/*.shim"))]
-    live = [proc for f in shims if (proc := f.shim_process()) is not None and is_alive(*proc)]
-    for pid, _ in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while (left := [p for p in live if is_alive(*p)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid, _ in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return len(live)
-
-
 def _runtime(spec: ShimSpec) -> Runtime:
     if spec.runtime == "docker":
         from services.node_agent.docker_runtime import DockerRuntime

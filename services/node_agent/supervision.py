@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -34,6 +35,7 @@ from shared.procs import is_alive, start_time
 READY_TIMEOUT = 60.0  # seconds for a shim to start its ranks (containers may take a while)
 STOP_PATIENCE = 15.0  # past the grace, a shim that has not stopped its ranks is killed (its ranks die with it)
 ADOPTED_POLL = 0.1  # seconds between looks at the files of a shim this agent did not start (no pipe)
+SHIM_LOST = "lost: the run's shim on this node died, and the rank with it"  # how such a rank died
 _SHIM_ENV = (*PASSTHROUGH_ENV, "DOCKER_HOST", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY")
 
 
@@ -182,31 +184,33 @@ class RunShim:
         self._proc = (pid, start_time(pid))
         self._pipe = read
         asyncio.get_running_loop().add_reader(read, self._woken)
+        ready = await self._ready()
+        if ready is None:
+            raise CadreError(f"the run's shim did not start the ranks: {self._output_tail()}")
+        if "error" in ready:
+            raise CadreError(ready["error"])
+
+    async def adopt(self) -> bool:
+        """Take over the shim of a previous life of this agent; False if it never started the ranks."""
+        ready = await self._ready()  # it may be starting them now
+        if ready is None or "error" in ready:
+            return False
+        self.touch()
+        return True
+
+    async def _ready(self) -> dict[str, Any] | None:
+        """``ready.json`` once the shim wrote it (the ranks' pids are then known), or None if the shim died or took
+        longer than READY_TIMEOUT."""
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             ticket = self.ticket()
             ready = self.files.read_json(self.files.ready)
             if ready is not None:
-                break
+                self.pids = {int(rank): pid for rank, pid in ready.get("pids", {}).items()}
+                return ready  # type: ignore[no-any-return]
             if not self.alive() or time.monotonic() > deadline:
-                raise CadreError(f"the run's shim did not start the ranks: {self._output_tail()}")
+                return None
             await self.wait(ticket)
-        if "error" in ready:
-            raise CadreError(ready["error"])
-        self.pids = {int(rank): pid for rank, pid in ready["pids"].items()}
-
-    async def adopt(self) -> bool:
-        """Take over the shim of a previous life of this agent; False if it never started the ranks."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        while (ready := self.files.read_json(self.files.ready)) is None:  # it may be starting them now
-            if not self.alive() or time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(ADOPTED_POLL)
-        if "error" in ready:
-            return False
-        self.pids = {int(rank): pid for rank, pid in ready["pids"].items()}
-        self.touch()
-        return True
 
     def _output_tail(self) -> str:
         try:
@@ -285,7 +289,7 @@ class RunShim:
         """Rank ``rank``'s exit code and how it died (once ``lines`` ended)."""
         info = self.files.read_json(self.files.exit(rank))
         if info is None:
-            return -9, "lost: the run's shim on this node died, and the rank with it"
+            return -9, SHIM_LOST
         return int(info["code"]), info.get("death")
 
     def mpi_abort(self) -> tuple[int, int] | None:
@@ -314,28 +318,31 @@ async def forward_context(
         offset = 0
     subject = subjects.run_metrics(run_id)
     log = structlog.get_logger().bind(run_id=run_id, component="run_context")
-    while True:
-        ticket = shim.ticket()
-        over = shim.finished()
-        try:
-            with open(files.context, "rb") as source:
+    source = None  # kept open: a wake-up reads on where the last one stopped
+    partial = b""
+    try:
+        while True:
+            ticket = shim.ticket()
+            over = shim.finished()
+            if source is None and files.context.exists():
+                source = open(files.context, "rb")
                 source.seek(offset)
-                data = source.read()
-        except FileNotFoundError:
-            data = b""
-        *complete, _ = data.split(b"\n")
-        for raw in complete:
-            headers = {"Nats-Msg-Id": f"{run_id}:ctx:{node_id}:{attempt}:{offset}"}
-            try:
-                await bus.outlast(lambda r=raw, h=headers: js.publish(subject, r, timeout=10, headers=h), patience)
-            except Exception as exc:  # the bus stayed away past the patience: said, and the run goes on
-                log.error("run_data_lost", error=str(exc))
-            offset += len(raw) + 1
-            with contextlib.suppress(OSError):
-                files.write(files.context_offset, str(offset).encode())
-        if over:
-            return
-        await shim.wait(ticket)
+            *complete, partial = (partial + (source.read() if source else b"")).split(b"\n")
+            for raw in complete:
+                headers = {"Nats-Msg-Id": f"{run_id}:ctx:{node_id}:{attempt}:{offset}"}
+                try:
+                    await bus.outlast(lambda r=raw, h=headers: js.publish(subject, r, timeout=10, headers=h), patience)
+                except Exception as exc:  # the bus stayed away past the patience: said, and the run goes on
+                    log.error("run_data_lost", error=str(exc))
+                offset += len(raw) + 1
+                with contextlib.suppress(OSError):
+                    files.write(files.context_offset, str(offset).encode())
+            if over:
+                return
+            await shim.wait(ticket)
+    finally:
+        if source is not None:
+            source.close()
 
 
 async def acknowledged_lines(js: JetStreamContext, run_id: str, rank: int, attempt: int) -> int | None:
