@@ -368,6 +368,11 @@ class SchedulerService(Service):
             entry = await self.nodes_kv.get(node_id)
         except KeyNotFoundError:
             return  # deregistered: the watch reports it
+        except bus.TRANSIENT_ERRORS:
+            # The bucket cannot be read (its servers are electing a leader, or too few are up): no heartbeat can
+            # be stored either, so silence until it can does not count against any node.
+            self.bus_up_since = time.time()
+            raise
         if entry.value:
             fresh = schemas.node_decoder.decode(entry.value)
             current = self.nodes.get(node_id)
