@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import cluster_costs, environments, latency, ray, scheduler, transfer
+from bench import cluster_costs, environments, latency, ray, scheduler, sweeps, transfer
 from cadre import Workspace, _local
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +68,7 @@ def main() -> int:
                 rows += environments.run(ws, 10 if quick else 30)
                 rows += transfer.run(ws, home, quick)
                 rows += cluster_costs.mpi_overhead(ws, 5 if quick else 20)
+                rows += sweeps.run(ws, quick)
             rows += scheduler.run(home, quick)
         finally:
             _local.down(home=home)

@@ -59,7 +59,7 @@ from shared.subjects import DEFAULT_BUCKET, Api, service_ping
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # services run as `python -m services.<name>` from here
-SERVICES = ("submitter", "scheduler", "artifact", "registry")
+SERVICES = ("submitter", "scheduler", "artifact", "registry", "sweeper")
 S3_SERVICES = frozenset({"submitter", "artifact", "registry"})  # only the bucket owners get S3 keys
 CLIENT_USER = "client"
 AGENT_HEARTBEAT = 2.0  # the agents' default (services/node_agent/__main__.py --heartbeat)

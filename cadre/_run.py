@@ -10,7 +10,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, overload
 
 import msgspec
 from nats.js import api as js_api
@@ -28,6 +28,7 @@ from shared.states import RunState
 if TYPE_CHECKING:
     from cadre._config import Environment, ScriptRunConfig
     from cadre._model import Model
+    from cadre.hyperdrive import HyperDriveConfig, HyperDriveRun
 
 LOG_DRAIN_TIMEOUT = 15.0
 OUTAGE_PATIENCE = 300.0  # seconds a following client waits out a bus that is away before it gives up
@@ -43,18 +44,35 @@ class Experiment:
         self.workspace = workspace
         self.name = name
 
-    def submit(self, config: Estimator | ScriptRunConfig, tags: dict[str, str] | None = None) -> Run:
-        """Snapshot ``config.source_directory``, upload it, and queue the run. Returns at once."""
-        from cadre._config import ScriptRunConfig
+    @overload
+    def submit(self, config: HyperDriveConfig, tags: dict[str, str] | None = None) -> HyperDriveRun: ...
+    @overload
+    def submit(self, config: Estimator | ScriptRunConfig, tags: dict[str, str] | None = None) -> Run: ...
 
-        if isinstance(config, ScriptRunConfig):
-            config = config._estimator
-        if not isinstance(config, Estimator):
-            raise ValidationError(f"submit expects a ScriptRunConfig or an Estimator, not {type(config).__name__}")
+    def submit(
+        self, config: Estimator | ScriptRunConfig | HyperDriveConfig, tags: dict[str, str] | None = None
+    ) -> Run | HyperDriveRun:
+        """Snapshot ``config.source_directory``, upload it, and queue the run (a HyperDriveConfig: start the
+        sweep). Returns at once."""
+        from cadre.hyperdrive import HyperDriveConfig
+
+        if isinstance(config, HyperDriveConfig):
+            return config._submit(self)
+        estimator = _estimator_of(config)
+        spec = self._upload(estimator, lambda spec: validate_spec(spec))
+        request = schemas.SubmitRequest(spec=spec, registry_password=estimator._registry_password)
+        reply = self.workspace._request(subjects.Api.SUBMIT, request, schemas.SubmitReply)
+        run = Run(self, reply.run_id)
+        if tags:
+            run.set_tags(tags)
+        return run
+
+    def _upload(self, config: Estimator, check: Callable[[schemas.RunSpec], None]) -> schemas.RunSpec:
+        """The run's spec, once its snapshot is stored; ``check`` fails it first, before any byte is uploaded."""
         ws = self.workspace
         snap = _snapshot.pack(config.source_directory)
         spec = config.to_spec(self.name, snap.ref, _snapshot.git_info(config.source_directory))
-        validate_spec(spec)  # fail here, before any byte is uploaded
+        check(spec)
         prep = ws._request(
             subjects.Api.SNAPSHOT_PREPARE,
             schemas.SnapshotPrepareRequest(snapshot=snap.ref),
@@ -63,12 +81,7 @@ class Experiment:
         if not prep.exists:
             assert prep.upload_url is not None
             http_put(prep.upload_url, snap.data)
-        request = schemas.SubmitRequest(spec=spec, registry_password=config._registry_password)
-        reply = ws._request(subjects.Api.SUBMIT, request, schemas.SubmitReply)
-        run = Run(self, reply.run_id)
-        if tags:
-            run.set_tags(tags)
-        return run
+        return spec
 
     def get_runs(self, status: str | None = None, tags: dict[str, str] | None = None, limit: int = 100) -> list[Run]:
         """This experiment's runs, newest first, optionally only those in ``status`` with all of ``tags``."""
@@ -84,6 +97,18 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment(name={self.name!r})"
+
+
+def _estimator_of(config: object) -> Estimator:
+    from cadre._config import ScriptRunConfig
+
+    if isinstance(config, ScriptRunConfig):
+        config = config._estimator
+    if not isinstance(config, Estimator):
+        raise ValidationError(
+            f"submit expects a ScriptRunConfig, an Estimator or a HyperDriveConfig, not {type(config).__name__}"
+        )
+    return config
 
 
 class Run:
@@ -168,7 +193,7 @@ class Run:
 
     def cancel(self) -> str:
         return self._ws._request(
-            subjects.Api.RUN_CANCEL, schemas.RunRef(run_id=self.id), schemas.RunSummary
+            subjects.Api.RUN_CANCEL, schemas.RunCancelRequest(run_id=self.id), schemas.RunSummary
         ).state.value
 
     # --- following ----------------------------------------------------------------------------------
@@ -445,4 +470,5 @@ def details_dict(d: schemas.RunDetails) -> dict[str, Any]:
         "history": msgspec.to_builtins(d.history),
         "attempt": d.attempt,
         "attempts": msgspec.to_builtins(d.attempts),
+        "parent": msgspec.to_builtins(d.parent) if d.parent else None,  # the sweep it is a child of
     }

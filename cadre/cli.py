@@ -224,9 +224,60 @@ def sparkline(values: list[float]) -> str:
     return "".join(SPARKS[int((v - lo) / span * (len(SPARKS) - 1))] for v in values[-40:])
 
 
+def cmd_sweeps(args: argparse.Namespace) -> int:
+    from shared import schemas, subjects
+
+    with _ws() as ws:
+        request = schemas.SweepListRequest(experiment=args.experiment, limit=args.limit)
+        found = ws._request(subjects.Api.SWEEP_LIST, request, schemas.SweepList).sweeps
+    print(f"{'SWEEP ID':<16} {'EXPERIMENT':<20} {'STATUS':<16} {'CHILDREN':>8} {'BEST':>12}  SUBMITTED")
+    for sw in found:
+        best = f"{sw.best_value:g}" if sw.best_value is not None else "-"
+        when = time.strftime("%F %T", time.localtime(sw.submitted_at))
+        print(f"{sw.sweep_id:<16} {sw.experiment:<20} {sw.state:<16} {sw.children:>8} {best:>12}  {when}")
+    return 0
+
+
+def _show_sweep(ws, sweep_id: str) -> int:
+    from cadre.hyperdrive import HyperDriveRun
+    from shared import sweeps
+
+    hd = HyperDriveRun.get(ws, sweep_id)
+    d = hd._details()
+    spec = d.spec
+    rows = {r["run_id"]: r for r in hd.get_children_sorted_by_primary_metric()}
+    reason = f"  {d.reason}" if d.reason else ""
+    print(f"sweep:       {d.sweep_id}  ({d.experiment})\nstatus:      {d.state}{reason}")
+    print(f"sampling:    {sweeps.SAMPLING_NAMES[spec.sampling]}, policy {sweeps.POLICY_NAMES[spec.policy.kind]}, "
+          f"{len(d.children)} of {spec.max_total_runs} children, {spec.max_concurrent_runs} at once")  # fmt: skip
+    print(f"script:      {spec.run.entry_script} {' '.join(spec.run.arguments)}")
+    print(f"metric:      {spec.primary_metric_goal} {spec.primary_metric_name}")
+    if d.error:
+        print(f"error:       [{d.error.code}] {d.error.message}")
+    names = list(spec.parameter_space)
+    width = max([len(sweeps.argument(n)) for n in names] + [8])
+    head = " ".join(f"{sweeps.argument(n):>{width}}" for n in names)
+    print(f"{'CHILD':<20} {'STATUS':<10} {spec.primary_metric_name[:12]:>12} {head}")
+    for child in d.children:
+        row = rows[child.run_id]
+        value = f"{row['best_primary_metric']:g}" if row["best_primary_metric"] is not None else "-"
+        cells = " ".join(f"{sweeps.render(child.params[n]):>{width}}" for n in names)
+        mark = "  (stopped early)" if child.terminated else ""
+        print(f"{child.run_id:<20} {row['status']:<10} {value:>12} {cells}{mark}")
+    if d.best_run_id:
+        best = next(c for c in d.children if c.run_id == d.best_run_id)
+        args = " ".join(f"{sweeps.argument(k)} {sweeps.render(v)}" for k, v in best.params.items())
+        print(f"best:        {d.best_run_id}  {spec.primary_metric_name} {d.best_value:g}  {args}")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from cadre import Run
+    from shared import sweeps
 
+    if sweeps.is_sweep_id(args.run_id):
+        with _ws() as ws:
+            return _show_sweep(ws, args.run_id)
     with _ws() as ws:
         run = Run.get(ws, args.run_id)
         d = run.get_details()
@@ -234,6 +285,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         names = run.get_file_names()
     spec = d["runDefinition"]
     print(f"run:         {d['runId']}  ({d['experiment']})\nstatus:      {d['status']}")
+    if d.get("parent"):
+        print(f"sweep:       {d['parent']['sweep_id']} (trial {d['parent']['trial']})")
     print(f"script:      {spec['entry_script']} {' '.join(spec['arguments'])}")
     print(f"layout:      {spec['node_count']} node(s) x {spec['process_count_per_node']} process(es), "
           f"target {spec['compute_target']}, distributed {spec['distributed']}")  # fmt: skip
@@ -457,7 +510,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("nodes", help="nodes: capacity, use, heartbeat, state").set_defaults(fn=cmd_nodes)
     sub.add_parser("queue", help="waiting runs, their position and reason").set_defaults(fn=cmd_queue)
     sub.add_parser("services", help="services and processes: up, ping, restarts").set_defaults(fn=cmd_services)
-    sh = sub.add_parser("show", help="everything about one run, metrics included")
+    sw = sub.add_parser("sweeps", help="hyperparameter sweeps: state, children, best value")
+    sw.add_argument("--experiment")
+    sw.add_argument("--limit", type=int, default=50)
+    sw.set_defaults(fn=cmd_sweeps)
+    sh = sub.add_parser("show", help="everything about one run (metrics included), or one sweep and its children")
     sh.add_argument("run_id")
     sh.set_defaults(fn=cmd_show)
 

@@ -52,6 +52,7 @@ def client_permissions() -> Permissions:
             *_read_stream(s.METRICS_STREAM),
             *_read_stream(s.NODES_STREAM),
             *_read_stream(s.SERVICES_STREAM),
+            *_read_stream(s.SWEEPS_STREAM),
         ],
         subscribe=["_INBOX.>"],
     )

@@ -204,6 +204,13 @@ async def ensure_topology(js: JetStreamContext) -> None:
             max_age=retention,
         ),
         js_api.StreamConfig(
+            name=subjects.SWEEPS_STREAM,
+            subjects=[subjects.all_sweep_subjects()],
+            storage=js_api.StorageType.FILE,
+            num_replicas=replicas,
+            max_age=retention,
+        ),
+        js_api.StreamConfig(
             name=subjects.MODELS_STREAM,
             subjects=[subjects.all_model_events()],
             storage=js_api.StorageType.FILE,

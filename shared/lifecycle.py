@@ -144,6 +144,8 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
                 error = err or error
             case schemas.Failed(error=err):
                 error = err
+            case schemas.CancelRequested(error=err) | schemas.Canceled(error=err) if err is not None:
+                error = err
         if state.is_terminal():
             ended_at = ev.at
     return schemas.RunDetails(
@@ -162,4 +164,5 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
         history=history,
         attempt=(events[-1].attempt or 1) if events else 1,
         attempts=attempts,
+        parent=record.parent,
     )

@@ -111,10 +111,19 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     communication_backend: str | None = None  # PyTorchConfiguration's; reaches the job as CADRE_COMMUNICATION_BACKEND
 
 
+class SweepTrial(msgspec.Struct, frozen=True, kw_only=True):
+    """What makes a run a sweep's child: the sweep, the trial's number in it and the values it was given."""
+
+    sweep_id: str
+    trial: int
+    params: dict[str, ScalarParam] = {}
+
+
 class RunRecord(Message, frozen=True, kw_only=True):
     run_id: str
     spec: RunSpec
     submitted_at: float
+    parent: SweepTrial | None = None
 
 
 class RankSlot(msgspec.Struct, frozen=True, kw_only=True):
@@ -240,7 +249,7 @@ class Finalizing(RunEventBase, frozen=True, kw_only=True, tag="finalizing"):
 
 
 class CancelRequested(RunEventBase, frozen=True, kw_only=True, tag="cancel_requested"):
-    pass
+    error: ErrorInfo | None = None  # why, when not a person's cancel (a sweep's early termination)
 
 
 class Completed(RunEventBase, frozen=True, kw_only=True, tag="completed"):
@@ -253,7 +262,7 @@ class Failed(RunEventBase, frozen=True, kw_only=True, tag="failed"):
 
 
 class Canceled(RunEventBase, frozen=True, kw_only=True, tag="canceled"):
-    pass
+    error: ErrorInfo | None = None
 
 
 RunEvent = (
@@ -483,6 +492,12 @@ class SnapshotPrepareReply(Message, frozen=True, kw_only=True):
 class SubmitRequest(Message, frozen=True, kw_only=True):
     spec: RunSpec
     registry_password: str | None = None  # stored apart from the run (secrets bucket), never in its record
+    parent: SweepTrial | None = None  # a sweep's child: its run id is the sweep's and the trial's (idempotent)
+
+
+class RunCancelRequest(Message, frozen=True, kw_only=True):
+    run_id: str
+    error: ErrorInfo | None = None  # why (a sweep's policy); none for a person's cancel
 
 
 class RegistryCredentialRequest(Message, frozen=True, kw_only=True):
@@ -528,6 +543,7 @@ class RunDetails(Message, frozen=True, kw_only=True):
     history: list[StateChange] = []
     attempt: int = 1
     attempts: list[AttemptInfo] = []  # the attempts that failed and were retried, oldest first
+    parent: SweepTrial | None = None
 
 
 class RunSummary(Message, frozen=True, kw_only=True):
@@ -753,6 +769,133 @@ class TargetList(Message, frozen=True, kw_only=True):
     nodes: list[NodeAdvert]
 
 
+# --- sweeps (CADRE_SWEEPS) -----------------------------------------------------------------------------------
+class ParameterExpression(msgspec.Struct, frozen=True, kw_only=True):
+    """One hyperparameter's distribution, Azure ML HyperDrive's names: ``choice`` (args: the options),
+    ``randint`` (upper), ``uniform``/``loguniform`` (low, high), ``quniform``/``qloguniform`` (low, high, q),
+    ``normal``/``lognormal`` (mu, sigma), ``qnormal``/``qlognormal`` (mu, sigma, q). Checked in shared.sweeps."""
+
+    kind: str
+    args: list[ScalarParam] = []
+
+
+class TerminationPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    kind: Literal["none", "bandit", "median", "truncation"] = "none"
+    evaluation_interval: int = 1
+    delay_evaluation: int = 0
+    slack_factor: float | None = None  # bandit
+    slack_amount: float | None = None  # bandit
+    truncation_percentage: int | None = None  # truncation
+
+
+class SweepSpec(msgspec.Struct, frozen=True, kw_only=True):
+    experiment: str
+    run: RunSpec  # every child's, before its sampled values are added to its arguments
+    sampling: Literal["random", "grid", "bayesian"]
+    parameter_space: dict[str, ParameterExpression]
+    seed: int | None = None
+    primary_metric_name: str
+    primary_metric_goal: Literal["maximize", "minimize"]
+    max_total_runs: int
+    max_concurrent_runs: int
+    max_duration_minutes: float = 10080.0
+    policy: TerminationPolicy = TerminationPolicy()
+
+
+class SweepEventBase(Message, frozen=True, kw_only=True, tag_field="kind"):
+    sweep_id: str
+    at: float
+
+
+class SweepSubmitted(SweepEventBase, frozen=True, kw_only=True, tag="submitted"):
+    spec: SweepSpec
+
+
+class ChildCreated(SweepEventBase, frozen=True, kw_only=True, tag="child_created"):
+    trial: int
+    run_id: str
+    params: dict[str, ScalarParam]
+
+
+class ChildTerminated(SweepEventBase, frozen=True, kw_only=True, tag="child_terminated"):
+    """The early termination policy stopped a child (written before the child is canceled)."""
+
+    trial: int
+    run_id: str
+    reason: str
+
+
+class ChildEnded(SweepEventBase, frozen=True, kw_only=True, tag="child_ended"):
+    trial: int
+    run_id: str
+    state: RunState
+    value: float | None = None  # its best primary metric (by the goal); None: never logged
+    reports: int = 0  # how many primary metric values it logged
+
+
+class SweepCancelRequested(SweepEventBase, frozen=True, kw_only=True, tag="cancel_requested"):
+    pass
+
+
+class SweepEnded(SweepEventBase, frozen=True, kw_only=True, tag="ended"):
+    state: Literal["Completed", "Canceled", "Failed"]
+    reason: str = ""
+    error: ErrorInfo | None = None
+
+
+SweepEvent = SweepSubmitted | ChildCreated | ChildTerminated | ChildEnded | SweepCancelRequested | SweepEnded
+
+
+class SweepSubmitRequest(Message, frozen=True, kw_only=True):
+    spec: SweepSpec
+
+
+class SweepRef(Message, frozen=True, kw_only=True):
+    sweep_id: str
+
+
+class SweepChild(msgspec.Struct, frozen=True, kw_only=True):
+    trial: int
+    run_id: str
+    params: dict[str, ScalarParam]
+    state: str = "Submitted"  # a run state once it ended; "Submitted" before (its own details say more)
+    value: float | None = None
+    reports: int = 0
+    terminated: str | None = None  # the policy's reason, when it stopped the child
+
+
+class SweepDetails(Message, frozen=True, kw_only=True):
+    sweep_id: str
+    experiment: str
+    state: Literal["Running", "CancelRequested", "Completed", "Canceled", "Failed"]
+    spec: SweepSpec
+    submitted_at: float
+    ended_at: float | None = None
+    reason: str = ""
+    error: ErrorInfo | None = None
+    children: list[SweepChild] = []
+    best_run_id: str | None = None
+    best_value: float | None = None
+
+
+class SweepSummary(Message, frozen=True, kw_only=True):
+    sweep_id: str
+    experiment: str
+    state: str
+    submitted_at: float
+    children: int = 0
+    best_value: float | None = None
+
+
+class SweepListRequest(Message, frozen=True, kw_only=True):
+    experiment: str | None = None
+    limit: int = 100
+
+
+class SweepList(Message, frozen=True, kw_only=True):
+    sweeps: list[SweepSummary]
+
+
 # --- codecs ---------------------------------------------------------------------------------------------------
 encoder = msgspec.json.Encoder()
 run_event_decoder = msgspec.json.Decoder(RunEvent)
@@ -767,6 +910,7 @@ environment_decoder = msgspec.json.Decoder(EnvironmentVersion)
 run_data_decoder = msgspec.json.Decoder(RunData)
 node_event_decoder = msgspec.json.Decoder(NodeEvent)
 service_event_decoder = msgspec.json.Decoder(ServiceEvent)
+sweep_event_decoder = msgspec.json.Decoder(SweepEvent)
 
 
 def encode(msg: object) -> bytes:

@@ -18,6 +18,7 @@ NODES_STREAM = "CADRE_NODES"  # node joined / left / lost, for operators
 ASSIGNMENTS_STREAM = "CADRE_ASSIGNMENTS"  # work handed to one node agent (work-queue retention)
 MODELS_STREAM = "CADRE_MODELS"  # registry changes
 SERVICES_STREAM = "CADRE_SERVICES"  # a supervisor restarted a process, for operators
+SWEEPS_STREAM = "CADRE_SWEEPS"  # hyperparameter sweeps: their events, and the Optuna journal of each
 
 # --- KV buckets ----------------------------------------------------------------------------------------
 NODES_BUCKET = "cadre_nodes"  # node_id -> NodeAdvert (capacity + heartbeat)
@@ -93,6 +94,31 @@ def agent_consumer(node_id: str) -> str:
     return f"assignments-{node_id}"
 
 
+def sweep_events(sweep_id: str) -> str:
+    return f"{PREFIX}.sweeps.{sweep_id}.events"
+
+
+def all_sweep_events() -> str:
+    return f"{PREFIX}.sweeps.*.events"
+
+
+def sweep_journal(sweep_id: str) -> str:
+    """The sweep's Optuna study, as the journal Optuna's JournalStorage writes (trials, values, states)."""
+    return f"{PREFIX}.sweeps.{sweep_id}.journal"
+
+
+def all_sweep_subjects() -> str:
+    return f"{PREFIX}.sweeps.*.*"
+
+
+SWEEP_ID_RE = re.compile(r"^hd_[0-9a-f]{12}$")
+
+
+def child_run_id(sweep_id: str, trial: int) -> str:
+    """Azure's naming: a HyperDrive run HD_x has children HD_x_0, HD_x_1, ..."""
+    return f"{sweep_id}_{trial}"
+
+
 def model_events(name: str) -> str:
     return f"{PREFIX}.models.{name}.events"
 
@@ -130,6 +156,10 @@ class Api:
     ENVIRONMENT_GET = f"{PREFIX}.api.environments.get"
     ENVIRONMENT_LIST = f"{PREFIX}.api.environments.list"
     SCHEDULER_STATE = f"{PREFIX}.api.scheduler.state"
+    SWEEP_SUBMIT = f"{PREFIX}.api.sweeps.submit"
+    SWEEP_GET = f"{PREFIX}.api.sweeps.get"
+    SWEEP_LIST = f"{PREFIX}.api.sweeps.list"
+    SWEEP_CANCEL = f"{PREFIX}.api.sweeps.cancel"
 
 
 class AgentApi:

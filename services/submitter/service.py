@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 
 import msgspec
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from shared import bus, lifecycle, runs, schemas, subjects
@@ -48,7 +49,7 @@ class SubmitterService(Service):
         await self.endpoint(subjects.Api.SUBMIT, schemas.SubmitRequest, self.submit)
         await self.endpoint(subjects.Api.RUN_GET, schemas.RunRef, self.get_run)
         await self.endpoint(subjects.Api.RUN_LIST, schemas.RunListRequest, self.list_runs)
-        await self.endpoint(subjects.Api.RUN_CANCEL, schemas.RunRef, self.cancel)
+        await self.endpoint(subjects.Api.RUN_CANCEL, schemas.RunCancelRequest, self.cancel)
         await self.endpoint(subjects.Api.TARGETS_LIST, schemas.Empty, self.list_targets)
         await self.endpoint(subjects.Api.RUN_TAG, schemas.RunTagRequest, self.tag)
         self.secrets_kv = await self.js.key_value(subjects.SECRETS_BUCKET)
@@ -98,23 +99,54 @@ class SubmitterService(Service):
             raise ValidationError("the snapshot was not uploaded; submit again")
         if stat[0] != spec.snapshot.size or (stat[1] and stat[1] != spec.snapshot.md5):
             raise ValidationError("the stored snapshot does not match its description (size or checksum); submit again")
-        run_id = runs.new_run_id(spec.experiment)
+        if req.parent is not None:
+            run_id = await self._child_run_id(req.parent)
+            last, _ = await self.events.last(run_id)
+            if last is not None and not isinstance(last, schemas.Submitted):
+                return schemas.SubmitReply(run_id=run_id, state=last.state)  # submitted again by a restarted sweeper
+        else:
+            run_id, last = runs.new_run_id(spec.experiment), None
         spec = await self._store_registry_secret(run_id, spec, req.registry_password)
-        record = schemas.RunRecord(run_id=run_id, spec=spec, submitted_at=time.time())
-        await self.runs_kv.create(run_id, schemas.encode(record))
-        await self.events.append(
-            run_id,
-            lambda _: lifecycle.event(
-                schemas.Submitted,
+        record = schemas.RunRecord(run_id=run_id, spec=spec, submitted_at=time.time(), parent=req.parent)
+        try:
+            await self.runs_kv.create(run_id, schemas.encode(record))
+        except KeyWrongLastSequenceError:
+            if req.parent is None:
+                raise
+            # A child whose submission was cut short between its record and its events: they follow now.
+        if last is None:
+            await self.events.append(
                 run_id,
-                experiment=spec.experiment,
-                compute_target=spec.compute_target,
-                entry_script=spec.entry_script,
-            ),
-        )
+                lambda _: lifecycle.event(
+                    schemas.Submitted,
+                    run_id,
+                    experiment=spec.experiment,
+                    compute_target=spec.compute_target,
+                    entry_script=spec.entry_script,
+                ),
+            )
         await self.events.append(run_id, lambda _: lifecycle.event(schemas.Queued, run_id, spec=spec))
         self.log.info("run_submitted", run_id=run_id, experiment=spec.experiment, target=spec.compute_target)
         return schemas.SubmitReply(run_id=run_id, state=RunState.QUEUED)
+
+    async def _child_run_id(self, parent: schemas.SweepTrial) -> str:
+        """A sweep's child is named by the sweep and its trial, and only a trial the sweep allows is taken."""
+        if not subjects.SWEEP_ID_RE.match(parent.sweep_id):
+            raise ValidationError(f"{parent.sweep_id!r} is not a sweep id")
+        try:
+            first = await self.js.get_msg(
+                subjects.SWEEPS_STREAM, seq=1, subject=subjects.sweep_events(parent.sweep_id), next=True
+            )
+        except JsNotFound:
+            raise NotFoundError(f"sweep {parent.sweep_id} not found") from None
+        assert first.data is not None
+        submitted = schemas.sweep_event_decoder.decode(first.data)
+        assert isinstance(submitted, schemas.SweepSubmitted)
+        if not 0 <= parent.trial < submitted.spec.max_total_runs:
+            raise ConflictError(
+                f"sweep {parent.sweep_id} allows {submitted.spec.max_total_runs} runs: trial {parent.trial} is not one"
+            )
+        return subjects.child_run_id(parent.sweep_id, parent.trial)
 
     async def _store_registry_secret(self, run_id: str, spec: schemas.RunSpec, password: str | None) -> schemas.RunSpec:
         """A private registry's password goes to the secrets bucket; the run record names only where it is."""
@@ -190,7 +222,7 @@ class SubmitterService(Service):
             )
         return schemas.RunList(runs=out)
 
-    async def cancel(self, req: schemas.RunRef) -> schemas.RunSummary:
+    async def cancel(self, req: schemas.RunCancelRequest) -> schemas.RunSummary:
         record = await bus.get_record(self.runs_kv, req.run_id)
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
@@ -198,8 +230,8 @@ class SubmitterService(Service):
             if state.is_terminal() or state in (RunState.CANCEL_REQUESTED, RunState.FINALIZING):
                 return None  # already ending: cancelling twice is not an error
             if state in (RunState.NOT_STARTED, RunState.QUEUED):
-                return lifecycle.event(schemas.Canceled, req.run_id)
-            return lifecycle.event(schemas.CancelRequested, req.run_id)
+                return lifecycle.event(schemas.Canceled, req.run_id, error=req.error)
+            return lifecycle.event(schemas.CancelRequested, req.run_id, error=req.error)
 
         await self.events.append(req.run_id, build)
         last, _ = await self.events.last(req.run_id)

@@ -1,0 +1,1 @@
+"""Sweeper: runs hyperparameter sweeps (HyperDrive) as children scheduled like any run."""
