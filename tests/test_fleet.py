@@ -17,7 +17,7 @@ from typing import TypeVar
 import pytest
 from fleet import Fleet, available
 
-from cadre import Estimator, Experiment, MpiConfiguration, Workspace, _local
+from cadre import Estimator, Experiment, MpiConfiguration, PyTorchConfiguration, Workspace, _local
 from cadre.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
 from shared import schemas, subjects
 from shared.errors import ServiceUnavailableError
@@ -40,6 +40,34 @@ with open(f"outputs/rank{rank}.txt", "w") as fh:
 
 # Short, so that a host cut off is given up, and stops its ranks, within seconds; yet past a JetStream leader
 # election (nats-server's raft waits 4-9 s for a lost leader), which must not fence anything.
+# torch.distributed across hosts, in the pattern of pytorch/examples' multinode DDP (env:// from cadre's variables).
+DDP = """
+import os, socket
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+dist.init_process_group(backend=os.environ["CADRE_COMMUNICATION_BACKEND"].lower())
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = DistributedDataParallel(torch.nn.Linear(8, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+torch.manual_seed(100 + rank)  # each rank its own batches: only the gradients' allreduce keeps them equal
+for _ in range(5):
+    loss = model(torch.randn(16, 8)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+every = [torch.zeros_like(weights) for _ in range(world)]
+dist.all_gather(every, weights)
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+probe.connect((os.environ["MASTER_ADDR"], 9))
+same = all(torch.equal(w, every[0]) for w in every)
+print(f"rank {rank} of {world} on {probe.getsockname()[0]} over {os.environ['GLOO_SOCKET_IFNAME']} in sync {same}")
+dist.destroy_process_group()
+"""
+
 GRACE, FENCE = 10.0, 20.0
 T = TypeVar("T")
 
@@ -106,6 +134,21 @@ def test_mpi_ranks_on_two_hosts_talk_over_their_interfaces_and_files_cross_hosts
     for rank, ip in hosts.items():
         path = run.download_file(f"outputs/rank{rank}.txt", tmp_path / f"rank{rank}.txt")
         assert path.read_text() == ip
+
+
+def test_torch_ddp_over_gloo_on_two_hosts_keeps_the_replicas_in_sync(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    est = Estimator(make_project(**{"ddp.py": DDP}), "ddp.py", node_count=2, process_count_per_node=2,
+                    distributed_training=PyTorchConfiguration(communication_backend="Gloo"))  # fmt: skip
+    run = Experiment(fws, "fleet").submit(est)
+    out = io.StringIO()
+    assert run.wait_for_completion(show_output=True, output=out, timeout=180)["status"] == "Completed", out.getvalue()
+    hosts = {slot["rank"]: slot["host"] for slot in run.get_details()["placement"]}
+    seen = re.findall(r"rank (\d) of 4 on (\S+) over (\S+) in sync (\w+)", out.getvalue())
+    assert {int(r): ip for r, ip, _, _ in seen} == hosts and len(set(hosts.values())) == 2, out.getvalue()
+    assert {sync for *_, sync in seen} == {"True"}  # the gradients' allreduce crossed the hosts
+    assert all(iface != "lo" for _, _, iface, _ in seen)
 
 
 def test_a_sweep_of_two_host_mpi_children_places_each_child_across_hosts(

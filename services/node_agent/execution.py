@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from services.node_agent.cache import NodeCache
 from services.node_agent.config import AgentConfig
 from services.node_agent.logship import LogShipper
-from services.node_agent.rendezvous import Meeting, Place, free_port, tf_config
+from services.node_agent.rendezvous import Meeting, Place, free_port, interface_of, tf_config
 from services.node_agent.runcontext import context_env, new_token
 from services.node_agent.runtime import (
     LABEL_NODE,
@@ -260,6 +260,11 @@ class Execution:
         )
         if self.spec.communication_backend:
             env["CADRE_COMMUNICATION_BACKEND"] = self.spec.communication_backend
+        if (iface := interface_of(self.ctx.config.address)) is not None:
+            # torch.distributed's transports talk over the interface other nodes reach this one at (the job may
+            # name another).
+            for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                env.setdefault(name, iface)
         if self.spec.distributed == "tensorflow":
             env["TF_CONFIG"] = tf_config(rdv.endpoints, world - self.spec.parameter_server_count, slot.rank)
         for name, path in self.staging.dataset_paths.items():

@@ -9,8 +9,12 @@ that each rank's TF_CONFIG lists them all.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import functools
+import ipaddress
 import json
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +39,30 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+_SIOCGIFADDR = 0x8915
+
+
+@functools.cache
+def interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` (None for loopback, or when no interface has it as its
+    primary IPv4 address). Gloo and NCCL pick an interface from the host name otherwise, which on a host with
+    several (or in a network namespace) may be one other nodes cannot reach."""
+    try:
+        if ipaddress.ip_address(address).is_loopback:
+            return None
+    except ValueError:
+        return None  # a host name: nothing to pin
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return None
 
 
 @dataclass(frozen=True)
