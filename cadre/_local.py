@@ -59,7 +59,7 @@ from shared.subjects import DEFAULT_BUCKET, Api, service_ping
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # services run as `python -m services.<name>` from here
-SERVICES = ("submitter", "scheduler", "artifact", "registry", "sweeper")
+SERVICES = ("submitter", "scheduler", "artifact", "registry", "sweeper", "portal")
 S3_SERVICES = frozenset({"submitter", "artifact", "registry"})  # only the bucket owners get S3 keys
 CLIENT_USER = "client"
 AGENT_HEARTBEAT = 2.0  # the agents' default (services/node_agent/__main__.py --heartbeat)
@@ -187,7 +187,7 @@ def up(
         _refuse_if_running(state_path)
         specs = _service_commands(cluster, agents, gpus_per_agent, slots_per_agent, heartbeat, agent_args)
         nats_bin, weed_bin = _binary("nats-server"), _binary("weed")
-        nats_port, mon_port, *weed_ports = _free_ports(plain=2, with_grpc=5)
+        nats_port, mon_port, portal_port, *weed_ports = _free_ports(plain=3, with_grpc=5)
         s3_port = weed_ports[0]
         nats_url = f"nats://127.0.0.1:{nats_port}"
         s3_endpoint = f"127.0.0.1:{s3_port}"
@@ -250,6 +250,8 @@ def up(
                 env = {**bus_env, "CADRE_NATS_USER": spec.name, "CADRE_NATS_PASSWORD": passwords[spec.name]}
                 if spec.name == "scheduler" and node_grace is not None:
                     env["CADRE_NODE_GRACE"] = str(node_grace)
+                if spec.name == "portal":
+                    env["CADRE_PORTAL_PORT"] = str(portal_port)
                 if spec.s3:
                     env.update(s3_env)
                 envs[spec.name] = env
@@ -275,7 +277,8 @@ def up(
             spawn(SUPERVISOR, SUPERVISOR, [sys.executable, "-m", "cadre._supervisor", str(cluster)],
                   _child_env(sup_env), REPO_ROOT)  # fmt: skip
             say(f"supervisor watching {len(state.processes) - 1} processes")
-            profile = Profile(nats_url=nats_url, user=CLIENT_USER, password=passwords[CLIENT_USER], name="local")
+            profile = Profile(nats_url=nats_url, user=CLIENT_USER, password=passwords[CLIENT_USER], name="local",
+                              portal_url=f"http://127.0.0.1:{portal_port}")  # fmt: skip
             path = save_profile(profile, home / "profile.json")
         except BaseException:
             # Ctrl-C included: never leave half a cluster behind.

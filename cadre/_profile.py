@@ -19,6 +19,7 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     user: str
     password: str
     name: str = "local"
+    portal_url: str | None = None  # the portal's address (run.get_portal_url())
 
 
 def cadre_home() -> Path:

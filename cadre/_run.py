@@ -21,7 +21,7 @@ from cadre._context import RunContext, get_context
 from cadre._estimator import Estimator
 from cadre._workspace import Workspace, http_put
 from shared import bus, files, schemas, subjects
-from shared.errors import RunFailedError, ValidationError
+from shared.errors import NotSupportedError, RunFailedError, ValidationError
 from shared.runs import LogCursor, fold_run_data, validate_spec
 from shared.states import RunState
 
@@ -99,6 +99,15 @@ class Experiment:
         return f"Experiment(name={self.name!r})"
 
 
+def portal_url(ws: Workspace, path: str) -> str:
+    base = ws.profile.portal_url
+    if not base:
+        raise NotSupportedError(
+            f"the profile of workspace {ws.name!r} names no portal: add its address as portal_url (cadre up does)"
+        )
+    return base.rstrip("/") + path
+
+
 def _estimator_of(config: object) -> Estimator:
     from cadre._config import ScriptRunConfig
 
@@ -131,6 +140,10 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run(id={self.id!r}, experiment={self.experiment.name!r})"
+
+    def get_portal_url(self) -> str:
+        """The run's page in the portal: live logs, metric charts, files."""
+        return portal_url(self._ws, f"/runs/{self.id}")
 
     # --- state ---------------------------------------------------------------------------------------
     def _details(self) -> schemas.RunDetails:

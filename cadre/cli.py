@@ -224,6 +224,23 @@ def sparkline(values: list[float]) -> str:
     return "".join(SPARKS[int((v - lo) / span * (len(SPARKS) - 1))] for v in values[-40:])
 
 
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    from cadre import Run
+    from cadre.tensorboard import Tensorboard
+
+    with _ws() as ws:
+        tb = Tensorboard([Run.get(ws, run_id) for run_id in args.run_ids], local_root=args.logdir, port=args.port)
+        print(f"TensorBoard on {tb.start()} ({', '.join(args.run_ids)}, synced into {tb.local_root}); Ctrl-C stops it")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            tb.stop()
+    return 0
+
+
 def cmd_sweeps(args: argparse.Namespace) -> int:
     from shared import schemas, subjects
 
@@ -285,6 +302,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         names = run.get_file_names()
     spec = d["runDefinition"]
     print(f"run:         {d['runId']}  ({d['experiment']})\nstatus:      {d['status']}")
+    if ws.profile.portal_url:
+        print(f"portal:      {run.get_portal_url()}")
     if d.get("parent"):
         print(f"sweep:       {d['parent']['sweep_id']} (trial {d['parent']['trial']})")
     print(f"script:      {spec['entry_script']} {' '.join(spec['arguments'])}")
@@ -510,6 +529,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("nodes", help="nodes: capacity, use, heartbeat, state").set_defaults(fn=cmd_nodes)
     sub.add_parser("queue", help="waiting runs, their position and reason").set_defaults(fn=cmd_queue)
     sub.add_parser("services", help="services and processes: up, ping, restarts").set_defaults(fn=cmd_services)
+    tb = sub.add_parser("tensorboard", help="TensorBoard over runs' logs/, synced live while they run")
+    tb.add_argument("run_ids", nargs="+", metavar="RUN")
+    tb.add_argument("--port", type=int, default=6006)
+    tb.add_argument("--logdir", help="where the runs' logs/ are copied (default: a temporary folder)")
+    tb.set_defaults(fn=cmd_tensorboard)
     sw = sub.add_parser("sweeps", help="hyperparameter sweeps: state, children, best value")
     sw.add_argument("--experiment")
     sw.add_argument("--limit", type=int, default=50)

@@ -338,6 +338,11 @@ class HyperDriveRun:
     def __repr__(self) -> str:
         return f"HyperDriveRun(id={self.id!r}, experiment={self.experiment.name!r})"
 
+    def get_portal_url(self) -> str:
+        from cadre._run import portal_url
+
+        return portal_url(self._ws, f"/sweeps/{self.id}")
+
     def _details(self) -> schemas.SweepDetails:
         return self._ws._request(subjects.Api.SWEEP_GET, schemas.SweepRef(sweep_id=self.id), schemas.SweepDetails)
 

@@ -38,7 +38,14 @@ from shared.auth import (  # noqa: E402
 )
 from shared.subjects import NAME_RE  # noqa: E402
 
-SERVICES = ("submitter", "scheduler", "artifact", "registry", "sweeper")  # same users as cadre._local.SERVICES
+SERVICES = (
+    "submitter",
+    "scheduler",
+    "artifact",
+    "registry",
+    "sweeper",
+    "portal",
+)  # same users as cadre._local.SERVICES
 CLIENT_USER = "client"
 SERVER_NAME = "cadre"  # constant: JetStream data in the nats-data volume is tied to it
 MINIO_ROOT_USER = "cadre-root"

@@ -43,7 +43,7 @@ class SweeperService(Service):
         await self.endpoint(subjects.Api.SWEEP_GET, schemas.SweepRef, self.get)
         await self.endpoint(subjects.Api.SWEEP_LIST, schemas.SweepListRequest, self.list_sweeps)
         await self.endpoint(subjects.Api.SWEEP_CANCEL, schemas.SweepRef, self.cancel)
-        for last in await self._latest():
+        for last in await bus.outlast(self._latest, within=60):  # a new stream may not answer for a moment
             if not isinstance(last, schemas.SweepEnded):
                 self._drive(last.sweep_id)
 
