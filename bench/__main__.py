@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import cluster_costs, environments, latency, ray, scheduler, sweeps, transfer
+from bench import cluster_costs, environments, latency, portal, ray, scheduler, sweeps, transfer
 from cadre import Workspace, _local
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,7 @@ def main() -> int:
                 rows += transfer.run(ws, home, quick)
                 rows += cluster_costs.mpi_overhead(ws, 5 if quick else 20)
                 rows += sweeps.run(ws, quick)
+                rows += portal.run(ws, home, quick)
             rows += scheduler.run(home, quick)
         finally:
             _local.down(home=home)

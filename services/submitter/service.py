@@ -6,7 +6,9 @@ snapshots (bytes go to the object store, never over the bus).
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import OrderedDict
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -19,6 +21,8 @@ from shared.service import Service
 from shared.settings import BusSettings, Limits, StoreSettings
 from shared.states import RunState
 from shared.storage import ObjectStore
+
+EXPERIMENT_CACHE = 500_000
 
 
 class SubmitterService(Service):
@@ -33,6 +37,8 @@ class SubmitterService(Service):
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
         self.secrets_kv: KeyValue
+        # run id -> experiment: a cache of what the immutable run records say, for listings
+        self._experiments: OrderedDict[str, str] = OrderedDict()
 
     @classmethod
     def from_env(cls) -> SubmitterService:
@@ -207,20 +213,27 @@ class SubmitterService(Service):
 
     async def list_runs(self, req: schemas.RunListRequest) -> schemas.RunList:
         latest = sorted(await self.events.latest_per_run(), key=lambda e: e.at, reverse=True)
+        unknown = [ev.run_id for ev in latest if ev.run_id not in self._experiments]
+        for start in range(0, len(unknown), 256):  # records are read in parallel, once: they never change
+            await asyncio.gather(*(self._experiment_of(run_id) for run_id in unknown[start : start + 256]))
         out: list[schemas.RunSummary] = []
         for ev in latest:
             if len(out) >= req.limit:
                 break
-            try:
-                record = await bus.get_record(self.runs_kv, ev.run_id)
-            except NotFoundError:
+            experiment = self._experiments.get(ev.run_id)
+            if experiment is None or (req.experiment and experiment != req.experiment):
                 continue
-            if req.experiment and record.spec.experiment != req.experiment:
-                continue
-            out.append(
-                schemas.RunSummary(run_id=ev.run_id, experiment=record.spec.experiment, state=ev.state, at=ev.at)
-            )
+            out.append(schemas.RunSummary(run_id=ev.run_id, experiment=experiment, state=ev.state, at=ev.at))
         return schemas.RunList(runs=out)
+
+    async def _experiment_of(self, run_id: str) -> None:
+        try:
+            record = await bus.get_record(self.runs_kv, run_id)
+        except NotFoundError:
+            return
+        self._experiments[run_id] = record.spec.experiment
+        while len(self._experiments) > EXPERIMENT_CACHE:
+            self._experiments.popitem(last=False)
 
     async def cancel(self, req: schemas.RunCancelRequest) -> schemas.RunSummary:
         record = await bus.get_record(self.runs_kv, req.run_id)

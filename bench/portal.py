@@ -1,0 +1,142 @@
+"""The portal: an experiment page with many runs, a printed line to a real browser (Debian's chromium), and what
+many browsers following one run cost the cluster."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import os
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from bench.cluster_costs import _ticks_and_rss
+from bench.latency import pct
+from cadre import Estimator, Experiment, Workspace
+
+CHROMIUM = Path("/usr/bin/chromium")
+PRINTER = """
+import time
+for i in range({lines}):
+    print(f"line {{i}} {{time.time():.6f}}", flush=True)
+    time.sleep({pause})
+"""
+
+
+def _opener(ws: Workspace) -> urllib.request.OpenerDirector:
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    body = urllib.parse.urlencode({"user": ws.profile.user, "password": ws.profile.password, "next": "/"}).encode()
+    opener.open(urllib.request.Request(f"{ws.profile.portal_url}/login", data=body), timeout=10)
+    return opener
+
+
+def experiment_page(ws: Workspace, project: Path, runs: int) -> list[float]:
+    est = Estimator(project, "p.py", arguments=[])
+    exp = Experiment(ws, "bench-portal-page")
+    submitted = [exp.submit(est) for _ in range(runs)]
+    for r in submitted:
+        r.wait_for_completion()
+    opener = _opener(ws)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        with opener.open(f"{ws.profile.portal_url}/experiments/bench-portal-page", timeout=30) as page:
+            body = page.read()
+        times.append(time.perf_counter() - t0)
+        assert body.count(b'class="compare"') == runs
+    return times
+
+
+def browser_latency(ws: Workspace, project: Path) -> list[float]:
+    """Printed (the job's clock) -> on the page (the browser's), for lines printed 20 a second."""
+    from playwright.sync_api import sync_playwright
+
+    run = Experiment(ws, "bench-portal").submit(Estimator(project, "printer.py"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(f"{ws.profile.portal_url}/login?next=/runs/{run.id}")
+        page.fill("input[name=user]", ws.profile.user)
+        page.fill("input[name=password]", ws.profile.password)
+        page.click("button[type=submit]")
+        opened = time.time()
+        run.wait_for_completion()
+        page.wait_for_function("document.getElementById('status').dataset.state === 'Completed'", timeout=30000)
+        pairs = page.evaluate("""() => [...document.querySelectorAll('#log .line')]
+            .map(n => [n.textContent, Number(n.dataset.shown)])""")
+        browser.close()
+    delays = []
+    for text, shown in pairs:
+        parts = text.split()
+        if len(parts) >= 4 and parts[1] == "line" and float(parts[3]) > opened + 0.5:
+            delays.append(shown - float(parts[3]))
+    return delays
+
+
+def followers_cost(ws: Workspace, home: Path, project: Path, clients: int, seconds: float) -> tuple[float, int]:
+    """CPU of the cluster's processes while ``clients`` follow one run's log stream, minus the same run alone."""
+    procs = json.loads((home / "cluster" / "state.json").read_text())["processes"]
+    pids = [p["pid"] for p in procs if p["name"] in ("portal", "nats-server")]
+
+    def cpu_during(followers: int) -> tuple[float, int]:
+        run = Experiment(ws, "bench-portal").submit(Estimator(project, "printer.py"))
+        got = [0] * followers
+        stop = threading.Event()
+
+        def follow(i: int) -> None:
+            opener = _opener(ws)
+            with opener.open(f"{ws.profile.portal_url}/runs/{run.id}/logs/stream", timeout=60) as stream:
+                while not stop.is_set():
+                    line = stream.readline()
+                    if not line:
+                        return
+                    if line.startswith(b"data: "):
+                        got[i] += len(json.loads(line[6:])["lines"])
+
+        threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(followers)]
+        for t in threads:
+            t.start()
+        time.sleep(2)  # connected, past the replay
+        before = sum(_ticks_and_rss(pid)[0] for pid in pids)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        used = (sum(_ticks_and_rss(pid)[0] for pid in pids) - before) / os.sysconf("SC_CLK_TCK")
+        elapsed = time.monotonic() - t0
+        stop.set()
+        run.cancel()
+        run.wait_for_completion(raise_on_error=False)
+        return used / elapsed * 100, min(got) if got else 0
+
+    alone, _ = cpu_during(0)
+    busy, least = cpu_during(clients)
+    return busy - alone, least
+
+
+def run(ws: Workspace, home: Path, quick: bool) -> list[dict[str, object]]:
+    if not CHROMIUM.exists() or not ws.profile.portal_url:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp)
+        (project / "p.py").write_text("print('hi')")
+        (project / "printer.py").write_text(PRINTER.format(lines=200 if quick else 600, pause=0.05))
+        runs = 200 if quick else 1000
+        page = experiment_page(ws, project, runs)
+        delays = browser_latency(ws, project)
+        (project / "printer.py").write_text(PRINTER.format(lines=100000, pause=0.01))
+        cost, least = followers_cost(ws, home, project, 50, 5 if quick else 15)
+    p50 = pct(page, 50) * 1e3
+    return [
+        {"metric": f"portal: experiment page with {runs} runs, p50", "value": p50, "unit": "ms",
+         "target": "< 300 (1,000 runs)", "ok": p50 < 300 if runs >= 1000 else None,
+         "note": f"p99 {pct(page, 99) * 1e3:.0f} ms over 10 loads" + ("" if runs >= 1000 else "; quick mode: 200")},
+        {"metric": "portal: printed line -> on the page in chromium, p99", "value": pct(delays, 99) * 1e3,
+         "unit": "ms", "target": "< 250", "ok": pct(delays, 99) * 1e3 < 250,
+         "note": f"p50 {pct(delays, 50) * 1e3:.0f} ms over {len(delays)} lines at 20 lines/s"},
+        {"metric": "portal: 50 followers of one run (100 lines/s), extra CPU", "value": cost, "unit": "% core",
+         "target": "< 5", "ok": cost < 5,
+         "note": f"portal + nats-server, over the same run with no follower; every follower got >= {least} lines"},
+    ]  # fmt: skip
