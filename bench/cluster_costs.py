@@ -72,5 +72,5 @@ def idle_cost(seconds: float) -> list[dict[str, object]]:
     agent_cpu = sum(cpu[n] for n in agents)
     agent_rss = statistics.median(rss[n] for n in agents) / 2**20
     note = f"{detail}; 10 agents together {agent_cpu:.2f}% (median RSS {agent_rss:.0f} MiB each)"
-    return [{"metric": f"idle cluster CPU, 5 services + 10 agents, {seconds:.0f} s", "value": total,
-             "unit": "% CPU", "target": "near 0", "ok": total < 5, "note": note}]  # fmt: skip
+    metric = f"idle cluster CPU, {len(_local.SERVICES)} services + 10 agents, {seconds:.0f} s"
+    return [{"metric": metric, "value": total, "unit": "% CPU", "target": "near 0", "ok": total < 5, "note": note}]

@@ -186,7 +186,13 @@ class RunShim:
         asyncio.get_running_loop().add_reader(read, self._woken)
         ready = await self._ready()
         if ready is None:
-            raise CadreError(f"the run's shim did not start the ranks: {self._output_tail()}")
+            if self.alive():
+                self.kill()
+                raise CadreError(f"the run's shim (pid {pid}) did not start the ranks within {READY_TIMEOUT:g}s")
+            raise CadreError(
+                f"the run's shim (pid {pid}) exited before it started the ranks: {self._output_tail()} "
+                f"(what it printed before its own log was open is in {launcher.log})"
+            )
         if "error" in ready:
             raise CadreError(ready["error"])
 
@@ -217,7 +223,7 @@ class RunShim:
             lines = self.files.output.read_text(errors="replace").strip().splitlines()
         except OSError:
             lines = []
-        return "\n".join(lines[-15:]) or "it exited without a word"
+        return "\n".join(lines[-15:]) or "its log is empty"
 
     def stop(self, grace: float) -> None:
         """Ask the shim to stop the ranks (SIGTERM, SIGKILL after ``grace``); one that does not is killed."""
