@@ -31,6 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from services.portal import pages
+from services.portal.fanout import Fanout
 from shared import bus, schemas, subjects
 from shared.errors import CadreError, NotFoundError, ValidationError
 from shared.runs import LogCursor
@@ -83,6 +84,7 @@ def _safe_next(target: str | None) -> str:
 # --- the app -----------------------------------------------------------------------------------------------
 def make_app(portal: PortalService) -> Starlette:
     key = portal.session_key
+    fanout = Fanout(portal.js, subjects.LOGS_STREAM)
 
     def session_of(request: Request) -> dict[str, Any] | None:
         return verify(key, request.cookies.get(COOKIE))
@@ -212,20 +214,25 @@ def make_app(portal: PortalService) -> Starlette:
             cursors: dict[int, LogCursor] = {}
             at = dict(resume)
             yield "retry: 1000\n\n"
-            async for msg in _follow(portal, subjects.LOGS_STREAM, subject):
-                if msg is None:
+            async for batches in fanout.batches(subject):  # one consumer per subject, however many browsers
+                if not batches:
                     yield ": keep-alive\n\n"
                     continue
-                batch = schemas.log_batch_decoder.decode(msg.data)
-                cursor = cursors.setdefault(batch.rank, LogCursor(resume.get(batch.rank, 0)))
-                taken = cursor.take(batch)
-                if not taken:
-                    continue
-                at[batch.rank] = cursor.have
-                data = {"rank": batch.rank, "first": cursor.have - len(taken),
-                        "lines": [[ln.t, ln.stream, ln.text] for ln in taken]}  # fmt: skip
-                position = ",".join(f"{r}:{n}" for r, n in sorted(at.items()))
-                yield f"id: {position}\nevent: lines\ndata: {json.dumps(data)}\n\n"
+                out = []
+                for shared in batches:
+                    batch = shared.batch
+                    cursor = cursors.setdefault(batch.rank, LogCursor(resume.get(batch.rank, 0)))
+                    taken = cursor.take(batch)
+                    if not taken:
+                        continue
+                    at[batch.rank] = cursor.have
+                    whole = len(taken) == len(batch.lines)  # as a rule: then the shared encoding serves
+                    encoded = shared.encoded if whole else json.dumps([[ln.t, ln.stream, ln.text] for ln in taken])
+                    data = f'{{"rank": {batch.rank}, "first": {cursor.have - len(taken)}, "lines": {encoded}}}'
+                    position = ",".join(f"{r}:{n}" for r, n in sorted(at.items()))
+                    out.append(f"id: {position}\nevent: lines\ndata: {data}\n\n")
+                if out:
+                    yield "".join(out)  # one write
 
         return _sse(lines())
 
