@@ -196,3 +196,29 @@ def test_a_log_stream_resumes_from_the_last_line_it_sent(ws: Workspace, make_pro
             if line.startswith("data: "):
                 got += [text for _, _, text in json.loads(line[6:])["lines"]]
     assert got == [f"line {i}" for i in range(25, 30)]
+
+
+def test_a_browser_that_falls_behind_a_fast_stream_still_gets_every_line_once(
+    ws: Workspace, make_project: Callable[..., Path], cluster_home: Path
+) -> None:
+    """It stops reading for a while: its queue fills, it is dropped from the live feed and catches up from the
+    stream, so the portal holds a bounded amount for it and it misses nothing."""
+    flood = (
+        "import time\npad = 'x' * 4000\nfor i in range(4000):\n    print(f'line {i} {pad}', flush=True)\n"
+        "    time.sleep(0.001)\n"
+    )  # 16 MB in many small batches: more than the socket holds, and than 256 batches
+    run = Experiment(ws, "portal").submit(Estimator(make_project(**{"flood.py": flood}), "flood.py"))
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    body = f"user={ws.profile.user}&password={urllib.parse.quote(ws.profile.password)}&next=/".encode()
+    opener.open(urllib.request.Request(_portal(ws) + "/login", data=body), timeout=10)
+    numbers: list[int] = []
+    with opener.open(f"{_portal(ws)}/runs/{run.id}/logs/stream?rank=0", timeout=60) as stream:
+        time.sleep(6)  # not reading: the socket's buffers fill, then the portal's queue for it
+        while len(numbers) < 4000:
+            line = stream.readline().decode()
+            if line.startswith("data: "):
+                numbers += [int(text.split()[1]) for _, _, text in json.loads(line[6:])["lines"]]
+    assert numbers == list(range(4000))
+    log = (cluster_home / "cluster" / "logs" / "portal.log").read_text()
+    assert "follower_lagged" in log  # the path above was taken, not a fast reader's

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError as JsNotFound
 
 from shared import bus, schemas
+
+log = structlog.get_logger().bind(service="portal")
 
 QUEUE_BATCHES = 256
 LINGER = 5.0  # seconds a tap with no follower stays, for a browser that reconnects
@@ -72,6 +77,7 @@ class Tap:
                         follower.queue.put_nowait((self.seq, batch))
                     except asyncio.QueueFull:
                         follower.lagged = True  # it catches up from JetStream instead
+                        log.info("follower_lagged", subject=self.subject, queued=QUEUE_BATCHES)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(sub.unsubscribe())
@@ -111,15 +117,18 @@ class Fanout:
         after 15 s of quiet."""
         tap = await self._tap(subject)
         follower = Follower()
+        last = 0  # the stream sequence of the last batch this browser was given
         try:
             while True:
-                # Join the live feed first, then replay what came before it: nothing falls in between.
+                # Join the live feed first, then read what came before it: nothing falls in between.
                 follower.lagged = False
                 tap.followers.add(follower)
                 upto = tap.seq
+                earlier = _replay if last == 0 else functools.partial(_after, last=last)
                 chunk: list[Batch] = []
-                async for _, batch in _replay(self.js, self.stream, subject, upto):
+                async for seq, batch in earlier(self.js, self.stream, subject, upto):
                     chunk.append(batch)
+                    last = seq
                     if len(chunk) >= 64:
                         yield chunk
                         chunk = []
@@ -135,9 +144,12 @@ class Fanout:
                     taken = [first]
                     while not follower.queue.empty():
                         taken.append(follower.queue.get_nowait())
-                    yield [batch for seq, batch in taken if seq > upto]
-                # Fell behind: the queue is dropped, and what it missed is read again from the stream (the
-                # reader's cursor skips what it had).
+                    fresh = [(seq, batch) for seq, batch in taken if seq > upto]
+                    if fresh:
+                        last = fresh[-1][0]
+                    yield [batch for _, batch in fresh]
+                # Fell behind: the queue is dropped, and what it missed is read from the stream, from the last
+                # batch it was given on.
                 tap.followers.discard(follower)
                 follower.queue = asyncio.Queue(QUEUE_BATCHES)
         finally:
@@ -158,3 +170,20 @@ async def _replay(js: JetStreamContext, stream: str, subject: str, upto: int) ->
         if seq > upto:
             return
         yield seq, Batch(schemas.log_batch_decoder.decode(msg.data))
+
+
+async def _after(
+    js: JetStreamContext, stream: str, subject: str, upto: int, last: int
+) -> AsyncIterator[tuple[int, Any]]:
+    """The batches after stream sequence ``last`` up to ``upto``, read one by one (no consumer to create)."""
+    seq = last
+    while seq < upto:
+        try:
+            raw = await js.get_msg(stream, seq=seq + 1, subject=subject, next=True)
+        except JsNotFound:
+            return
+        assert raw.seq is not None and raw.data is not None
+        if raw.seq > upto:
+            return
+        seq = raw.seq
+        yield seq, Batch(schemas.log_batch_decoder.decode(raw.data))
