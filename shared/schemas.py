@@ -551,6 +551,7 @@ class RunSummary(Message, frozen=True, kw_only=True):
     experiment: str
     state: RunState
     at: float
+    submitted_at: float = 0.0  # in listings (a run's duration, once it ended: at - submitted_at)
 
 
 class RunListRequest(Message, frozen=True, kw_only=True):

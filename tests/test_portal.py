@@ -160,6 +160,12 @@ def test_the_other_pages_load_and_bad_requests_get_clear_pages(
     page.wait_for_selector("#compare-chart svg.chart")
     assert page.get_attribute("#compare-chart svg.chart", "data-points") == "6"  # two runs, three values each
     _shot(page, "experiment-compare")
+    # Chosen metric columns (each run's last value) and durations.
+    page.goto(f"{_portal(ws)}/experiments/portal-pages?metrics=acc")
+    page.wait_for_function("[...document.querySelectorAll('span.metric')].every(c => c.textContent === '0.7')")
+    assert page.locator("span.metric").count() == 2
+    durations = page.locator("#runs tbody tr td:nth-child(5)").all_text_contents()
+    assert len(durations) == 2 and all(d.endswith(" s") for d in durations), durations
     # The run's file downloads through the portal (a redirect to a short-lived URL the page never holds).
     page.goto(runs[0].get_portal_url())
     link = page.locator("#files a", has_text="outputs/result.txt")

@@ -93,16 +93,30 @@ def experiments_page(session: dict[str, Any], runs: list[schemas.RunSummary]) ->
     return layout(session, "Experiments", _table(["experiment", "runs", "latest", "states"], rows))
 
 
-def experiment_page(session: dict[str, Any], name: str, runs: list[schemas.RunSummary]) -> str:
+def _duration(r: schemas.RunSummary, now: float) -> str:
+    if not r.submitted_at:
+        return "-"
+    seconds = (r.at if r.state.value in TERMINAL else now) - r.submitted_at
+    text = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return text if r.state.value in TERMINAL else f"{text} so far"
+
+
+def experiment_page(session: dict[str, Any], name: str, runs: list[schemas.RunSummary], metrics: list[str]) -> str:
+    now = time.time()
     rows = [
         [f'<input type="checkbox" class="compare" value="{e(r.run_id)}" aria-label="compare {e(r.run_id)}">',
-         f'<a href="/runs/{e(r.run_id)}">{e(r.run_id)}</a>', _badge(r.state.value), _when(r.at)]
+         f'<a href="/runs/{e(r.run_id)}">{e(r.run_id)}</a>', _badge(r.state.value), _when(r.submitted_at),
+         _duration(r, now), *(f'<span class="metric" data-run="{e(r.run_id)}" data-metric="{e(m)}"></span>'
+                              for m in metrics)]
         for r in runs
     ]  # fmt: skip
+    chosen = e(",".join(metrics))
     body = (
+        '<form class="columns" method="get"><label>Metric columns <input name="metrics" value="'
+        f'{chosen}" placeholder="loss,accuracy"></label><button type="submit">Show</button></form>'
         '<section class="compare-box"><label>Metric <input id="compare-metric" placeholder="loss"></label>'
         '<button id="compare" type="button">Compare the checked runs</button><div id="compare-chart"></div></section>'
-        + _table(["", "run", "status", "updated"], rows, 'id="runs"')
+        + _table(["", "run", "status", "submitted", "duration", *(e(m) for m in metrics)], rows, 'id="runs"')
     )
     return layout(session, f"Experiment {name}", body, f'data-experiment="{e(name)}"')
 

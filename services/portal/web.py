@@ -154,8 +154,12 @@ def make_app(portal: PortalService) -> Starlette:
         if not subjects.NAME_RE.match(name):
             raise ValidationError(f"{name!r} is not an experiment name")
         listing = schemas.RunListRequest(experiment=name, limit=_int(request, "limit", 1000, 1, 10000))
+        metrics = [m for m in request.query_params.get("metrics", "").split(",") if m.strip()]
+        for metric in metrics:
+            if len(metric) > 128 or not metric.isprintable():
+                raise ValidationError(f"{metric[:40]!r} is not a metric name")
         runs = (await ask(subjects.Api.RUN_LIST, listing, schemas.RunList)).runs
-        return HTMLResponse(pages.experiment_page(session, name, runs))
+        return HTMLResponse(pages.experiment_page(session, name, runs, [m.strip() for m in metrics[:8]]))
 
     async def run_page(request: Request, session: dict[str, Any]) -> Response:
         run_id = _run_id(request)

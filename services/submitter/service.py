@@ -37,8 +37,8 @@ class SubmitterService(Service):
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
         self.secrets_kv: KeyValue
-        # run id -> experiment: a cache of what the immutable run records say, for listings
-        self._experiments: OrderedDict[str, str] = OrderedDict()
+        # run id -> experiment and submission time: a cache of what the immutable run records say, for listings
+        self._experiments: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     @classmethod
     def from_env(cls) -> SubmitterService:
@@ -220,10 +220,11 @@ class SubmitterService(Service):
         for ev in latest:
             if len(out) >= req.limit:
                 break
-            experiment = self._experiments.get(ev.run_id)
-            if experiment is None or (req.experiment and experiment != req.experiment):
+            known = self._experiments.get(ev.run_id)
+            if known is None or (req.experiment and known[0] != req.experiment):
                 continue
-            out.append(schemas.RunSummary(run_id=ev.run_id, experiment=experiment, state=ev.state, at=ev.at))
+            out.append(schemas.RunSummary(run_id=ev.run_id, experiment=known[0], state=ev.state, at=ev.at,
+                                          submitted_at=known[1]))  # fmt: skip
         return schemas.RunList(runs=out)
 
     async def _experiment_of(self, run_id: str) -> None:
@@ -231,7 +232,7 @@ class SubmitterService(Service):
             record = await bus.get_record(self.runs_kv, run_id)
         except NotFoundError:
             return
-        self._experiments[run_id] = record.spec.experiment
+        self._experiments[run_id] = (record.spec.experiment, record.submitted_at)
         while len(self._experiments) > EXPERIMENT_CACHE:
             self._experiments.popitem(last=False)
 

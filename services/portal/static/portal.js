@@ -185,6 +185,22 @@ function runPage(main) {
 
 // --- the experiment page: overlay a metric of the checked runs ---------------------------------------------
 function experimentPage() {
+  // Metric columns: each run's last value, read only for the columns asked for, a few runs at a time.
+  const cells = [...document.querySelectorAll("span.metric")];
+  const byRun = new Map();
+  for (const c of cells) { if (!byRun.has(c.dataset.run)) byRun.set(c.dataset.run, []); byRun.get(c.dataset.run).push(c); }
+  const queue = [...byRun.keys()];
+  const worker = async () => {
+    while (queue.length) {
+      const run = queue.shift();
+      const data = await (await fetch(`/runs/${run}/metrics.json`)).json();
+      for (const cell of byRun.get(run)) {
+        const values = data.metrics.filter((p) => p.name === cell.dataset.metric && p.value !== null).map((p) => p.value);
+        cell.textContent = values.length ? String(values[values.length - 1]) : "-";
+      }
+    }
+  };
+  for (let i = 0; i < 6; i++) worker();
   const button = document.getElementById("compare");
   if (!button) return;
   button.addEventListener("click", async () => {
