@@ -17,6 +17,7 @@ from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from cadre import Estimator, Experiment, Workspace
+from cadre.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -170,6 +171,22 @@ def test_the_other_pages_load_and_bad_requests_get_clear_pages(
     page.goto(runs[0].get_portal_url())
     link = page.locator("#files a", has_text="outputs/result.txt")
     assert page.request.get(_portal(ws) + (link.get_attribute("href") or "")).text() == "forty-two"
+    # A sweep's page: its children and the primary metric against a parameter.
+    sampling = GridParameterSampling({"--scale": choice(1, 2, 3)})
+    job = make_project(**{"s.py": """
+        import argparse
+        from cadre import Run
+        p = argparse.ArgumentParser(); p.add_argument("--scale", type=int); a = p.parse_args()
+        Run.get_context().log("acc", a.scale / 10)
+    """})  # fmt: skip
+    hd = HyperDriveConfig(run_config=Estimator(job, "s.py"), hyperparameter_sampling=sampling,
+                          primary_metric_name="acc", max_total_runs=3)  # fmt: skip
+    sweep = Experiment(ws, "portal-pages").submit(hd)
+    assert sweep.wait_for_completion(timeout=120)["status"] == "Completed"
+    page.goto(sweep.get_portal_url())
+    page.wait_for_selector("#scatter svg")
+    assert page.locator("#scatter circle").count() == 3
+    assert page.locator("table tbody tr").count() == 3
     page.goto(f"{_portal(ws)}/cluster")
     assert "agent-0" in page.text_content("#nodes")
     _shot(page, "cluster")
