@@ -42,7 +42,7 @@ with open(f"outputs/rank{rank}.txt", "w") as fh:
 # election (nats-server's raft waits 4-9 s for a lost leader), which must not fence anything.
 # torch.distributed across hosts, in the pattern of pytorch/examples' multinode DDP (env:// from cadre's variables).
 DDP = """
-import os, socket
+import os, socket, sys, time
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -65,7 +65,13 @@ probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 probe.connect((os.environ["MASTER_ADDR"], 9))
 same = all(torch.equal(w, every[0]) for w in every)
 print(f"rank {rank} of {world} on {probe.getsockname()[0]} over {os.environ['GLOO_SOCKET_IFNAME']} in sync {same}")
-dist.destroy_process_group()
+dist.barrier()  # every rank is done with the group
+# torch's teardown of gloo's threads can abort a process at exit (a known race with rank 0's store going away):
+# not what this job is about, so the ranks leave without it, rank 0 (the store's host) last.
+sys.stdout.flush()
+if rank == 0:
+    time.sleep(1.0)
+os._exit(0)
 """
 
 GRACE, FENCE = 10.0, 20.0
