@@ -262,7 +262,7 @@ def _show_sweep(ws, sweep_id: str) -> int:
     hd = HyperDriveRun.get(ws, sweep_id)
     d = hd._details()
     spec = d.spec
-    rows = {r["run_id"]: r for r in hd.get_children_sorted_by_primary_metric()}
+    rows = {r["run_id"]: r for r in hd._ranked(d)}
     reason = f"  {d.reason}" if d.reason else ""
     print(f"sweep:       {d.sweep_id}  ({d.experiment})\nstatus:      {d.state}{reason}")
     print(f"sampling:    {sweeps.SAMPLING_NAMES[spec.sampling]}, policy {sweeps.POLICY_NAMES[spec.policy.kind]}, "

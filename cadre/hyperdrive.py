@@ -380,8 +380,7 @@ class HyperDriveRun:
     def get_metrics(self) -> dict[str, dict[str, Any]]:
         return {c.run_id: self._child(c.run_id).get_metrics() for c in self._details().children}
 
-    def _children_with_values(self) -> list[tuple[schemas.SweepChild, float | None]]:
-        d = self._details()
+    def _children_with_values(self, d: schemas.SweepDetails) -> list[tuple[schemas.SweepChild, float | None]]:
         goal, primary = d.spec.primary_metric_goal, d.spec.primary_metric_name
         out = []
         for child in d.children:
@@ -389,7 +388,7 @@ class HyperDriveRun:
             if value is None and child.state == "Submitted":  # still going: its values so far
                 logged = self._child(child.run_id).get_metrics(primary).get(primary)
                 numbers = [v for v in (logged if isinstance(logged, list) else [logged]) if _finite(v)]
-                value = (max(numbers) if goal == "maximize" else min(numbers)) if numbers else None
+                value = sweeps.best_of(numbers, goal)
             out.append((child, value))
         return out
 
@@ -398,10 +397,15 @@ class HyperDriveRun:
     ) -> list[dict[str, Any]]:
         """Children best first by their best primary metric (``reverse``: worst first); those with none come last,
         or not at all with ``discard_no_metric``."""
-        goal = self._details().spec.primary_metric_goal
+        return self._ranked(self._details(), top, reverse, discard_no_metric)
+
+    def _ranked(
+        self, d: schemas.SweepDetails, top: int = 0, reverse: bool = False, discard_no_metric: bool = False
+    ) -> list[dict[str, Any]]:
+        goal = d.spec.primary_metric_goal
         rows = [
             {"run_id": c.run_id, "hyperparameters": dict(c.params), "best_primary_metric": v, "status": _status(c)}
-            for c, v in self._children_with_values()
+            for c, v in self._children_with_values(d)
         ]
         scored = sorted((r for r in rows if r["best_primary_metric"] is not None),
                         key=lambda r: r["best_primary_metric"], reverse=(goal == "maximize") != reverse)  # fmt: skip

@@ -15,7 +15,6 @@ TensorBoard keeps reading the file it has open.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cadre import _local
 from shared import schemas, subjects
 from shared.errors import CadreError, NotSupportedError, ValidationError
 
@@ -63,7 +63,7 @@ class Tensorboard:
             return self.url or ""
         self.local_root.mkdir(parents=True, exist_ok=True)
         self.sync()
-        port = self.port or _free_port()
+        port = self.port or _local._free_ports(plain=1, with_grpc=0)[0]
         log = open(Path(tempfile.gettempdir()) / f"cadre-tensorboard-{port}.log", "wb")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tensorboard.main", "--logdir", str(self.local_root), "--host", "127.0.0.1",
@@ -174,12 +174,6 @@ class Tensorboard:
                 time.sleep(0.2)
         self.stop()
         raise CadreError(f"TensorBoard did not answer on {self.url} within {READY_TIMEOUT:.0f}s (log: {log_path})")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 __all__ = ["Tensorboard"]

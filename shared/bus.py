@@ -343,20 +343,10 @@ class RunEventLog:
         raise ConflictError(f"run {run_id}: too much contention appending an event")
 
     async def history(self, run_id: str) -> list[schemas.RunEvent]:
-        """Every event of the run, in order: read one by one ("next message on this subject after seq"), so that
-        no consumer is created on the server. Thousands of these at once (a node with many runs leaves) would
-        otherwise pile up ephemeral consumers until the server refuses more."""
-        subject = subjects.run_events(run_id)
-        out: list[schemas.RunEvent] = []
-        seq = 0
-        while True:
-            try:
-                raw = await self._js.get_msg(subjects.EVENTS_STREAM, seq=seq + 1, subject=subject, next=True)
-            except JsNotFound:
-                return out
-            assert raw.data is not None and raw.seq is not None
-            out.append(schemas.run_event_decoder.decode(raw.data))
-            seq = raw.seq
+        """Every event of the run, in order, with no consumer (:func:`messages_after`): thousands of these run at
+        once when a node with many runs leaves."""
+        msgs = messages_after(self._js, subjects.EVENTS_STREAM, subjects.run_events(run_id), 0)
+        return [schemas.run_event_decoder.decode(raw.data) async for raw in msgs]
 
     async def latest_per_run(self) -> list[schemas.RunEvent]:
         """The newest event of every run (one pass over the stream's last-per-subject index)."""
@@ -443,6 +433,35 @@ async def replay(
                 return
     finally:
         await sub.unsubscribe()
+
+
+async def read_subject(js: JetStreamContext, stream: str, subject: str) -> tuple[list[Msg], int]:
+    """Every message on ``subject`` up to its newest, read with an ordered consumer, and the newest one's stream
+    sequence ([] and 0 when the subject has none yet)."""
+    try:
+        last = await js.get_last_msg(stream, subject)
+    except JsNotFound:
+        return [], 0
+    assert last.seq is not None
+    return [msg async for msg in replay(js, stream, subject, last.seq)], last.seq
+
+
+async def messages_after(
+    js: JetStreamContext, stream: str, subject: str, seq: int, upto: int | None = None
+) -> AsyncIterator[js_api.RawStreamMsg]:
+    """The messages on ``subject`` after stream sequence ``seq`` (up to ``upto``), read one by one ("the next
+    message on this subject after seq"), so that no consumer is created on the server: for a few messages, or
+    for thousands of readers at once, whose ephemeral consumers would pile up until the server refuses more."""
+    while upto is None or seq < upto:
+        try:
+            raw = await js.get_msg(stream, seq=seq + 1, subject=subject, next=True)
+        except JsNotFound:
+            return
+        assert raw.data is not None and raw.seq is not None
+        if upto is not None and raw.seq > upto:
+            return
+        seq = raw.seq
+        yield raw
 
 
 async def outlast(fn: Callable[[], Awaitable[T]], within: float | None = None) -> T:

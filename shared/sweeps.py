@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 
 import msgspec
 
@@ -169,13 +170,18 @@ def child_spec(base: schemas.RunSpec, params: dict[str, schemas.ScalarParam]) ->
 
 
 def new_sweep_id() -> str:
-    import secrets
-
     return f"hd_{secrets.token_hex(6)}"
 
 
 def is_sweep_id(text: str) -> bool:
     return bool(subjects.SWEEP_ID_RE.match(text))
+
+
+def best_of(values: list[float], goal: str) -> float | None:
+    """The best of ``values`` for the goal (None for none)."""
+    if not values:
+        return None
+    return max(values) if goal == "maximize" else min(values)
 
 
 def better(a: float, b: float | None, goal: str) -> bool:

@@ -67,6 +67,14 @@ def _login(page: Page, ws: Workspace, path: str) -> None:
     page.wait_for_url(_portal(ws) + path)
 
 
+def _logged_in(ws: Workspace) -> urllib.request.OpenerDirector:
+    """An HTTP client with a session, as a browser has after the login form (for reading streams raw)."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    body = f"user={ws.profile.user}&password={urllib.parse.quote(ws.profile.password)}&next=/".encode()
+    opener.open(urllib.request.Request(_portal(ws) + "/login", data=body), timeout=10)
+    return opener
+
+
 def _shot(page: Page, name: str) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
@@ -205,10 +213,7 @@ def test_a_log_stream_resumes_from_the_last_line_it_sent(ws: Workspace, make_pro
     lines = "\n".join(f"print('line {i}')" for i in range(30))
     run = Experiment(ws, "portal").submit(Estimator(make_project(**{"l.py": lines}), "l.py"))
     run.wait_for_completion()
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    body = f"user={ws.profile.user}&password={urllib.parse.quote(ws.profile.password)}&next=/".encode()
-    opener.open(urllib.request.Request(_portal(ws) + "/login", data=body), timeout=10)
+    opener = _logged_in(ws)
     request = urllib.request.Request(
         f"{_portal(ws)}/runs/{run.id}/logs/stream?rank=0", headers={"Last-Event-ID": "0:25"}
     )
@@ -231,10 +236,7 @@ def test_a_browser_that_falls_behind_a_fast_stream_still_gets_every_line_once(
         "    time.sleep(0.001)\n"
     )  # 16 MB in many small batches: more than the socket holds, and than 256 batches
     run = Experiment(ws, "portal").submit(Estimator(make_project(**{"flood.py": flood}), "flood.py"))
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    body = f"user={ws.profile.user}&password={urllib.parse.quote(ws.profile.password)}&next=/".encode()
-    opener.open(urllib.request.Request(_portal(ws) + "/login", data=body), timeout=10)
+    opener = _logged_in(ws)
     numbers: list[int] = []
     with opener.open(f"{_portal(ws)}/runs/{run.id}/logs/stream?rank=0", timeout=60) as stream:
         time.sleep(6)  # not reading: the socket's buffers fill, then the portal's queue for it

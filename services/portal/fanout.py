@@ -18,7 +18,6 @@ from typing import Any
 import structlog
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import NotFoundError as JsNotFound
 
 from shared import bus, schemas
 
@@ -176,14 +175,6 @@ async def _after(
     js: JetStreamContext, stream: str, subject: str, upto: int, last: int
 ) -> AsyncIterator[tuple[int, Any]]:
     """The batches after stream sequence ``last`` up to ``upto``, read one by one (no consumer to create)."""
-    seq = last
-    while seq < upto:
-        try:
-            raw = await js.get_msg(stream, seq=seq + 1, subject=subject, next=True)
-        except JsNotFound:
-            return
-        assert raw.seq is not None and raw.data is not None
-        if raw.seq > upto:
-            return
-        seq = raw.seq
-        yield seq, Batch(schemas.log_batch_decoder.decode(raw.data))
+    async for raw in bus.messages_after(js, stream, subject, last, upto):
+        assert raw.seq is not None
+        yield raw.seq, Batch(schemas.log_batch_decoder.decode(raw.data))

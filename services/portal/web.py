@@ -186,7 +186,8 @@ def make_app(portal: PortalService) -> Starlette:
     async def metrics_json(request: Request, session: dict[str, Any]) -> Response:
         run_id = _run_id(request)
         await ask(subjects.Api.RUN_GET, schemas.RunRef(run_id=run_id), schemas.RunDetails)
-        points = [p async for batch in _replay_metrics(portal, run_id) for p in batch.metrics]
+        msgs, _ = await bus.read_subject(portal.js, subjects.METRICS_STREAM, subjects.run_metrics(run_id))
+        points = [p for m in msgs for p in schemas.run_data_decoder.decode(m.data).metrics]
         return JSONResponse({"run_id": run_id, "metrics": msgspec.to_builtins(points)})
 
     async def cluster(request: Request, session: dict[str, Any]) -> Response:
@@ -354,17 +355,6 @@ async def _follow(portal: PortalService, stream: str, subject: str) -> AsyncIter
             await asyncio.shield(sub.unsubscribe())
         except Exception:  # the connection is going away with the consumer
             pass
-
-
-async def _replay_metrics(portal: PortalService, run_id: str) -> AsyncIterator[schemas.RunData]:
-    subject = subjects.run_metrics(run_id)
-    try:
-        last = await portal.js.get_last_msg(subjects.METRICS_STREAM, subject)
-    except Exception:
-        return
-    assert last.seq is not None
-    async for msg in bus.replay(portal.js, subjects.METRICS_STREAM, subject, last.seq):
-        yield schemas.run_data_decoder.decode(msg.data)
 
 
 async def _bus_accepts(url: str, user: str, password: str) -> bool:

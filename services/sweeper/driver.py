@@ -38,23 +38,12 @@ MISSING_METRIC = "primary_metric_missing"
 async def read_events(js: JetStreamContext, sweep_id: str, after: int = 0) -> tuple[list[schemas.SweepEvent], int]:
     """The sweep's events after stream sequence ``after``, and the last sequence (``after`` if none)."""
     subject = subjects.sweep_events(sweep_id)
-    try:
-        last = await js.get_last_msg(subjects.SWEEPS_STREAM, subject)
-    except JsNotFound:
-        return [], after
-    assert last.seq is not None
-    if last.seq <= after:
-        return [], after
-    if after:  # a few new ones: read them one by one, no consumer
-        out, seq = [], after
-        while seq < last.seq:
-            raw = await js.get_msg(subjects.SWEEPS_STREAM, seq=seq + 1, subject=subject, next=True)
-            assert raw.data is not None and raw.seq is not None
-            out.append(schemas.sweep_event_decoder.decode(raw.data))
-            seq = raw.seq
-        return out, seq
-    msgs = bus.replay(js, subjects.SWEEPS_STREAM, subject, last.seq)
-    return [schemas.sweep_event_decoder.decode(m.data) async for m in msgs], last.seq
+    if after:  # a few new ones: read one by one, no consumer
+        raws = [raw async for raw in bus.messages_after(js, subjects.SWEEPS_STREAM, subject, after)]
+        last = raws[-1].seq if raws else None
+        return [schemas.sweep_event_decoder.decode(r.data) for r in raws], last or after
+    msgs, last = await bus.read_subject(js, subjects.SWEEPS_STREAM, subject)
+    return [schemas.sweep_event_decoder.decode(m.data) for m in msgs], last
 
 
 class Child:
@@ -258,10 +247,12 @@ class SweepDriver:
         reason = None
         if policy.kind == "bandit":
             at_interval = [c.reports[interval - 1] for c in self.children.values() if len(c.reports) >= interval]
-            best = max(at_interval) if goal == "maximize" else min(at_interval)
+            best = sweeps.best_of(at_interval, goal)  # the child's own value is among them
+            assert best is not None
             reason = policies.bandit(policy, goal, metric, interval, value, best)
         elif child.optuna.should_prune():
-            best_so_far = max(child.reports) if goal == "maximize" else min(child.reports)
+            best_so_far = sweeps.best_of(child.reports, goal)
+            assert best_so_far is not None
             threshold = sampling.percentile_threshold(self.study, self.spec, interval)
             reason = policies.percentile(policy, goal, metric, interval, best_so_far, threshold)
         if reason is not None:
@@ -281,7 +272,7 @@ class SweepDriver:
             return
         state = child.ending.state
         goal = self.spec.primary_metric_goal
-        value = (max(child.reports) if goal == "maximize" else min(child.reports)) if child.reports else None
+        value = sweeps.best_of(child.reports, goal)
         if child.terminated is not None:
             self._tell(child.trial, state=TrialState.PRUNED)
         elif state is RunState.COMPLETED and value is not None:

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import optuna
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError as JsNotFound
 from optuna.storages.journal import BaseJournalBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -45,16 +44,8 @@ class BusJournal(BaseJournalBackend):
 
     @classmethod
     async def load(cls, js: JetStreamContext, sweep_id: str) -> BusJournal:
-        subject = subjects.sweep_journal(sweep_id)
-        try:
-            last = await js.get_last_msg(subjects.SWEEPS_STREAM, subject)
-        except JsNotFound:
-            return cls(js, sweep_id, [], 0)
-        assert last.seq is not None
-        logs: list[dict[str, Any]] = []
-        async for msg in bus.replay(js, subjects.SWEEPS_STREAM, subject, last.seq):
-            logs.extend(json.loads(msg.data))
-        return cls(js, sweep_id, logs, last.seq)
+        msgs, last_seq = await bus.read_subject(js, subjects.SWEEPS_STREAM, subjects.sweep_journal(sweep_id))
+        return cls(js, sweep_id, [log for msg in msgs for log in json.loads(msg.data)], last_seq)
 
     def read_logs(self, log_number_from: int) -> Iterable[dict[str, Any]]:
         return self._logs[log_number_from:]
