@@ -479,6 +479,12 @@ async def outlast(fn: Callable[[], Awaitable[T]], within: float | None = None) -
             await asyncio.sleep(delay)
 
 
+async def key_value(js: JetStreamContext, bucket: str) -> KeyValue:
+    """A bucket that ensure_topology made: on a clustered bus, the server this connection talks to may not know
+    of a bucket just created for a moment (not found, or a timeout), so it is asked again, for up to 30 s."""
+    return await retry(lambda: js.key_value(bucket), attempts=300)
+
+
 async def retry(fn: Callable[[], Awaitable[T]], attempts: int = 50, delay: float = 0.1) -> T:
     """Retry ``fn`` while the bus topology is still being created by a starting service."""
     for i in range(attempts):

@@ -91,9 +91,9 @@ class ArtifactService(Service):
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
         await self.store.ensure_bucket()
-        self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
+        self.runs_kv = await bus.key_value(self.js, subjects.RUNS_BUCKET)
         self.events = bus.RunEventLog(self.js)
-        datasets = Datasets(self.js, await self.js.key_value(subjects.DATASETS_BUCKET), self.runs_kv, self.store)
+        datasets = Datasets(self.js, await bus.key_value(self.js, subjects.DATASETS_BUCKET), self.runs_kv, self.store)
         await self.endpoint(subjects.Api.DATASET_UPLOAD, schemas.DatasetUploadRequest, datasets.upload_urls)
         await self.endpoint(subjects.Api.DATASET_REGISTER, schemas.DatasetRegisterRequest, datasets.register)
         await self.endpoint(subjects.Api.DATASET_GET, schemas.DatasetRef, datasets.get)

@@ -123,11 +123,11 @@ class NodeAgentService(Service):
             launcher=ShimLauncher(self.config.work_dir / "shim-launcher.log"),
         )  # fmt: skip
         # The services create the topology; an agent started first waits for it.
-        self.nodes_kv = await bus.retry(lambda: self.js.key_value(subjects.NODES_BUCKET))
+        self.nodes_kv = await bus.key_value(self.js, subjects.NODES_BUCKET)
         await self._refuse_a_name_in_use()
         await self._take_over()  # before the cache sweep: what a run taken over uses must stay
         await self.cache.sweep()
-        targets = await bus.retry(lambda: self.js.key_value(subjects.TARGETS_BUCKET))
+        targets = await bus.key_value(self.js, subjects.TARGETS_BUCKET)
         info = schemas.ComputeTargetInfo(name=self.config.compute_target, first_seen_at=time.time())
         try:  # a bucket just created on a clustered bus may still be electing its leader: waited out
             await bus.outlast(lambda: targets.create(self.config.compute_target, schemas.encode(info)), within=60)

@@ -48,7 +48,7 @@ class PortalService(Service):
 
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
-        self.secrets_kv = await self.js.key_value(subjects.SECRETS_BUCKET)
+        self.secrets_kv = await bus.key_value(self.js, subjects.SECRETS_BUCKET)
         # A new bucket on a clustered bus may not answer for a moment: waited out.
         self.session_key = await bus.outlast(self._session_key, within=60)
         app = make_app(self)

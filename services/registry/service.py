@@ -54,8 +54,8 @@ class RegistryService(Service):
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
         await self.store.ensure_bucket()
-        self.models_kv = await self.js.key_value(subjects.MODELS_BUCKET)
-        self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
+        self.models_kv = await bus.key_value(self.js, subjects.MODELS_BUCKET)
+        self.runs_kv = await bus.key_value(self.js, subjects.RUNS_BUCKET)
         self.events = bus.RunEventLog(self.js)
         await self.endpoint(subjects.Api.MODEL_REGISTER, schemas.ModelRegisterRequest, self.register)
         await self.endpoint(subjects.Api.MODEL_UPLOAD, schemas.ModelUploadRequest, self.upload_urls)
@@ -67,8 +67,8 @@ class RegistryService(Service):
         await self.endpoint(subjects.Api.MODEL_DOWNLOAD, schemas.ModelRef, self.download_urls)
         envs = Environments(
             self.js,
-            await self.js.key_value(subjects.ENVIRONMENTS_BUCKET),
-            await self.js.key_value(subjects.SECRETS_BUCKET),
+            await bus.key_value(self.js, subjects.ENVIRONMENTS_BUCKET),
+            await bus.key_value(self.js, subjects.SECRETS_BUCKET),
         )
         await self.endpoint(subjects.Api.ENVIRONMENT_REGISTER, schemas.EnvironmentRegisterRequest, envs.register)
         await self.endpoint(subjects.Api.ENVIRONMENT_GET, schemas.EnvironmentRef, envs.get)

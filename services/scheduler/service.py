@@ -64,8 +64,8 @@ class SchedulerService(Service):
 
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
-        self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
-        self.nodes_kv = await self.js.key_value(subjects.NODES_BUCKET)
+        self.runs_kv = await bus.key_value(self.js, subjects.RUNS_BUCKET)
+        self.nodes_kv = await bus.key_value(self.js, subjects.NODES_BUCKET)
         self.events = bus.RunEventLog(self.js)
         # Each loop is restarted with backoff when the bus is away (see Service.spawn), so none may hold state
         # across a restart that the restart would not rebuild: they subscribe again, and read from the start.

@@ -47,9 +47,9 @@ class SubmitterService(Service):
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
         await self.store.ensure_bucket()
-        self.runs_kv = await self.js.key_value(subjects.RUNS_BUCKET)
-        self.targets_kv = await self.js.key_value(subjects.TARGETS_BUCKET)
-        self.nodes_kv = await self.js.key_value(subjects.NODES_BUCKET)
+        self.runs_kv = await bus.key_value(self.js, subjects.RUNS_BUCKET)
+        self.targets_kv = await bus.key_value(self.js, subjects.TARGETS_BUCKET)
+        self.nodes_kv = await bus.key_value(self.js, subjects.NODES_BUCKET)
         self.events = bus.RunEventLog(self.js)
         await self.endpoint(subjects.Api.SNAPSHOT_PREPARE, schemas.SnapshotPrepareRequest, self.prepare_snapshot)
         await self.endpoint(subjects.Api.SUBMIT, schemas.SubmitRequest, self.submit)
@@ -58,7 +58,7 @@ class SubmitterService(Service):
         await self.endpoint(subjects.Api.RUN_CANCEL, schemas.RunCancelRequest, self.cancel)
         await self.endpoint(subjects.Api.TARGETS_LIST, schemas.Empty, self.list_targets)
         await self.endpoint(subjects.Api.RUN_TAG, schemas.RunTagRequest, self.tag)
-        self.secrets_kv = await self.js.key_value(subjects.SECRETS_BUCKET)
+        self.secrets_kv = await bus.key_value(self.js, subjects.SECRETS_BUCKET)
         await self.endpoint(
             subjects.all_agent_registry_credentials(),
             schemas.RegistryCredentialRequest,

@@ -38,7 +38,7 @@ class SweeperService(Service):
 
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
-        self.targets_kv = await self.js.key_value(subjects.TARGETS_BUCKET)
+        self.targets_kv = await bus.key_value(self.js, subjects.TARGETS_BUCKET)
         await self.endpoint(subjects.Api.SWEEP_SUBMIT, schemas.SweepSubmitRequest, self.submit)
         await self.endpoint(subjects.Api.SWEEP_GET, schemas.SweepRef, self.get)
         await self.endpoint(subjects.Api.SWEEP_LIST, schemas.SweepListRequest, self.list_sweeps)
