@@ -50,9 +50,10 @@ def test_tensorboard_reads_a_runs_event_files_while_it_runs(
         assert abs(first[1][2] - 0.5) < 1e-6  # loss at step 1
         for run in runs:
             run.wait_for_completion(timeout=120)
-        done = eventually(lambda: len(pts := _scalars(url, f"{runs[1].id}/tb")) == 40 and pts, 30)
-        assert [int(p[1]) for p in done] == list(range(40))
-        assert len(_scalars(url, f"{runs[0].id}/tb")) == 40  # appended, never lost or doubled
+        # Either run may end last; the copier and TensorBoard's reload each take up to a second to see it.
+        for run in runs:
+            done = eventually(lambda run=run: len(pts := _scalars(url, f"{run.id}/tb")) >= 40 and pts, 30)
+            assert [int(p[1]) for p in done] == list(range(40))  # appended, never lost or doubled
     finally:
         tb.stop()
     try:

@@ -438,6 +438,7 @@ class Execution:
             if not all_done.done():
                 all_done.cancel()
             forwarder.cancel()
+            await asyncio.wait([syncer])  # its last PUTs land before the final upload of the same files
         counts = await self._close_shippers()
         return self._outcome(exit_codes), counts
 

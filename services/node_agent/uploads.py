@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,6 +43,7 @@ class Uploads:
         self.run_dir = run_dir
         self.is_master = is_master  # stores what came with the snapshot too; the others only what changed
         self.log = log
+        self._sync_stopped = threading.Event()  # the live sync's threads give up their retries when set
 
     async def hand_over(self, started_ns: int) -> None:
         """Upload what the run wrote here and ask the artifact service to commit it (once the ranks are done)."""
@@ -100,7 +102,11 @@ class Uploads:
         )
 
     async def sync_loop(self) -> None:
-        """While the ranks run, upload what changed under logs/ every few seconds (TensorBoard reads it live)."""
+        """While the ranks run, upload what changed under logs/ every few seconds (TensorBoard reads it live).
+
+        Cancelled once the ranks are done; it returns only after its PUTs in flight have landed, so none of them
+        can overwrite the final upload of the same file with an older, shorter copy.
+        """
         seen: dict[str, tuple[int, int]] = {}
         while True:
             await asyncio.sleep(LOG_SYNC_INTERVAL)
@@ -117,7 +123,13 @@ class Uploads:
                     schemas.UploadUrls,
                     timeout=30,
                 )
-                await asyncio.to_thread(self._upload, changed, urls)
+                upload = asyncio.ensure_future(asyncio.to_thread(self._upload, changed, urls, self._sync_stopped))
+                try:
+                    await asyncio.shield(upload)
+                except asyncio.CancelledError:
+                    self._sync_stopped.set()
+                    await asyncio.wait([upload])  # a thread cannot be cancelled: let its PUT land first
+                    raise
             except (CadreError, OSError) as exc:  # the final upload at the end stores everything anyway
                 self.log.warning("logs_sync_failed", error=str(exc))
 
@@ -156,8 +168,12 @@ class Uploads:
                     entries.append(schemas.FileEntry(name=name, size=st.st_size, md5=""))
         return entries
 
-    def _upload(self, entries: list[schemas.FileEntry], urls: schemas.UploadUrls) -> dict[str, schemas.MultipartDone]:
+    def _upload(
+        self, entries: list[schemas.FileEntry], urls: schemas.UploadUrls, stopped: threading.Event | None = None
+    ) -> dict[str, schemas.MultipartDone]:
         """PUT every file (large ones in parallel parts), each request retried; returns the parts to complete.
+
+        Once ``stopped`` is set, no new request starts (those in flight finish).
 
         Memory stays bounded: bodies are streamed from disk, never read whole. Retrying a PUT rewrites the same
         key or part, so a retry can neither corrupt nor duplicate an object.
@@ -167,6 +183,8 @@ class Uploads:
             last_exc: Exception | None = None
             failures, deadline = 0, time.monotonic() + FINISH_PATIENCE
             while True:
+                if stopped is not None and stopped.is_set():
+                    raise StorageError(f"{path.name}: the live sync stopped")
                 try:
                     # Exactly the bytes that were hashed, even if the script is still appending to the file.
                     return files.put_range(url, path, offset, size)
