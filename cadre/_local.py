@@ -352,7 +352,7 @@ def restart(
     profile = load_profile(home / "profile.json")
     _run_async(
         _await_bus_processes(
-            BusSettings(url=profile.nats_url, user=profile.user, password=profile.password, name="cadre-restart"),
+            profile.bus("cadre-restart"),
             [new] if new.role == "service" else [],
             [new] if new.role == "agent" else [],
             [(new, proc)],

@@ -12,14 +12,19 @@ from pathlib import Path
 import msgspec
 
 from shared.errors import ClusterNotRunningError
+from shared.settings import BusSettings
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
-    user: str
-    password: str
+    user: str = ""
+    password: str = ""
+    creds: str | None = None  # a NATS .creds file's text, on a bus that trusts an operator (instead of a password)
     name: str = "local"
     portal_url: str | None = None  # the portal's address (run.get_portal_url())
+
+    def bus(self, name: str) -> BusSettings:
+        return BusSettings(url=self.nats_url, user=self.user, password=self.password, creds=self.creds, name=name)
 
 
 def cadre_home() -> Path:

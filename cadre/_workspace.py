@@ -15,7 +15,6 @@ from cadre._bridge import LoopThread
 from cadre._profile import Profile, load_profile
 from shared import bus, files
 from shared.errors import NotSupportedError
-from shared.settings import BusSettings
 
 T = TypeVar("T")
 
@@ -27,7 +26,7 @@ class Workspace:
         self.profile = profile
         self.name = profile.name
         self._loop = LoopThread()
-        settings = BusSettings(url=profile.nats_url, user=profile.user, password=profile.password, name="cadre-client")
+        settings = profile.bus("cadre-client")
         try:
             self._nc: NATS = self._loop.call(bus.connect(settings), timeout=15)
         except BaseException:

@@ -468,6 +468,59 @@ def cmd_models_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_init(args: argparse.Namespace) -> int:
+    from shared.trust import Keystore
+
+    store = Keystore.create(args.keys, operator=args.operator)
+    print(f"{store.root}: operator {args.operator!r} {store.operator_key}, account {store.account_key}")
+    print("render the servers' config from these keys (deploy/render_nats_conf.py --keys), then add users")
+    return 0
+
+
+def cmd_admin_add(args: argparse.Namespace) -> int:
+    from cadre import admin
+
+    creds = admin.add(args.keys, args.role, args.name, rotate=args.rotate, nats_url=args.nats)
+    if args.output is None:
+        print(creds, end="")
+        return 0
+    try:
+        path = admin.write_creds(creds, args.output)
+    except FileExistsError:
+        raise ValidationError(f"{args.output} exists: pick another path (a creds file is never overwritten)") from None
+    print(f"{path}: bus credentials for {args.role} {args.name!r} (mode 0600; the only copy of its secret)")
+    if args.role == "agent":
+        print(f"on the host: CADRE_NATS_CREDS={path.name} python -m services.node_agent --node-id {args.name} ...")
+    return 0
+
+
+def cmd_admin_revoke(args: argparse.Namespace) -> int:
+    from cadre import admin
+
+    answer = admin.revoke(args.keys, args.name, args.nats or _profile_url())
+    print(f"{args.name}: revoked ({answer}); its connections are closed and it is refused from now on")
+    return 0
+
+
+def cmd_admin_users(args: argparse.Namespace) -> int:
+    from shared.trust import Keystore
+
+    users = Keystore.open(args.keys).users()
+    print(f"{'NAME':<24} {'ROLE':<8} {'ISSUED (UTC)':<17} STATE")
+    for name, u in sorted(users.items()):
+        issued = time.strftime("%Y-%m-%d %H:%M", time.gmtime(u["issued_at"]))
+        revoked = u["revoked_at"]
+        state = "revoked " + time.strftime("%Y-%m-%d %H:%M", time.gmtime(revoked)) if revoked else "valid"
+        print(f"{name:<24} {u['role']:<8} {issued:<17} {state}")
+    return 0
+
+
+def _profile_url() -> str:
+    from cadre._profile import load_profile
+
+    return load_profile().nats_url
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cadre", description="Train models on a cadre cluster.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -581,6 +634,36 @@ def parser() -> argparse.ArgumentParser:
     mr.add_argument("name")
     mr.add_argument("version", type=int)
     mr.set_defaults(fn=cmd_models_archive)
+
+    from cadre.admin import ROLES, default_keys
+
+    ad = sub.add_parser("admin", help="bus keys and credentials: enroll hosts and people, revoke them")
+    asub = ad.add_subparsers(dest="admin_command", required=True)
+
+    def keys_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--keys", type=Path, default=default_keys(), help="the keystore folder [env CADRE_KEYS]")
+
+    ai = asub.add_parser("init", help="create the operator and accounts a bus will trust")
+    keys_arg(ai)
+    ai.add_argument("--operator", default="cadre", help="the operator's name")
+    ai.set_defaults(fn=cmd_admin_init)
+    for role in ROLES:
+        what = {"agent": "a GPU host's agent", "user": "a person (submit and follow runs)", "service": "a service"}
+        aa = asub.add_parser(f"add-{role}", help=f"print or write the credentials file for {what[role]}")
+        keys_arg(aa)
+        aa.add_argument("name", help="node id" if role == "agent" else "user name")
+        aa.add_argument("-o", "--output", type=Path, default=None, help="write it here (mode 0600) instead of stdout")
+        aa.add_argument("--rotate", action="store_true", help="replace credentials it has, revoking the old ones")
+        aa.add_argument("--nats", default=None, help="with --rotate: the bus to push the revocation to")
+        aa.set_defaults(fn=cmd_admin_add, role=role)
+    ar = asub.add_parser("revoke", help="cut a user off now: its connections close, it is refused from then on")
+    keys_arg(ar)
+    ar.add_argument("name")
+    ar.add_argument("--nats", default=None, help="the bus (default: the profile's)")
+    ar.set_defaults(fn=cmd_admin_revoke)
+    au = asub.add_parser("users", help="who was issued credentials, and which were revoked")
+    keys_arg(au)
+    au.set_defaults(fn=cmd_admin_users)
     return p
 
 

@@ -132,10 +132,15 @@ def render_nats_config(
     server_name: str,
     header: str,
     cluster: Cluster | None = None,
+    trust: list[str] | None = None,
 ) -> str:
     """A nats-server config with JetStream and one user per (name, password, permissions); no anonymous access.
-    ``cluster``: this server's part of a cluster (its route listener, every server's route, the route password)."""
+    ``cluster``: this server's part of a cluster (its route listener, every server's route, the route password).
+    ``trust``: instead of users, the operator lines of :meth:`shared.trust.Keystore.server_config` (every user then
+    comes with a JWT the operator's account signed)."""
     # Every string is JSON-quoted: subjects hold `$`, `>` and `*`, which unquoted mean variables/wildcards.
+    if trust is not None and users:
+        raise ValueError("a bus that trusts an operator has no password users")
     q = json.dumps
 
     def allow(subjects: list[str]) -> str:
@@ -156,11 +161,7 @@ def render_nats_config(
             f"  store_dir: {q(store_dir)}",
             "}",
             *(cluster.render() if cluster else []),
-            "authorization {",
-            "  users = [",
-            *user_lines,
-            "  ]",
-            "}",
+            *(trust if trust is not None else ["authorization {", "  users = [", *user_lines, "  ]", "}"]),
             "",
         ]
     )

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 from nats.errors import (
     ConnectionReconnectingError,
@@ -98,10 +99,14 @@ async def connect(settings: BusSettings, **kwargs: Any) -> NATS:
             await user_cb(exc)
 
     servers = [u.strip() for u in settings.url.split(",") if u.strip()]  # a cluster: every server's URL
+    auth: dict[str, Any] = (
+        {"user_credentials": RawCredentials(settings.creds)}
+        if settings.creds
+        else {"user": settings.user, "password": settings.password}
+    )
     options: dict[str, Any] = {
         "servers": servers,
-        "user": settings.user,
-        "password": settings.password,
+        **auth,
         "name": settings.name,
         "connect_timeout": 2,
         "allow_reconnect": True,
@@ -126,6 +131,12 @@ async def connect(settings: BusSettings, **kwargs: Any) -> NATS:
         except (TimeoutError, NoServersError, OSError) as exc:
             raise ClusterNotRunningError(f"cannot connect to the cadre bus at {settings.url}: {exc}") from exc
     attempt.cancel()
+    if settings.creds:
+        raise AuthenticationError(
+            f"the cadre bus at {settings.url} refused {settings.who!r} (Authorization Violation): the credentials "
+            "file was revoked or replaced, or was issued for another bus; ask its admin for a new one "
+            "(`cadre admin add-agent NAME --rotate` for a host, `cadre admin add-user NAME --rotate` for a person)"
+        )
     raise AuthenticationError(
         f"the cadre bus at {settings.url} refused user {settings.user!r} (Authorization Violation): "
         "check the credentials in the connection profile"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared import bus, schemas, subjects
-from shared.errors import CadreError, InvalidRequestError, ServiceUnavailableError
+from shared.errors import AuthenticationError, CadreError, InvalidRequestError, ServiceUnavailableError
 from shared.settings import BusSettings
 
 Req = TypeVar("Req", bound=msgspec.Struct)
@@ -45,6 +46,7 @@ class Service:
         self._disconnected_at: float | None = None
         self._failed_reconnects = 0
         self.bus_up_since = 0.0  # wall clock of the last (re)connect: what others sent before it may not have arrived
+        self.refused: str | None = None  # why the bus cut this process off, once it has
 
     async def setup(self) -> None:
         """Register endpoints and start background work. Called once connected."""
@@ -58,6 +60,7 @@ class Service:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
         )
         self.js = self.nc.jetstream()
         self.bus_up_since = time.time()
@@ -77,6 +80,23 @@ class Service:
             self._disconnected_at = asyncio.get_running_loop().time()
             self._failed_reconnects = 0
             self.log.warning("bus_disconnected")
+
+    async def _on_closed(self) -> None:
+        """The client gives up on the bus only when the bus revoked this process's credentials: say so and stop
+        (a supervisor restarting it would be refused again)."""
+        if self._stop.is_set():
+            return
+        error = self.nc.last_error
+        self.refused = (
+            f"the bus closed the connection of {self.bus_settings.who!r} ({error}): its credentials were revoked; "
+            "this process stops. Ask the bus's admin for new ones (`cadre admin add-agent NAME --rotate` for a host)"
+        )
+        self.log.error("bus_credentials_revoked", user=self.bus_settings.who, error=str(error))
+        self.on_revoked()
+        self.shutdown()
+
+    def on_revoked(self) -> None:
+        """What to stop at once when the bus has cut this process off (before teardown)."""
 
     async def _on_reconnected(self) -> None:
         if self._disconnected_at is not None:
@@ -143,6 +163,8 @@ class Service:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    if self._stop.is_set() or self.nc.is_closed:  # stopping, or cut off (_on_closed says why)
+                        return
                     if callable(work) and bus.is_transient(exc):
                         if asyncio.get_running_loop().time() - started > 30:
                             backoff.reset()  # it ran a good while: this is a new outage, not the same one
@@ -186,6 +208,8 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.nc.close()
         self.log.info("service_stopped")
+        if self.refused is not None:
+            raise AuthenticationError(self.refused)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -202,4 +226,8 @@ def main(factory: Callable[[], Service], level: str | None = None) -> None:
 
     configure(getattr(factory, "name", "cadre"), level or log_level())
     service = factory()
-    asyncio.run(service.run())
+    try:
+        asyncio.run(service.run())
+    except AuthenticationError as exc:  # refused or revoked: one clear line, and no restart would help
+        print(f"cadre {service.name}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared.errors import ValidationError
 
@@ -34,19 +35,48 @@ def _require(name: str) -> str:
 
 @dataclass(frozen=True)
 class BusSettings:
+    """How a process reaches the bus: a user and password, or a NATS ``.creds`` file's text (``creds``) on a
+    bus that trusts an operator (:mod:`shared.trust`)."""
+
     url: str
-    user: str
-    password: str = field(repr=False)
+    user: str = ""
+    password: str = field(default="", repr=False)
     name: str = "cadre"
+    creds: str | None = field(default=None, repr=False)
+
+    @property
+    def who(self) -> str:
+        """The user, for messages (a creds file's user is named in its JWT)."""
+        if self.creds:
+            from shared.trust import Creds
+
+            try:
+                return Creds.parse(self.creds).name or "the credentials file's user"
+            except ValidationError:
+                return "the credentials file's user"
+        return self.user
 
     @classmethod
     def from_env(cls, name: str) -> BusSettings:
-        return cls(
-            url=_env("CADRE_NATS_URL", "nats://127.0.0.1:4222") or "",
-            user=_require("CADRE_NATS_USER"),
-            password=_require("CADRE_NATS_PASSWORD"),
-            name=name,
-        )
+        url = _env("CADRE_NATS_URL", "nats://127.0.0.1:4222") or ""
+        creds_path = os.environ.get("CADRE_NATS_CREDS")
+        if creds_path:
+            try:
+                creds = Path(creds_path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValidationError(f"CADRE_NATS_CREDS names {creds_path}, which cannot be read: {exc}") from None
+            from shared.trust import Creds
+
+            Creds.parse(creds)  # a clear error for a file that is not one, before any connection
+            return cls(url=url, name=name, creds=creds)
+        jwt, seed = _env("CADRE_NATS_JWT"), _env("CADRE_NATS_SEED")  # a creds file as two one-line secrets
+        if jwt or seed:
+            from shared.trust import Creds, creds_text
+
+            if not (jwt and seed):
+                raise ValidationError("CADRE_NATS_JWT and CADRE_NATS_SEED (or their _FILE forms) go together")
+            return cls(url=url, name=name, creds=creds_text(Creds.parse(creds_text(jwt, seed)).jwt, seed))
+        return cls(url=url, user=_require("CADRE_NATS_USER"), password=_require("CADRE_NATS_PASSWORD"), name=name)
 
 
 @dataclass(frozen=True)

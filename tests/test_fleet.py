@@ -6,22 +6,28 @@ reaches, and a run goes on when the server leading its streams is killed.
 
 from __future__ import annotations
 
+import http.client
 import io
 import re
+import subprocess
+import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from fleet import Fleet, available
+from fleet import PORTAL_PORT, Fleet, available
 
-from cadre import Estimator, Experiment, MpiConfiguration, PyTorchConfiguration, Workspace, _local
+from cadre import Estimator, Experiment, MpiConfiguration, PyTorchConfiguration, Workspace, _local, admin
 from cadre.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
 from shared import schemas, subjects
+from shared.auth import agent_permissions
 from shared.errors import ServiceUnavailableError
 from shared.procs import is_alive
+from shared.trust import Keystore
 
 WHERE = """
 import os, socket
@@ -299,17 +305,19 @@ def _once_available(fn: Callable[[], T], within: float = 60.0) -> T:
             time.sleep(0.5)
 
 
-def test_an_agent_with_a_node_id_in_use_or_a_wrong_password_is_refused_and_says_why(fleet: Fleet) -> None:
+def test_an_agent_with_a_node_id_in_use_or_credentials_of_another_bus_is_refused_and_says_why(fleet: Fleet) -> None:
     holder = fleet.hosts["agent-0"]
     deadline = time.monotonic() + 60
     while not _heartbeating(_once_available(lambda: fleet_state(fleet)), "agent-0"):  # (the bus may be recovering)
         assert time.monotonic() < deadline, "agent-0 is not heartbeating"
         time.sleep(0.2)
     twin = fleet.start_agent("agent-0", "client", log="agent-0-twin")  # the right credentials, another host
-    wrong = fleet.start_agent("agent-1", "client", password="not-the-password", log="agent-1-wrong")
+    other_bus = Keystore.create(fleet.root / "other-keys")  # another operator: a creds file this bus never trusted
+    foreign = admin.write_creds(other_bus.issue("agent-1", "agent", agent_permissions("agent-1")), fleet.root / "x")
+    wrong = fleet.start_agent("agent-1", "client", creds=foreign, log="agent-1-wrong")
     for rec, said in (
         (twin, f"node id 'agent-0' is in use by the agent at {holder.ip} (host "),
-        (wrong, "refused user 'agent-1' (Authorization Violation)"),
+        (wrong, "refused 'agent-1' (Authorization Violation): the credentials file was revoked or replaced"),
     ):
         proc = next(p for r, p in fleet.records if r is rec)
         try:
@@ -324,6 +332,70 @@ def test_an_agent_with_a_node_id_in_use_or_a_wrong_password_is_refused_and_says_
         lambda: fleet_state(fleet),
     )
     assert {n.advert.node_id: n.advert.address for n in state.nodes}["agent-0"] == holder.ip  # the holder keeps it
+
+
+def test_a_new_host_joins_with_its_creds_file_alone_and_revoking_the_file_cuts_it_off(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    name, creds = "gpu-new", fleet.root / "enrolled" / "gpu-new.creds"
+    cli = [sys.executable, "-m", "cadre.cli", "admin"]
+    keys = ["--keys", str(fleet.keys)]
+    out = subprocess.run([*cli, "add-agent", name, "-o", str(creds), *keys], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert creds.stat().st_mode & 0o077 == 0  # its secret seed: the owner's only
+    # The host gets the bus URLs and this file: no server is reconfigured or restarted.
+    rec = fleet.start_agent(name, "client", creds=creds)
+    proc = next(p for r, p in fleet.records if r is rec)
+    try:
+        deadline = time.monotonic() + 60
+        while not _heartbeating(_once_available(lambda: fleet_state(fleet)), name):
+            assert time.monotonic() < deadline and proc.poll() is None, Path(rec.log).read_text()[-2000:]
+            time.sleep(0.2)
+        est = Estimator(make_project(**{"hi.py": "print('joined')"}), "hi.py", node_count=fleet.agents + 1)
+        run = Experiment(fws, "fleet").submit(est)
+        assert run.wait_for_completion(timeout=90)["status"] == "Completed"
+        assert name in {slot["node_id"] for slot in run.get_details()["placement"]}
+
+        again = subprocess.run([*cli, "add-agent", name, *keys], capture_output=True, text=True)
+        assert again.returncode == 2 and "already has bus credentials" in again.stderr, again.stderr
+
+        out = subprocess.run([*cli, "revoke", name, "--nats", fleet.nats_urls(), *keys], capture_output=True,
+                             text=True)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert proc.wait(30) == 2  # cut off at once, and it says why
+        log = Path(rec.log).read_text()
+        assert "its credentials were revoked" in log, log[-2000:]
+        assert "Traceback" not in log
+        # The same file is refused from then on, by every server (the update went round the cluster).
+        retry = fleet.start_agent(name, "client", creds=creds, log=f"{name}-retry")
+        assert next(p for r, p in fleet.records if r is retry).wait(60) == 2
+        assert "refused 'gpu-new' (Authorization Violation)" in Path(retry.log).read_text()
+        listed = subprocess.run([*cli, "users", *keys], capture_output=True, text=True).stdout
+        assert re.search(rf"^{name}\s+agent\s+.*revoked", listed, re.M), listed
+    finally:
+        if proc.poll() is None:
+            fleet.kill(rec.name)
+
+
+def test_a_person_logs_in_to_the_portal_with_their_creds_file_and_a_foreign_one_is_refused(fleet: Fleet) -> None:
+    mine = fleet.enroll("alice", "user").read_text()
+    foreign = Keystore.create(fleet.root / "alice-other-keys").issue("alice", "user", agent_permissions("x"))
+
+    def login(creds: str) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(fleet.hosts["services"].ip, PORTAL_PORT, timeout=10)
+        body = urllib.parse.urlencode({"creds": creds, "next": "/experiments"})
+        conn.request("POST", "/login", body, {"Content-Type": "application/x-www-form-urlencoded"})
+        return conn.getresponse()
+
+    refused = login(foreign)
+    assert refused.status == 401 and "refused those credentials" in refused.read().decode()
+    ok = login(mine)
+    assert ok.status == 303, ok.read()[:500]
+    cookie = ok.getheader("Set-Cookie", "").split(";")[0]
+    conn = http.client.HTTPConnection(fleet.hosts["services"].ip, PORTAL_PORT, timeout=10)
+    conn.request("GET", "/experiments", headers={"Cookie": cookie})
+    page = conn.getresponse()
+    assert page.status == 200 and "alice" in page.read().decode()  # signed in as the user its JWT names
 
 
 def fleet_state(fleet: Fleet) -> schemas.SchedulerState:
@@ -346,7 +418,8 @@ SLOW_CLOCK = (
 def test_an_agent_whose_clock_is_ten_minutes_slow_stays_ready_and_takes_work(
     fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
 ) -> None:
-    name = f"agent-{fleet.agents}"  # the fleet's spare agent user
+    name = f"agent-{fleet.agents}"
+    fleet.enroll(name)
     rec = fleet.start_agent(name, "client", launch=["-c", SLOW_CLOCK])
     try:
         deadline = time.monotonic() + 60

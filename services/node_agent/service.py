@@ -248,6 +248,14 @@ class NodeAgentService(Service):
             ):
                 self.log.warning("ranks_fenced", run_id=run_id, seconds_cut_off=round(cut_off, 1))
 
+    def on_revoked(self) -> None:
+        """This host was cut off for good: its ranks stop now (they could never report again)."""
+        for run_id, (execution, _) in list(self.executions.items()):
+            execution.fence("the bus revoked this host's credentials")
+            if execution.launched:
+                execution.shim.stop(self.config.kill_grace)
+            self.log.warning("ranks_stopped_revoked", run_id=run_id)
+
     async def _take_assignments(self, psub) -> None:
         async def handle(msg) -> None:
             await self._accept(schemas.assignment_decoder.decode(msg.data))

@@ -53,10 +53,14 @@ def login_page(next_path: str, error: str | None) -> str:
     body = (
         f'{message}<form method="post" action="/login" class="login">'
         f'<input type="hidden" name="next" value="{e(next_path)}">'
-        '<label>User <input name="user" autocomplete="username" required></label>'
-        '<label>Password <input name="password" type="password" autocomplete="current-password" required></label>'
+        '<label>User <input name="user" autocomplete="username"></label>'
+        '<label>Password <input name="password" type="password" autocomplete="current-password"></label>'
+        "<details><summary>Or your credentials file</summary>"
+        '<label>.creds file <textarea name="creds" rows="6" spellcheck="false" autocomplete="off"></textarea></label>'
+        "</details>"
         '<button type="submit">Log in</button></form>'
-        '<p class="hint">Your bus credentials: the user and password of your cadre profile.</p>'
+        '<p class="hint">Your bus credentials: the user and password of your cadre profile, or, on a bus that '
+        "trusts an operator, the .creds file <code>cadre admin add-user</code> gave you.</p>"
     )
     return layout(None, "Log in", body)
 

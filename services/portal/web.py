@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats
+from nats.aio.client import RawCredentials
 from nats.js import api as js_api
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,6 +36,7 @@ from services.portal.fanout import Fanout
 from shared import bus, schemas, subjects
 from shared.errors import CadreError, NotFoundError, ValidationError
 from shared.runs import LogCursor
+from shared.trust import Creds
 
 if TYPE_CHECKING:
     from services.portal.service import PortalService
@@ -125,10 +127,20 @@ def make_app(portal: PortalService) -> Starlette:
         form = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
         user = (form.get("user") or [""])[0]
         password = (form.get("password") or [""])[0]
+        creds = (form.get("creds") or [""])[0].strip()
         target = _safe_next((form.get("next") or ["/"])[0])
-        if not user or not password or not await _bus_accepts(portal.bus_settings.url, user, password):
+        url = portal.bus_settings.url
+        if creds:  # a bus that trusts an operator: the user is the one its JWT names
+            try:
+                user = Creds.parse(creds).name
+            except ValidationError:
+                user = ""
+            accepted = bool(user) and await _bus_accepts(url, user_credentials=RawCredentials(creds))
+        else:
+            accepted = bool(user and password) and await _bus_accepts(url, user=user, password=password)
+        if not accepted:
             portal.log.info("portal_login_refused", user=user[:64])
-            html = pages.login_page(target, error="The bus refused that user and password.")
+            html = pages.login_page(target, error="The bus refused those credentials.")
             return HTMLResponse(html, status_code=401)
         token = sign(key, {"u": user, "exp": int(time.time()) + SESSION_SECONDS, "csrf": secrets.token_urlsafe(24)})
         response = RedirectResponse(target, status_code=303)
@@ -357,11 +369,11 @@ async def _follow(portal: PortalService, stream: str, subject: str) -> AsyncIter
             pass
 
 
-async def _bus_accepts(url: str, user: str, password: str) -> bool:
-    """Whether the bus takes these credentials: the portal knows no password, it asks the servers."""
+async def _bus_accepts(url: str, **auth: Any) -> bool:
+    """Whether the bus takes these credentials: the portal knows no password or key, it asks the servers."""
     try:
-        nc = await nats.connect(servers=url.split(","), user=user, password=password, allow_reconnect=False,
-                                connect_timeout=3, max_reconnect_attempts=0)  # fmt: skip
+        nc = await nats.connect(servers=url.split(","), **auth, allow_reconnect=False, connect_timeout=3,
+                                max_reconnect_attempts=0)  # fmt: skip
     except Exception:
         return False
     await nc.close()
