@@ -66,7 +66,7 @@ async def _measure(home: Path, n: int, seconds: float) -> dict[str, float]:
     after = {name: _ticks_and_rss(pid) for name, pid in pids.items()}
     rate = (sent - sent_before) / elapsed
     try:  # the whole fleet's state in one reply: past some size it no longer fits in a NATS message
-        state = await bus.request(nc, subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState, 10)
+        state = await bus.scheduler_state(nc)
         ready = sum(1 for s in state.nodes if s.advert.compute_target == f"scale-{tag}" and s.state == "Ready")
     except Exception as exc:
         print(f"{n} nodes: scheduler state: {exc}", file=sys.stderr)

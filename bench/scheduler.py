@@ -94,7 +94,7 @@ async def end_to_end(home: Path, runs: int, node_count: int, ppn: int) -> dict[s
     # The burst starts once the scheduler sees every node (and the target has settled): only placement is timed.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        state = await bus.request(nc, subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+        state = await bus.scheduler_state(nc)
         if sum(1 for n in state.nodes if n.advert.compute_target == target) == NODES:
             break
         await asyncio.sleep(0.2)

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 
 from cadre._bridge import LoopThread
 from cadre._profile import Profile, load_profile
-from shared import bus, files
+from shared import bus, files, schemas
 from shared.errors import NotSupportedError
 
 T = TypeVar("T")
@@ -41,6 +41,10 @@ class Workspace:
 
     def _request(self, subject: str, payload: msgspec.Struct, reply_type: type[T], timeout: float = 30.0) -> T:
         return self._loop.call(bus.request(self._nc, subject, payload, reply_type, timeout=timeout))
+
+    def _scheduler_state(self) -> schemas.SchedulerState:
+        """Nodes and queue, every page of them."""
+        return self._loop.call(bus.scheduler_state(self._nc), timeout=60)
 
     def get_default_datastore(self) -> None:
         """Azure's datastores have no counterpart: data goes up as a dataset."""

@@ -24,7 +24,8 @@ from shared.settings import BusSettings
 from shared.subjects import NAME_RE
 from shared.trust import Keystore
 
-ROLES = {"agent": agent_permissions, "user": lambda _name: client_permissions(),
+# An agent's own user writes no run: each run it is given comes with credentials for that run alone.
+ROLES = {"agent": lambda name: agent_permissions(name, run_writes=False), "user": lambda _name: client_permissions(),
          "service": lambda _name: service_permissions()}  # fmt: skip
 
 

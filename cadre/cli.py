@@ -137,9 +137,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def _scheduler_state(ws):
-    from shared import schemas, subjects
-
-    return ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+    return ws._scheduler_state()
 
 
 def cmd_nodes(_: argparse.Namespace) -> int:

@@ -162,9 +162,12 @@ def ensure_users(store: Keystore, env_file: Path, users: list[tuple[str, str]]) 
         jwt_key, seed_key = env_keys(name)
         if jwt_key in values and seed_key in values:
             continue
-        perms = {"service": service_permissions(), "user": client_permissions()}.get(role) or agent_permissions(name)
+        perms = {"service": service_permissions(), "user": client_permissions()}.get(role) or agent_permissions(
+            name, run_writes=False
+        )
         creds = Creds.parse(store.issue(name, role, perms, rotate=True))  # a new key; any old one is revoked
         fixed[jwt_key], fixed[seed_key] = creds.jwt, creds.seed
+    fixed["NATS_RUN_SIGNING_SEED"] = store.run_signing_seed()  # the submitter's: it signs each run's credentials
     return ensure_env(env_file, ["MINIO_ROOT_PASSWORD"], fixed={"MINIO_ROOT_USER": MINIO_ROOT_USER, **fixed})
 
 

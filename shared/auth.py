@@ -63,10 +63,13 @@ def supervisor_permissions() -> Permissions:
     return Permissions(publish=[s.all_service_events()], subscribe=["_INBOX.>"])
 
 
-def agent_permissions(node_id: str) -> Permissions:
+def agent_permissions(node_id: str, run_writes: bool = True) -> Permissions:
+    """A node agent's own user. ``run_writes=False`` (a bus that trusts an operator): it writes no run's events,
+    logs or metrics itself; each run it is given comes with credentials for that run alone (:func:`run_permissions`)."""
     consumer = s.agent_consumer(node_id)
     kv_nodes = f"KV_{s.NODES_BUCKET}"
     kv_targets = f"KV_{s.TARGETS_BUCKET}"
+    runs = [s.all_run_events(), s.all_run_logs(), s.all_run_metrics()] if run_writes else []
     return Permissions(
         publish=[
             s.AgentApi.SNAPSHOT_URL,
@@ -74,9 +77,8 @@ def agent_permissions(node_id: str) -> Permissions:
             s.AgentApi.COMMIT,
             s.AgentApi.DATASET_URLS,
             s.agent_registry_credential(node_id),  # its own only: a registry password is for the node that pulls
-            s.all_run_events(),
-            s.all_run_logs(),
-            s.all_run_metrics(),
+            s.agent_run_bus(node_id),  # likewise: the credentials of its own runs
+            *runs,
             f"$KV.{s.NODES_BUCKET}.{node_id}",
             f"$KV.{s.TARGETS_BUCKET}.>",
             "$JS.FC.>",
@@ -97,6 +99,28 @@ def agent_permissions(node_id: str) -> Permissions:
             *_read_stream(s.EVENTS_STREAM),
         ],
         subscribe=["_INBOX.>", s.all_run_events()],
+    )
+
+
+def run_permissions(run_id: str, node_id: str) -> Permissions:
+    """What one node may do for one run it was given: write that run's events, logs and metrics, ask for its
+    files and registry credential as itself, and read what it needs of the event and log streams."""
+    return Permissions(
+        publish=[
+            s.run_events(run_id),
+            s.run_logs_all_ranks(run_id),
+            s.run_metrics(run_id),
+            s.AgentApi.SNAPSHOT_URL,
+            s.AgentApi.UPLOAD_URLS,
+            s.AgentApi.COMMIT,
+            s.AgentApi.DATASET_URLS,
+            s.agent_registry_credential(node_id),
+            "$JS.FC.>",
+            f"{JS}.INFO",
+            f"{JS}.STREAM.MSG.GET.{s.LOGS_STREAM}",
+            *_read_stream(s.EVENTS_STREAM),
+        ],
+        subscribe=["_INBOX.>", s.run_events(run_id)],
     )
 
 

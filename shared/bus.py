@@ -506,3 +506,20 @@ async def retry(fn: Callable[[], Awaitable[T]], attempts: int = 50, delay: float
                 raise
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+async def scheduler_state(nc: NATS, timeout: float = 10.0) -> schemas.SchedulerState:
+    """The scheduler's whole state, read a page at a time (one reply for 10,000 nodes would pass NATS' 1 MB)."""
+    nodes: list[schemas.NodeStatus] = []
+    queue: list[schemas.QueuedRun] = []
+    page = schemas.SchedulerStateRequest()
+    while True:
+        got = await request(nc, subjects.Api.SCHEDULER_STATE, page, schemas.SchedulerState, timeout=timeout)
+        nodes += got.nodes
+        queue += got.queue
+        if not (got.more_nodes or got.more_queue):
+            return schemas.SchedulerState(nodes=nodes, queue=queue)
+        page = schemas.SchedulerStateRequest(
+            nodes_after=nodes[-1].advert.node_id if got.more_nodes and nodes else "\U0010ffff",
+            queue_offset=len(queue) if got.more_queue else 1 << 62,
+        )

@@ -504,6 +504,16 @@ class RegistryCredentialRequest(Message, frozen=True, kw_only=True):
     run_id: str
 
 
+class RunBusCredentials(Message, frozen=True, kw_only=True):
+    """A creds file for one run on one node: it may write that run's events, logs and metrics and nothing else
+    (on a bus that trusts an operator; the submitter signs it with the account's run-signing key)."""
+
+    creds: str = msgspec.field(default="")
+
+    def __repr__(self) -> str:
+        return "RunBusCredentials(creds=<secret>)"
+
+
 class SubmitReply(Message, frozen=True, kw_only=True):
     run_id: str
     state: RunState
@@ -760,9 +770,25 @@ class QueuedRun(msgspec.Struct, frozen=True, kw_only=True):
     queued_at: float
 
 
+STATE_PAGE_NODES = 200  # a node's status with its GPUs is ~1-2 kB: a page stays far below NATS' 1 MB payload
+STATE_PAGE_QUEUE = 1000
+
+
+class SchedulerStateRequest(Message, frozen=True, kw_only=True):
+    """One page of the scheduler's state: nodes by id after ``nodes_after``, the queue from ``queue_offset``
+    (``{}`` asks for the first page of each). :func:`shared.runs.whole_scheduler_state` reads every page."""
+
+    nodes_after: str = ""
+    queue_offset: int = 0
+    node_limit: int = STATE_PAGE_NODES
+    queue_limit: int = STATE_PAGE_QUEUE
+
+
 class SchedulerState(Message, frozen=True, kw_only=True):
     nodes: list[NodeStatus]
     queue: list[QueuedRun]
+    more_nodes: bool = False  # another page of nodes follows (ask again with nodes_after = the last node's id)
+    more_queue: bool = False  # likewise for the queue (queue_offset = how many were read)
 
 
 class TargetList(Message, frozen=True, kw_only=True):

@@ -178,6 +178,15 @@ def all_agent_registry_credentials() -> str:
     return f"{PREFIX}.agent.credentials.*"
 
 
+def agent_run_bus(node_id: str) -> str:
+    """Where a node asks for the bus credentials of one of its runs (per node, like the registry's)."""
+    return f"{PREFIX}.agent.runbus.{node_id}"
+
+
+def all_agent_run_bus() -> str:
+    return f"{PREFIX}.agent.runbus.*"
+
+
 def run_secret_key(run_id: str) -> str:
     return f"run.{run_id}"
 

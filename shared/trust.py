@@ -168,7 +168,8 @@ class Keystore:
             raise ConflictError(f"{store.root} already holds cadre's bus keys: use it, or pick another folder")
         store.root.mkdir(parents=True, exist_ok=True)
         store.root.chmod(0o700)
-        for kind, name in (("operator", "operator"), ("account", "system"), ("account", "account")):
+        for kind, name in (("operator", "operator"), ("account", "system"), ("account", "account"),
+                           ("account", "run-signing")):  # fmt: skip
             store._write(f"{name}.nk", new_seed(kind))
         store._write("meta.json", json.dumps({"operator": operator}))
         store._write("users.json", json.dumps({"users": {}, "revoked": {}}))
@@ -214,6 +215,15 @@ class Keystore:
         return public_key(self._seed("account"))
 
     @property
+    def run_signing_key(self) -> str:
+        return public_key(self._seed("run-signing"))
+
+    def run_signing_seed(self) -> str:
+        """The account signing key the submitter signs run credentials with (CADRE_RUN_SIGNING_SEED): it can
+        make users of the cadre account, so it is a secret of the submitter alone."""
+        return self._seed("run-signing")
+
+    @property
     def system_key(self) -> str:
         return public_key(self._seed("system"))
 
@@ -224,7 +234,11 @@ class Keystore:
     def account_jwt(self) -> str:
         """The cadre account, signed now, with every revoked user key in it."""
         revocations = self._issued().get("revoked", {})
-        nats = {"limits": _limits(jetstream=True), "default_permissions": {"pub": {}, "sub": {}}}
+        nats = {
+            "limits": _limits(jetstream=True),
+            "default_permissions": {"pub": {}, "sub": {}},
+            "signing_keys": [self.run_signing_key],
+        }
         if revocations:
             nats["revocations"] = revocations
         return encode("account", ACCOUNT, self.account_key, self._seed("operator"), nats)
@@ -294,3 +308,11 @@ class Keystore:
         jwt = encode("user", "cadre-admin", public_key(seed), self._seed("system"), user_permissions(perms),
                      expires=int(time.time()) + valid_for)  # fmt: skip
         return creds_text(jwt, seed)
+
+
+def run_creds(signing_seed: str, account_key: str, run_id: str, node_id: str, perms: Permissions) -> str:
+    """Credentials for one run on one node, signed with the account's run-signing key (a fresh user key)."""
+    seed = new_seed("user")
+    nats = {**user_permissions(perms), "issuer_account": account_key}
+    jwt = encode("user", f"{node_id}/{run_id}", public_key(seed), signing_seed, nats)
+    return creds_text(jwt, seed)

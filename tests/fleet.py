@@ -206,6 +206,8 @@ class Fleet:
             env = {**bus_env, "CADRE_NATS_CREDS": str(self.creds[name])}
             if name in _local.S3_SERVICES:
                 env.update(s3_env)
+            if name == "submitter":  # signs each run's credentials for its nodes
+                env["CADRE_RUN_SIGNING_SEED"] = Keystore.open(self.keys).run_signing_seed()
             if name == "portal":  # on the services host's address, for browsers on the client host
                 env.update(CADRE_PORTAL_HOST=services.ip, CADRE_PORTAL_PORT=str(PORTAL_PORT))
             if name == "scheduler" and self.node_grace is not None:
@@ -225,14 +227,21 @@ class Fleet:
         return self
 
     def start_agent(
-        self, name: str, host: str, creds: Path | None = None, log: str | None = None, launch: list[str] | None = None
+        self,
+        name: str,
+        host: str,
+        creds: Path | None = None,
+        log: str | None = None,
+        launch: list[str] | None = None,
+        work: str | None = None,
     ) -> Any:
         """An agent with node id ``name`` on ``host``, joining with its creds file alone (its own unless ``creds``
-        says otherwise; ``launch``: the interpreter's arguments before the agent's, not ``-m services.node_agent``)."""
+        says otherwise; ``launch``: the interpreter's arguments before the agent's, not ``-m services.node_agent``;
+        ``work``: whose work dir it takes, as an agent started again on the same host does)."""
         env = {"CADRE_NATS_URL": self.nats_urls(), "CADRE_NATS_CREDS": str(creds or self.creds[name])}
         argv = [
             sys.executable, *(launch or ["-m", "services.node_agent"]), "--node-id", name, "--compute-target", "local",
-            "--work-dir", str(self.root / "agents" / (log or name)), "--runtime", "process", "--address",
+            "--work-dir", str(self.root / "agents" / (work or log or name)), "--runtime", "process", "--address",
             self.hosts[host].ip, "--slots", "2", "--gpus", "0", "--heartbeat", "0.5", *self.agent_args,
         ]  # fmt: skip
         return self.spawn(log or name, "agent", host, argv, _local._child_env(env))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import ctypes
@@ -17,7 +18,10 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from shared import bus
+from shared.settings import BusSettings
 
 T = TypeVar("T")
 
@@ -134,3 +138,20 @@ def normalize(name: str) -> str:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+async def violations(settings: BusSettings, action: Callable[..., Any]) -> list[str]:
+    """Run ``action(nc)`` and return the permission violations the server reported meanwhile."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await bus.connect(settings, error_cb=on_error)
+    try:
+        await action(nc)
+        await nc.flush()
+        await asyncio.sleep(0.3)
+    finally:
+        await nc.close()
+    return [e for e in errors if "permissions violation" in e.lower()]

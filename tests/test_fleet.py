@@ -6,9 +6,12 @@ reaches, and a run goes on when the server leading its streams is killed.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -20,13 +23,15 @@ from typing import TypeVar
 
 import pytest
 from fleet import PORTAL_PORT, Fleet, available
+from helpers import violations
 
 from cadre import Estimator, Experiment, MpiConfiguration, PyTorchConfiguration, Workspace, _local, admin
 from cadre.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
-from shared import schemas, subjects
+from shared import bus, schemas, subjects
 from shared.auth import agent_permissions
-from shared.errors import ServiceUnavailableError
+from shared.errors import NotFoundError, ServiceUnavailableError
 from shared.procs import is_alive
+from shared.settings import BusSettings
 from shared.trust import Keystore
 
 WHERE = """
@@ -258,7 +263,7 @@ def test_a_host_cut_off_mid_run_fences_its_rank_and_the_run_completes_on_another
     # The link is back: the host's agent rejoins by itself.
     deadline = time.monotonic() + 30
     while True:
-        state = fws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+        state = fws._scheduler_state()
         if any(n.advert.node_id == node and n.state == "Ready" for n in state.nodes):
             break
         assert time.monotonic() < deadline, "the healed host did not rejoin"
@@ -398,10 +403,59 @@ def test_a_person_logs_in_to_the_portal_with_their_creds_file_and_a_foreign_one_
     assert page.status == 200 and "alice" in page.read().decode()  # signed in as the user its JWT names
 
 
+def test_an_agent_writes_only_the_runs_it_was_given(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    est = Estimator(make_project(**{"hi.py": "print('mine')"}), "hi.py", node_count=2)
+    run = Experiment(fws, "fleet").submit(est)
+    assert run.wait_for_completion(timeout=90)["status"] == "Completed"
+    on = sorted({slot["node_id"] for slot in run.get_details()["placement"]})
+    off = next(f"agent-{i}" for i in range(fleet.agents) if f"agent-{i}" not in on)
+    url = fleet.nats_urls()
+
+    async def go() -> None:
+        own = BusSettings(url=url, creds=fleet.creds[on[0]].read_text())
+
+        async def forge(nc) -> None:  # its own user writes no run, not even one it ran
+            await nc.publish(subjects.run_events(run.id), b"{}")
+            await nc.publish(subjects.run_logs(run.id, 0), b"{}")
+            await nc.publish(subjects.run_metrics(run.id), b"{}")
+
+        assert len(await violations(own, forge)) == 3
+        nc = await bus.connect(BusSettings(url=url, creds=fleet.creds[off].read_text()))
+        try:
+            with pytest.raises(NotFoundError, match=f"has no rank on node {off}"):
+                await bus.request(nc, subjects.agent_run_bus(off), schemas.RunRef(run_id=run.id),
+                                  schemas.RunBusCredentials)  # fmt: skip
+        finally:
+            await nc.close()
+        nc = await bus.connect(own)
+        try:
+            given = await bus.request(nc, subjects.agent_run_bus(on[0]), schemas.RunRef(run_id=run.id),
+                                      schemas.RunBusCredentials)  # fmt: skip
+        finally:
+            await nc.close()
+        scoped = BusSettings(url=url, creds=given.creds)
+
+        async def elsewhere(nc) -> None:  # the run's credentials write that run alone
+            await nc.publish(subjects.run_events("other_1_x"), b"{}")
+            await nc.publish(subjects.run_logs("other_1_x", 0), b"{}")
+            await nc.publish(subjects.node_events(off), b"{}")
+
+        assert len(await violations(scoped, elsewhere)) == 3
+
+        async def its_own(nc) -> None:
+            await nc.publish(subjects.run_metrics(run.id), b"{}")
+
+        assert await violations(scoped, its_own) == []
+
+    asyncio.run(go())
+
+
 def fleet_state(fleet: Fleet) -> schemas.SchedulerState:
     assert fleet.profile_path is not None
     with Workspace.from_config(fleet.profile_path) as ws:
-        return ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+        return ws._scheduler_state()
 
 
 def _heartbeating(state: schemas.SchedulerState, node_id: str) -> bool:
@@ -439,3 +493,48 @@ def test_an_agent_whose_clock_is_ten_minutes_slow_stays_ready_and_takes_work(
 
 def _heartbeating_by_the_schedulers_clock(state: schemas.SchedulerState, node_id: str) -> bool:
     return any(n.advert.node_id == node_id and n.state == "Ready" for n in state.nodes)
+
+
+UNTIL_RELEASED = """
+import os, time
+spool = os.environ["SPOOL"]
+for i in range(3000):
+    print(f"line {i}", flush=True)
+    if i == 20:
+        open(os.path.join(spool, "started"), "w").close()
+    if i > 40 and os.path.exists(os.path.join(spool, "release")):
+        break
+    time.sleep(0.02)
+"""
+
+
+def test_an_agent_killed_and_started_again_mid_run_takes_its_run_back_on_fresh_run_credentials(
+    fleet: Fleet, fws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An upgrade's restart, on a bus where the agent's own user writes no run: the new agent asks for the run's
+    credentials again, adopts the ranks its shim kept, and every line arrives once."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    est = Estimator(make_project(**{"u.py": UNTIL_RELEASED}), "u.py", environment_variables={"SPOOL": str(spool)})
+    run = Experiment(fws, "fleet").submit(est)
+    deadline = time.monotonic() + 60
+    while not (spool / "started").exists():
+        assert time.monotonic() < deadline, run.get_status()
+        time.sleep(0.1)
+    victim = run.get_details()["placement"][0]["node_id"]
+    rec, proc = next((r, p) for r, p in fleet.records if r.name == victim and p.poll() is None)
+    os.kill(rec.pid, signal.SIGKILL)  # the agent only: its shim and the rank go on
+    proc.wait(10)
+    again = fleet.start_agent(victim, victim, log=f"{victim}-again", work=victim)
+    log = Path(again.log)
+    deadline = time.monotonic() + 60
+    while "run_adopted" not in (text := log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.2)
+    (spool / "release").touch()
+    out = io.StringIO()
+    assert run.wait_for_completion(show_output=True, output=out, timeout=120)["status"] == "Completed"
+    numbers = [int(m[1]) for m in re.finditer(r"line (\d+)", out.getvalue())]
+    assert numbers == list(range(len(numbers))) and len(numbers) > 40, numbers[:5]  # each once, in order
+    assert run.get_details()["attempt"] == 1
+    assert "Permissions Violation" not in log.read_text()

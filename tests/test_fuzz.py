@@ -31,7 +31,7 @@ ENDPOINTS: list[tuple[str, type[msgspec.Struct]]] = [
     (Api.ENVIRONMENT_REGISTER, schemas.EnvironmentRegisterRequest), (Api.ENVIRONMENT_GET, schemas.EnvironmentRef),
     (Api.ENVIRONMENT_LIST, schemas.Empty), (Api.DATASET_UPLOAD, schemas.DatasetUploadRequest),
     (Api.DATASET_REGISTER, schemas.DatasetRegisterRequest), (Api.DATASET_GET, schemas.DatasetRef),
-    (Api.DATASET_LIST, schemas.Empty), (Api.SCHEDULER_STATE, schemas.Empty),
+    (Api.DATASET_LIST, schemas.Empty), (Api.SCHEDULER_STATE, schemas.SchedulerStateRequest),
     (AgentApi.DATASET_URLS, schemas.DatasetUrlsRequest), (AgentApi.SNAPSHOT_URL, schemas.RunRef),
     (AgentApi.UPLOAD_URLS, schemas.UploadUrlsRequest), (AgentApi.COMMIT, schemas.CommitRequest),
     (subjects.agent_registry_credential("agent-0"), schemas.RegistryCredentialRequest),

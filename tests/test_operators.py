@@ -14,7 +14,6 @@ from pathlib import Path
 from helpers import AGENT_SLOTS, eventually
 
 from cadre import Estimator, Experiment, Run, Workspace, _local
-from shared import schemas, subjects
 
 ROOT = Path(__file__).resolve().parent.parent
 LIFECYCLE = ["submitted", "queued", "assigned", "starting", "rendezvous", "running", "rank_exited", "node_finished",
@@ -131,7 +130,7 @@ def test_a_silent_node_shows_not_responding_then_recovers(ws: Workspace, cluster
     agent = next(p["pid"] for p in state["processes"] if p["name"] == "agent-0")
 
     def node_state() -> str:
-        reply = ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+        reply = ws._scheduler_state()
         return next(n.state for n in reply.nodes if n.advert.node_id == "agent-0")
 
     os.kill(agent, signal.SIGSTOP)  # silent, not gone: it misses heartbeats

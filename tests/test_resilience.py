@@ -22,7 +22,7 @@ import pytest
 from helpers import eventually
 
 from cadre import Estimator, Experiment, Workspace, _local
-from shared import schemas, subjects
+from shared import schemas
 
 OUTAGE = 15.0  # seconds: longer than a request's timeout (10 s) and JetStream's API timeout (5 s)
 LINES = 400
@@ -179,7 +179,7 @@ def _stopped(pid: int) -> Iterator[None]:
 
 
 def _node(ws: Workspace) -> schemas.NodeStatus:
-    state = ws._request(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+    state = ws._scheduler_state()
     return next(n for n in state.nodes if n.advert.node_id == "agent-0")
 
 

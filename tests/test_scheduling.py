@@ -132,3 +132,58 @@ def test_max_run_duration_is_enforced(ws: Workspace, make_project: Callable[...,
         run.wait_for_completion(timeout=30)
     assert time.monotonic() - started < 20
     assert run.get_details()["error"]["code"] == "timeout"
+
+
+def test_the_scheduler_state_comes_in_pages_that_each_fit_a_nats_message(cluster_home: Path, ws: Workspace) -> None:
+    """1,000 nodes' state in one reply would pass NATS' 1 MB max_payload (docs/scale.md): it is paged."""
+    import asyncio
+
+    from shared import bus, schemas, subjects
+    from shared.errors import ValidationError
+    from shared.settings import BusSettings
+
+    n, target = 450, "paging"
+    env = json.loads((cluster_home / "cluster" / "process-env.json").read_text())["submitter"]
+    settings = BusSettings(url=env["CADRE_NATS_URL"], user="submitter", password=env["CADRE_NATS_PASSWORD"])
+    now = time.time()
+    gpus = [schemas.GpuInfo(index=g, name="NVIDIA H200", memory_bytes=141 << 30) for g in range(8)]
+    adverts = [
+        schemas.NodeAdvert(
+            node_id=f"page-{i:04d}", compute_target=target, hostname=f"gpu-host-{i:04d}.example.internal",
+            address=f"10.1.{i // 250}.{i % 250}", cpus=192, memory_bytes=2 << 40, gpus=gpus, slots=8,
+            started_at=now, heartbeat_at=now, heartbeat_interval=3600,
+        )
+        for i in range(n)
+    ]  # fmt: skip
+
+    async def go() -> None:
+        nc = await bus.connect(settings)
+        kv = await nc.jetstream().key_value(subjects.NODES_BUCKET)
+        try:
+            await asyncio.gather(*(kv.put(a.node_id, schemas.encode(a)) for a in adverts))
+            deadline = time.monotonic() + 30
+            while True:
+                whole = await bus.scheduler_state(nc)
+                mine = [s.advert.node_id for s in whole.nodes if s.advert.compute_target == target]
+                if len(mine) == n:
+                    break
+                assert time.monotonic() < deadline, f"the scheduler knows {len(mine)} of {n} nodes"
+                await asyncio.sleep(0.2)
+            ids = [s.advert.node_id for s in whole.nodes]
+            assert ids == sorted(set(ids))  # every node once, in order, across the pages
+            raw = await nc.request(subjects.Api.SCHEDULER_STATE, b"{}", timeout=10)  # what an old client asks
+            first = schemas.decode(raw.data, schemas.Reply[schemas.SchedulerState]).ok
+            assert first is not None and len(first.nodes) == schemas.STATE_PAGE_NODES and first.more_nodes
+            assert len(raw.data) < nc.max_payload // 2, len(raw.data)  # a page, with room to spare
+            page = schemas.SchedulerStateRequest(nodes_after=ids[-3], node_limit=7)
+            last = await bus.request(nc, subjects.Api.SCHEDULER_STATE, page, schemas.SchedulerState)
+            assert [s.advert.node_id for s in last.nodes] == ids[-2:] and not last.more_nodes
+            with pytest.raises(ValidationError, match="node_limit and queue_limit must be at least 1"):
+                bad = schemas.SchedulerStateRequest(node_limit=0)
+                await bus.request(nc, subjects.Api.SCHEDULER_STATE, bad, schemas.SchedulerState)
+        finally:
+            await asyncio.gather(*(kv.delete(a.node_id) for a in adverts))
+            await nc.close()
+
+    asyncio.run(go())
+    eventually(lambda: not any(s.advert.compute_target == target for s in ws._scheduler_state().nodes), 30)

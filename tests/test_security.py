@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from helpers import violations
 
 from shared import schemas, subjects
 from shared.bus import connect, request
@@ -30,23 +31,6 @@ def creds(home: Path, name: str) -> BusSettings:
         return BusSettings(url=p["nats_url"], user="client", password=p["password"])
     env = json.loads((home / "cluster" / "process-env.json").read_text())[name]
     return BusSettings(url=env["CADRE_NATS_URL"], user=name, password=env["CADRE_NATS_PASSWORD"])
-
-
-async def violations(settings: BusSettings, action) -> list[str]:
-    """Run ``action(nc)`` and return the permission violations the server reported meanwhile."""
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = await connect(settings, error_cb=on_error)
-    try:
-        await action(nc)
-        await nc.flush()
-        await asyncio.sleep(0.2)
-    finally:
-        await nc.close()
-    return [e for e in errors if "permissions violation" in e.lower()]
 
 
 def test_anonymous_access_is_refused(cluster_home: Path) -> None:

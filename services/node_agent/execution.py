@@ -10,9 +10,12 @@ exit, a node lost, a cancel, the time limit) stops the ranks everywhere within m
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +64,11 @@ class Outcome:
     aborted: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass
 class NodeContext:
-    """What one run's execution may use of its agent, and nothing more."""
+    """What one run's execution may use of its agent, and nothing more. Each execution has its own copy: on a bus
+    that trusts an operator, ``run_bus`` opens a connection that may write that run alone, and the copy's ``nc``,
+    ``js`` and ``events`` become that connection's."""
 
     config: AgentConfig
     nc: Client
@@ -74,13 +79,14 @@ class NodeContext:
     job_python: Path  # the folder first on every rank's PYTHONPATH (the job's cadre package)
     host_id: str  # which machine this is (agents sharing one host share it)
     launcher: ShimLauncher  # forks the runs' shims
+    run_bus: Callable[[str], Awaitable[Client]] | None = None  # a run's own connection; None: the agent's
 
 
 class Execution:
     """This node's part of one attempt of a run. ``kept``: taken over from a previous life of the agent."""
 
     def __init__(self, ctx: NodeContext, assignment: schemas.Assignment, kept: Kept | None = None) -> None:
-        self.ctx = ctx
+        ctx = self.ctx = dataclasses.replace(ctx)  # its own copy: the run's connection replaces the agent's in it
         self.node_id = ctx.config.node_id
         self.a = assignment
         self.spec = assignment.spec
@@ -127,6 +133,19 @@ class Execution:
 
     # --- the whole life of the run on this node ------------------------------------------------------
     async def run(self) -> None:
+        own = None
+        if self.ctx.run_bus is not None:
+            own = await self.ctx.run_bus(self.run_id)
+            self.ctx.nc, self.ctx.js = own, own.jetstream()
+            self.ctx.events = bus.RunEventLog(self.ctx.js)
+        try:
+            await self._run()
+        finally:
+            if own is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(own.drain(), timeout=10)  # what the shippers sent last goes out first
+
+    async def _run(self) -> None:
         sub = await self.ctx.nc.subscribe(subjects.run_events(self.run_id), cb=self._on_msg)
         try:
             history = await self.ctx.events.history(self.run_id)

@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+from nats.aio.client import Client
 from nats.js import api as js_api
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -23,9 +24,10 @@ from services.node_agent.execution import Execution, NodeContext
 from services.node_agent.runcontext import job_package
 from services.node_agent.runtime import ProcessRuntime, Runtime
 from services.node_agent.supervision import RunShim, ShimLauncher
+from services.node_agent.uploads import FINISH_PATIENCE
 from shared import bus, lifecycle, schemas, subjects
 from shared.environments import PULL_POLICIES
-from shared.errors import ValidationError
+from shared.errors import CadreError, NotFoundError, NotSupportedError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings
 from shared.states import PLACED_STATES, Cause
@@ -121,7 +123,10 @@ class NodeAgentService(Service):
             config=self.config, nc=self.nc, js=self.js, events=self.events, cache=self.cache, runtime=self.runtime,
             job_python=job_python, host_id=self.base_advert["host_id"],
             launcher=ShimLauncher(self.config.work_dir / "shim-launcher.log"),
+            run_bus=self._run_bus if self.bus_settings.creds else None,
         )  # fmt: skip
+        if self.bus_settings.creds:
+            await self._check_run_bus()
         # The services create the topology; an agent started first waits for it.
         self.nodes_kv = await bus.key_value(self.js, subjects.NODES_BUCKET)
         await self._refuse_a_name_in_use()
@@ -205,7 +210,7 @@ class NodeAgentService(Service):
             build = lifecycle.append_if(
                 lifecycle.undecided(), schemas.NodeFinished, run_id, node_id=node, outcome="failed", error=error
             )
-            if await self.events.append(run_id, build) is not None:
+            if await self._append_for(run_id, build) is not None:
                 await bus.request(
                     self.nc,
                     subjects.AgentApi.COMMIT,
@@ -247,6 +252,50 @@ class NodeAgentService(Service):
                 f"it could not reach the bus for {cut_off:.0f}s (--fence-after {self.config.fence_after:g})"
             ):
                 self.log.warning("ranks_fenced", run_id=run_id, seconds_cut_off=round(cut_off, 1))
+
+    async def _append_for(self, run_id: str, build: bus.EventBuilder) -> schemas.RunEvent | None:
+        """Append to a run's events as this node: through the run's own connection where the agent's user may not."""
+        if not self.bus_settings.creds:
+            return await self.events.append(run_id, build)
+        try:
+            nc = await self._run_bus(run_id)
+        except NotFoundError:  # the run moved on without this node: nothing of it is this node's to say
+            return None
+        try:
+            return await bus.RunEventLog(nc.jetstream()).append(run_id, build)
+        finally:
+            await nc.close()
+
+    async def _run_bus(self, run_id: str) -> Client:
+        """A connection for one run, with credentials the submitter signs for this node and that run only (this
+        agent's own user writes no run's events, logs or metrics)."""
+        reply = await bus.outlast(
+            lambda: bus.request(self.nc, subjects.agent_run_bus(self.config.node_id), schemas.RunRef(run_id=run_id),
+                                schemas.RunBusCredentials, timeout=10),
+            within=FINISH_PATIENCE,
+        )  # fmt: skip
+        name = f"agent-{self.config.node_id}/{run_id}"
+        return await bus.connect(BusSettings(url=self.bus_settings.url, creds=reply.creds, name=name))
+
+    async def _check_run_bus(self) -> None:
+        """Refuse to start on a bus where no run could be written: the submitter signs no run credentials."""
+        probe = schemas.RunRef(run_id="probe_0_0")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await bus.request(self.nc, subjects.agent_run_bus(self.config.node_id), probe,
+                                  schemas.RunBusCredentials, timeout=5)  # fmt: skip
+            except NotSupportedError as exc:
+                raise CadreError(f"cannot run anything here: {exc}") from None
+            except NotFoundError:
+                return  # it signs them (for runs this node has ranks in)
+            except (CadreError, *bus.TRANSIENT_ERRORS) as exc:
+                if time.monotonic() > deadline:  # the submitter is not up yet: runs will wait for it
+                    self.log.warning("run_bus_unchecked", error=str(exc))
+                    return
+                await asyncio.sleep(1)
+            else:
+                return
 
     def on_revoked(self) -> None:
         """This host was cut off for good: its ranks stop now (they could never report again)."""

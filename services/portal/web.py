@@ -203,7 +203,7 @@ def make_app(portal: PortalService) -> Starlette:
         return JSONResponse({"run_id": run_id, "metrics": msgspec.to_builtins(points)})
 
     async def cluster(request: Request, session: dict[str, Any]) -> Response:
-        state = await ask(subjects.Api.SCHEDULER_STATE, schemas.Empty(), schemas.SchedulerState)
+        state = await bus.scheduler_state(portal.nc)
         return HTMLResponse(pages.cluster_page(session, state, time.time()))
 
     async def models(request: Request, session: dict[str, Any]) -> Response:

@@ -73,7 +73,7 @@ class SchedulerService(Service):
         self.spawn(self._consume_events, "consume_events")
         self.spawn(self._schedule_loop, "schedule_loop")
         self.spawn(self._liveness_loop, "liveness_loop")
-        await self.endpoint(subjects.Api.SCHEDULER_STATE, schemas.Empty, self._state)
+        await self.endpoint(subjects.Api.SCHEDULER_STATE, schemas.SchedulerStateRequest, self._state)
 
     # --- inputs ------------------------------------------------------------------------------------------
     async def _watch_nodes(self) -> None:
@@ -420,14 +420,21 @@ class SchedulerService(Service):
         )  # type: ignore[arg-type]
         await self.js.publish(subject, schemas.encode(event))
 
-    def state(self, now: float) -> schemas.SchedulerState:
+    def state(self, now: float, page: schemas.SchedulerStateRequest | None = None) -> schemas.SchedulerState:
+        """Nodes and queue as they stand (one page of each: see SchedulerStateRequest)."""
+        page = page or schemas.SchedulerStateRequest(node_limit=1 << 30, queue_limit=1 << 30)
+        if not (1 <= page.node_limit and 1 <= page.queue_limit and page.queue_offset >= 0):
+            raise ValidationError("node_limit and queue_limit must be at least 1, queue_offset at least 0")
         table = self._node_table(now)
         runs_on: dict[str, list[str]] = {}
         for run_id, placement in self.allocations.items():
             for node_id in sorted({s.node_id for s in placement}):
                 runs_on.setdefault(node_id, []).append(run_id)
         nodes = []
-        for nid, advert in sorted(self.known.items()):
+        ids = sorted(nid for nid in self.known if nid > page.nodes_after)
+        more_nodes = len(ids) > page.node_limit
+        for nid in ids[: page.node_limit]:
+            advert = self.known[nid]
             used = table.get(nid)
             if nid in table:
                 state = "NotResponding" if nid in self.not_responding else "Ready"
@@ -448,10 +455,13 @@ class SchedulerService(Service):
             for target, q in sorted(self.queues.items())
             for i, (run_id, record) in enumerate(q.items())
         ]  # fmt: skip
-        return schemas.SchedulerState(nodes=nodes, queue=queue)
+        end = page.queue_offset + page.queue_limit
+        return schemas.SchedulerState(
+            nodes=nodes, queue=queue[page.queue_offset : end], more_nodes=more_nodes, more_queue=len(queue) > end
+        )
 
-    async def _state(self, _: schemas.Empty) -> schemas.SchedulerState:
-        return self.state(time.time())
+    async def _state(self, page: schemas.SchedulerStateRequest) -> schemas.SchedulerState:
+        return self.state(time.time(), page)
 
     async def _nodes_gone(self, gone: set[str]) -> None:
         """Record the loss on every run that had ranks there: runs concurrently, each run's losses in order."""

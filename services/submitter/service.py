@@ -16,11 +16,13 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from shared import bus, lifecycle, runs, schemas, subjects
-from shared.errors import ConflictError, NotFoundError, ValidationError
+from shared.auth import run_permissions
+from shared.errors import ConflictError, NotFoundError, NotSupportedError, ValidationError
 from shared.service import Service
-from shared.settings import BusSettings, Limits, StoreSettings
+from shared.settings import BusSettings, Limits, StoreSettings, secret_env
 from shared.states import RunState
 from shared.storage import ObjectStore
+from shared.trust import Creds, run_creds
 
 EXPERIMENT_CACHE = 500_000
 
@@ -28,10 +30,13 @@ EXPERIMENT_CACHE = 500_000
 class SubmitterService(Service):
     name = "submitter"
 
-    def __init__(self, bus_settings: BusSettings, store: ObjectStore, limits: Limits) -> None:
+    def __init__(
+        self, bus_settings: BusSettings, store: ObjectStore, limits: Limits, run_signing_seed: str | None = None
+    ) -> None:
         super().__init__(bus_settings)
         self.store = store
         self.limits = limits
+        self.run_signing_seed = run_signing_seed  # signs run credentials, on a bus that trusts an operator
         self.runs_kv: KeyValue
         self.targets_kv: KeyValue
         self.nodes_kv: KeyValue
@@ -42,7 +47,12 @@ class SubmitterService(Service):
 
     @classmethod
     def from_env(cls) -> SubmitterService:
-        return cls(BusSettings.from_env(cls.name), ObjectStore(StoreSettings.from_env()), Limits.from_env())
+        return cls(
+            BusSettings.from_env(cls.name),
+            ObjectStore(StoreSettings.from_env()),
+            Limits.from_env(),
+            secret_env("CADRE_RUN_SIGNING_SEED"),
+        )
 
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
@@ -65,6 +75,7 @@ class SubmitterService(Service):
             self.registry_credential,
             with_subject=True,
         )
+        await self.endpoint(subjects.all_agent_run_bus(), schemas.RunRef, self.run_bus_credentials, with_subject=True)
 
     def _check_snapshot_limits(self, snap: schemas.SnapshotRef) -> None:
         if snap.size > self.limits.snapshot_max_bytes:
@@ -203,6 +214,25 @@ class SubmitterService(Service):
             raise NotFoundError(f"run {req.run_id} has no stored registry credential")
         self.log.info("registry_credential_given", run_id=req.run_id, node_id=node_id)
         return cred
+
+    async def run_bus_credentials(self, req: schemas.RunRef, subject: str) -> schemas.RunBusCredentials:
+        """Credentials that write one run's events, logs and metrics, for a node with ranks in it (the node id
+        comes off the subject, which only that node may publish on). An agent's own user writes no run."""
+        node_id = subject.rsplit(".", 1)[-1]
+        if not self.run_signing_seed or not self.bus_settings.creds:
+            raise NotSupportedError(
+                "this bus signs no run credentials: agents write runs with their own user (a bus with password "
+                "users), or the submitter lacks CADRE_RUN_SIGNING_SEED (deploy/render_nats_conf.py sets it)"
+            )
+        record = await bus.get_record(self.runs_kv, req.run_id)
+        details = lifecycle.fold(record, await self.events.history(req.run_id))
+        if node_id not in {slot.node_id for slot in details.placement}:
+            self.log.warning("run_bus_refused", run_id=req.run_id, node_id=node_id)
+            raise NotFoundError(f"run {req.run_id} has no rank on node {node_id}")
+        account = Creds.parse(self.bus_settings.creds).claims["iss"]
+        creds = run_creds(self.run_signing_seed, account, req.run_id, node_id, run_permissions(req.run_id, node_id))
+        self.log.info("run_bus_given", run_id=req.run_id, node_id=node_id)
+        return schemas.RunBusCredentials(creds=creds)
 
     async def _target_names(self) -> list[str]:
         return sorted(await bus.kv_entries(self.js, subjects.TARGETS_BUCKET))
