@@ -65,12 +65,14 @@ async def _measure(home: Path, n: int, seconds: float) -> dict[str, float]:
     elapsed = time.monotonic() - t0
     after = {name: _ticks_and_rss(pid) for name, pid in pids.items()}
     rate = (sent - sent_before) / elapsed
-    try:  # the whole fleet's state in one reply: past some size it no longer fits in a NATS message
+    read_at = time.monotonic()
+    try:  # the whole fleet's state, page by page (one reply for 1,000+ nodes would pass NATS' 1 MB)
         state = await bus.scheduler_state(nc)
         ready = sum(1 for s in state.nodes if s.advert.compute_target == f"scale-{tag}" and s.state == "Ready")
     except Exception as exc:
         print(f"{n} nodes: scheduler state: {exc}", file=sys.stderr)
         ready = -1
+    state_ms = (time.monotonic() - read_at) * 1000
     stop.set()
     await writer
     info = await js.stream_info(f"KV_{subjects.NODES_BUCKET}")
@@ -87,6 +89,7 @@ async def _measure(home: Path, n: int, seconds: float) -> dict[str, float]:
         "scheduler_rss_mib": after["scheduler"][1] / 2**20,
         "nats_rss_mib": after["nats-server"][1] / 2**20,
         "ready": ready,
+        "state_ms": state_ms,
         "kv_bytes": info.state.bytes,
     }
 
@@ -134,12 +137,13 @@ def main() -> int:
                 print(rows[-1], file=sys.stderr, flush=True)
         finally:
             _local.down(home=home)
-    head = ("nodes", "beats/s", "nats %", "sched %", "sched MiB", "nats MiB", "ready", "KV bytes")
+    head = ("nodes", "beats/s", "nats %", "sched %", "sched MiB", "nats MiB", "ready", "state ms", "KV bytes")
     print(" ".join(f"{h:>10}" for h in head))
     for r in rows:
         cells = (
             f"{r['nodes']:,.0f}", f"{r['beats_per_s']:,.0f}", f"{r['nats_cpu']:.1f}", f"{r['scheduler_cpu']:.1f}",
-            f"{r['scheduler_rss_mib']:.0f}", f"{r['nats_rss_mib']:.0f}", f"{r['ready']:,.0f}", f"{r['kv_bytes']:,.0f}",
+            f"{r['scheduler_rss_mib']:.0f}", f"{r['nats_rss_mib']:.0f}", f"{r['ready']:,.0f}",
+            f"{r['state_ms']:,.0f}", f"{r['kv_bytes']:,.0f}",
         )  # fmt: skip
         print(" ".join(f"{c:>10}" for c in cells))
     (ROOT / "docs" / "scale-heartbeats.svg").write_text(_svg(rows))
