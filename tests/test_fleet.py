@@ -29,7 +29,7 @@ from cadre import Estimator, Experiment, MpiConfiguration, PyTorchConfiguration,
 from cadre.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
 from shared import bus, schemas, subjects
 from shared.auth import agent_permissions
-from shared.errors import NotFoundError, ServiceUnavailableError
+from shared.errors import AuthenticationError, NotFoundError, ServiceUnavailableError
 from shared.procs import is_alive
 from shared.settings import BusSettings
 from shared.trust import Keystore
@@ -375,6 +375,20 @@ def test_a_new_host_joins_with_its_creds_file_alone_and_revoking_the_file_cuts_i
         retry = fleet.start_agent(name, "client", creds=creds, log=f"{name}-retry")
         assert next(p for r, p in fleet.records if r is retry).wait(60) == 2
         assert "refused 'gpu-new' (Authorization Violation)" in Path(retry.log).read_text()
+        # A server restarted after the revocation still refuses it: its resolver kept the pushed account on disk.
+        fleet.kill("nats-3")
+        rec3 = fleet.start_nats(3)
+        mine = [r for r in fleet.records if r[0] is rec3]
+        _local._wait_nats(8222, rec3, mine, time.monotonic() + 60, 60, host=fleet.hosts["nats-3"].ip)
+        only3 = f"nats://{fleet.hosts['nats-3'].ip}:4222"
+
+        async def on_nats_3() -> None:
+            nc = await bus.connect(BusSettings(url=only3, creds=fleet.creds[_local.CLIENT_USER].read_text()))
+            await nc.close()  # it is up and takes the others
+            with pytest.raises(AuthenticationError, match="refused 'gpu-new'"):
+                await bus.connect(BusSettings(url=only3, creds=creds.read_text()))
+
+        asyncio.run(on_nats_3())
         listed = subprocess.run([*cli, "users", *keys], capture_output=True, text=True).stdout
         assert re.search(rf"^{name}\s+agent\s+.*revoked", listed, re.M), listed
     finally:

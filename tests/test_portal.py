@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -224,6 +225,39 @@ def test_a_log_stream_resumes_from_the_last_line_it_sent(ws: Workspace, make_pro
             if line.startswith("data: "):
                 got += [text for _, _, text in json.loads(line[6:])["lines"]]
     assert got == [f"line {i}" for i in range(25, 30)]
+
+
+def test_a_log_stream_resumes_right_after_the_event_id_a_browser_got_last(
+    ws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    """Event ids are stream sequences: EventSource's Last-Event-ID picks up after that batch, every rank at once."""
+    job = "import time\nfor i in range(30):\n    print(f'line {i}', flush=True)\n    time.sleep(0.02)\n"
+    run = Experiment(ws, "portal").submit(Estimator(make_project(**{"l.py": job}), "l.py"))
+    run.wait_for_completion()
+    opener = _logged_in(ws)
+
+    def read(last_event_id: str | None, want: int) -> list[tuple[str, list[str]]]:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        request = urllib.request.Request(f"{_portal(ws)}/runs/{run.id}/logs/stream", headers=headers)
+        events, got, event_id = [], 0, ""
+        with opener.open(request, timeout=10) as stream:
+            while got < want:
+                line = stream.readline().decode()
+                if line.startswith("id: "):
+                    event_id = line[4:].strip()
+                elif line.startswith("data: "):
+                    texts = [text for _, _, text in json.loads(line[6:])["lines"]]
+                    events.append((event_id, texts))
+                    got += len(texts)
+        return events
+
+    first = read(None, 30)
+    assert [t for _, texts in first for t in texts] == [f"line {i}" for i in range(30)]
+    assert len(first) > 2 and all(re.fullmatch(r"s\d+", i) for i, _ in first)
+    cut = len(first) // 2
+    had = sum(len(texts) for _, texts in first[: cut + 1])
+    again = read(first[cut][0], 30 - had)
+    assert [t for _, texts in again for t in texts] == [f"line {i}" for i in range(had, 30)]
 
 
 def test_a_browser_that_falls_behind_a_fast_stream_still_gets_every_line_once(

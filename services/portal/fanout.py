@@ -1,9 +1,12 @@
 """One JetStream consumer per followed log subject, shared by every browser that follows it.
 
-A browser first catches up on its own (a replay up to where the shared consumer is), then takes the shared
-consumer's batches, decoded once. Each browser has a bounded queue: one that falls behind is dropped from the
-live feed and catches up again from its own position (a replay), so the portal never holds more than
-``QUEUE_BATCHES`` batches for a slow browser, and JetStream, not the portal, keeps what it has not read yet.
+The shared consumer gathers the batches that arrive within a short window into a chunk, reads each rank's lines
+once (every line once, by its number), and renders the chunk's server-sent events once: a browser that is live
+gets the same text as every other, one write per chunk. A browser first catches up on its own (a replay up to
+where the shared consumer is, or from the stream sequence its Last-Event-ID names), then takes the chunks. Each
+browser has a bounded queue: one that falls behind is dropped from the live feed and catches up again from its
+own position (a replay), so the portal holds at most ``QUEUE_CHUNKS`` chunks for the slowest browser, and
+JetStream, not the portal, keeps what it has not read yet.
 """
 
 from __future__ import annotations
@@ -20,27 +23,55 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from shared import bus, schemas
+from shared.runs import LogCursor
 
 log = structlog.get_logger().bind(service="portal")
 
-QUEUE_BATCHES = 256
+QUEUE_CHUNKS = 64
+CHUNK_BATCHES, CHUNK_BYTES = 64, 256 * 1024  # a chunk goes out early once it holds this much
 LINGER = 5.0  # seconds a tap with no follower stays, for a browser that reconnects
-COALESCE = 0.02  # seconds a browser's next write waits for more batches: fewer, larger writes
+COALESCE = 0.02  # seconds a chunk gathers batches: fewer, larger writes, and lines still arrive within ms
+# With many browsers on one subject the writes are the cost: a chunk gathers longer, well inside the 250 ms target.
+COALESCE_CROWD, CROWD = 0.1, 8
 
 
 class Batch:
-    """A log batch with its lines encoded once (what every browser following it is sent)."""
+    """A log batch (its lines from ``first`` on: the lines a reader had not had) with those lines encoded once."""
 
-    __slots__ = ("batch", "encoded")
+    __slots__ = ("batch", "encoded", "first")
 
-    def __init__(self, batch: schemas.LogBatch) -> None:
+    def __init__(self, batch: schemas.LogBatch, lines: list[schemas.LogLine] | None = None) -> None:
         self.batch = batch
-        self.encoded = json.dumps([[ln.t, ln.stream, ln.text] for ln in batch.lines])
+        kept = batch.lines if lines is None else lines
+        self.first = batch.first_line + len(batch.lines) - len(kept)
+        self.encoded = json.dumps([[ln.t, ln.stream, ln.text] for ln in kept])
+
+    def event(self, seq: int) -> str:
+        """The server-sent event for it; its id is the stream sequence, where a reconnect resumes."""
+        data = f'{{"rank": {self.batch.rank}, "first": {self.first}, "lines": {self.encoded}}}'
+        return f"id: s{seq}\nevent: lines\ndata: {data}\n\n"
+
+
+class Chunk:
+    """Batches in stream order. ``shared``: the tap's, each rank's lines read once, the same for every live
+    browser (``frame``: its events, rendered once); otherwise one browser's replay, its lines not yet read."""
+
+    __slots__ = ("_frame", "items", "shared")
+
+    def __init__(self, items: list[tuple[int, Batch]], shared: bool) -> None:
+        self.items, self.shared = items, shared
+        self._frame: str | None = None
+
+    @property
+    def frame(self) -> str:
+        if self._frame is None:
+            self._frame = "".join(batch.event(seq) for seq, batch in self.items)
+        return self._frame
 
 
 class Follower:
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[int, Batch]] = asyncio.Queue(QUEUE_BATCHES)
+        self.queue: asyncio.Queue[Chunk] = asyncio.Queue(QUEUE_CHUNKS)
         self.lagged = False
 
 
@@ -48,16 +79,21 @@ class Tap:
     def __init__(self, js: JetStreamContext, stream: str, subject: str) -> None:
         self.js, self.stream, self.subject = js, stream, subject
         self.followers: set[Follower] = set()
-        self.seq = 0  # the last stream sequence delivered
+        self.seq = 0  # the stream sequence of the last batch handed to the followers
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.idle_since: float | None = None
+        self.cursors: dict[int, LogCursor] = {}
+        self.pending: list[tuple[int, Batch]] = []
+        self.pending_bytes = 0
+        self.flush_at: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         sub = await self.js.subscribe(
             self.subject, stream=self.stream, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.NEW,
-            pending_msgs_limit=QUEUE_BATCHES,
+            pending_msgs_limit=4096,
         )  # fmt: skip
+        loop = asyncio.get_running_loop()
         try:
             info = await self.js.stream_info(self.stream)
             self.seq = info.state.last_seq  # NEW: everything after this comes here
@@ -67,19 +103,46 @@ class Tap:
                     msg = await sub.next_msg(timeout=60)
                 except TimeoutError:
                     continue
-                self.seq = msg.metadata.sequence.stream
-                batch = Batch(schemas.log_batch_decoder.decode(msg.data))
-                for follower in list(self.followers):
-                    if follower.lagged:
-                        continue
-                    try:
-                        follower.queue.put_nowait((self.seq, batch))
-                    except asyncio.QueueFull:
-                        follower.lagged = True  # it catches up from JetStream instead
-                        log.info("follower_lagged", subject=self.subject, queued=QUEUE_BATCHES)
+                seq = msg.metadata.sequence.stream
+                batch = schemas.log_batch_decoder.decode(msg.data)
+                cursor = self.cursors.get(batch.rank)
+                if cursor is None:  # first seen here: what came before was replayed by each browser
+                    cursor = self.cursors[batch.rank] = LogCursor()
+                    cursor.have, cursor.newest = batch.first_line, batch.attempt
+                taken = cursor.take(batch)
+                if not taken:
+                    continue
+                self.pending.append((seq, Batch(batch, taken)))
+                self.pending_bytes += len(msg.data)
+                if len(self.pending) >= CHUNK_BATCHES or self.pending_bytes >= CHUNK_BYTES:
+                    self.flush()
+                elif self.flush_at is None:
+                    window = COALESCE_CROWD if len(self.followers) > CROWD else COALESCE
+                    self.flush_at = loop.call_later(window, self.flush)
         finally:
+            if self.flush_at is not None:
+                self.flush_at.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.shield(sub.unsubscribe())
+
+    def flush(self) -> None:
+        """Hand the batches gathered so far to every live follower, as one chunk."""
+        if self.flush_at is not None:
+            self.flush_at.cancel()
+            self.flush_at = None
+        if not self.pending:
+            return
+        chunk = Chunk(self.pending, shared=True)
+        self.pending, self.pending_bytes = [], 0
+        self.seq = chunk.items[-1][0]
+        for follower in list(self.followers):
+            if follower.lagged:
+                continue
+            try:
+                follower.queue.put_nowait(chunk)
+            except asyncio.QueueFull:
+                follower.lagged = True  # it catches up from JetStream instead
+                log.info("follower_lagged", subject=self.subject, queued=QUEUE_CHUNKS)
 
 
 class Fanout:
@@ -110,47 +173,43 @@ class Fanout:
 
             loop.call_later(LINGER, close)
 
-    async def batches(self, subject: str) -> AsyncIterator[list[Batch]]:
-        """Every batch on ``subject`` from the start, then as they come, a few at a time (what arrives within
-        ``COALESCE`` of the first goes out with it: one write to the browser, not one per batch); an empty list
-        after 15 s of quiet."""
+    async def chunks(self, subject: str, after: int = 0) -> AsyncIterator[Chunk | None]:
+        """Every batch on ``subject`` from the start (or after stream sequence ``after``), then as they come, in
+        chunks; None after 15 s of quiet."""
         tap = await self._tap(subject)
         follower = Follower()
-        last = 0  # the stream sequence of the last batch this browser was given
+        last = after  # the stream sequence of the last batch this browser was given
         try:
             while True:
-                # Join the live feed first, then read what came before it: nothing falls in between.
+                # Join the live feed first, then read what came before it: nothing falls in between, since every
+                # chunk handed out from now on starts past ``upto``.
                 follower.lagged = False
                 tap.followers.add(follower)
                 upto = tap.seq
                 earlier = _replay if last == 0 else functools.partial(_after, last=last)
-                chunk: list[Batch] = []
+                items: list[tuple[int, Batch]] = []
                 async for seq, batch in earlier(self.js, self.stream, subject, upto):
-                    chunk.append(batch)
+                    items.append((seq, batch))
                     last = seq
-                    if len(chunk) >= 64:
-                        yield chunk
-                        chunk = []
-                if chunk:
-                    yield chunk
+                    if len(items) >= CHUNK_BATCHES:
+                        yield Chunk(items, shared=False)
+                        items = []
+                if items:
+                    yield Chunk(items, shared=False)
+                last = max(last, upto)
                 while not follower.lagged:
                     try:
-                        first = await asyncio.wait_for(follower.queue.get(), 15)
+                        async with asyncio.timeout(15):  # (wait_for would make a task per chunk)
+                            chunk = await follower.queue.get()
                     except TimeoutError:
-                        yield []
+                        yield None
                         continue
-                    await asyncio.sleep(COALESCE)
-                    taken = [first]
-                    while not follower.queue.empty():
-                        taken.append(follower.queue.get_nowait())
-                    fresh = [(seq, batch) for seq, batch in taken if seq > upto]
-                    if fresh:
-                        last = fresh[-1][0]
-                    yield [batch for _, batch in fresh]
+                    last = chunk.items[-1][0]
+                    yield chunk
                 # Fell behind: the queue is dropped, and what it missed is read from the stream, from the last
                 # batch it was given on.
                 tap.followers.discard(follower)
-                follower.queue = asyncio.Queue(QUEUE_BATCHES)
+                follower.queue = asyncio.Queue(QUEUE_CHUNKS)
         finally:
             self._leave(subject, tap, follower)
 

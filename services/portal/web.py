@@ -32,7 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from services.portal import pages
-from services.portal.fanout import Fanout
+from services.portal.fanout import Batch, Fanout
 from shared import bus, schemas, subjects
 from shared.errors import CadreError, NotFoundError, ValidationError
 from shared.runs import LogCursor
@@ -217,37 +217,35 @@ def make_app(portal: PortalService) -> Starlette:
 
     # --- live ---------------------------------------------------------------------------------------------------
     async def logs_stream(request: Request, session: dict[str, Any]) -> Response:
-        """One rank's (or every rank's) lines as they are printed. The event id holds each rank's next line, so
-        a browser that reconnects (EventSource sends Last-Event-ID) resumes where it was; ``?from=`` likewise."""
+        """One rank's (or every rank's) lines as they are printed. Each event's id is its stream sequence, so a
+        browser that reconnects (EventSource sends Last-Event-ID) resumes right after it; ``?from=`` (or an id)
+        ``rank:line,...`` resumes each rank at a line number instead."""
         run_id = _run_id(request)
         rank = request.query_params.get("rank", "all")
         if rank != "all" and not (rank.isdigit() and int(rank) < 100000):
             raise ValidationError(f"rank must be a number or 'all', not {rank[:20]!r}")
-        resume = _positions(request.headers.get("last-event-id") or request.query_params.get("from") or "")
+        after, positions = _resume(request.headers.get("last-event-id") or request.query_params.get("from") or "")
         await ask(subjects.Api.RUN_GET, schemas.RunRef(run_id=run_id), schemas.RunDetails)  # 404 first
         subject = subjects.run_logs(run_id, int(rank)) if rank != "all" else subjects.run_logs_all_ranks(run_id)
 
         async def lines() -> AsyncIterator[str]:
             cursors: dict[int, LogCursor] = {}
-            at = dict(resume)
             yield "retry: 1000\n\n"
-            async for batches in fanout.batches(subject):  # one consumer per subject, however many browsers
-                if not batches:
+            async for chunk in fanout.chunks(subject, after=after):  # one consumer per subject, for every browser
+                if chunk is None:
                     yield ": keep-alive\n\n"
                     continue
+                if chunk.shared and not positions:
+                    yield chunk.frame  # rendered once, for every browser that is live
+                    continue
                 out = []
-                for shared in batches:
+                for seq, shared in chunk.items:
                     batch = shared.batch
-                    cursor = cursors.setdefault(batch.rank, LogCursor(resume.get(batch.rank, 0)))
+                    cursor = cursors.setdefault(batch.rank, LogCursor(positions.get(batch.rank, 0)))
                     taken = cursor.take(batch)
-                    if not taken:
-                        continue
-                    at[batch.rank] = cursor.have
-                    whole = len(taken) == len(batch.lines)  # as a rule: then the shared encoding serves
-                    encoded = shared.encoded if whole else json.dumps([[ln.t, ln.stream, ln.text] for ln in taken])
-                    data = f'{{"rank": {batch.rank}, "first": {cursor.have - len(taken)}, "lines": {encoded}}}'
-                    position = ",".join(f"{r}:{n}" for r, n in sorted(at.items()))
-                    out.append(f"id: {position}\nevent: lines\ndata: {data}\n\n")
+                    if taken:
+                        out.append((shared if len(taken) == len(shared.batch.lines) and shared.first ==
+                                    batch.first_line else Batch(batch, taken)).event(seq))  # fmt: skip
                 if out:
                     yield "".join(out)  # one write
 
@@ -340,13 +338,16 @@ def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
     return int(raw)
 
 
-def _positions(text: str) -> dict[int, int]:
-    """``0:120,1:87``: the next line of each rank. Anything else is refused rather than guessed at."""
+def _resume(text: str) -> tuple[int, dict[int, int]]:
+    """Where a log stream resumes: ``s1234`` (after that stream sequence: the id of the last event a browser got)
+    or ``0:120,1:87`` (each rank's next line). Anything else is refused rather than guessed at."""
     if not text:
-        return {}
+        return 0, {}
+    if re.fullmatch(r"s[0-9]{1,19}", text):
+        return int(text[1:]), {}
     if not _RESUME_RE.match(text):
-        raise ValidationError(f"a log position is rank:line[,rank:line...], not {text[:40]!r}")
-    return {int(r): int(n) for r, n in (part.split(":") for part in text.split(","))}
+        raise ValidationError(f"a log position is s<sequence> or rank:line[,rank:line...], not {text[:40]!r}")
+    return 0, {int(r): int(n) for r, n in (part.split(":") for part in text.split(","))}
 
 
 async def _follow(portal: PortalService, stream: str, subject: str) -> AsyncIterator[Any]:
