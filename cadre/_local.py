@@ -517,6 +517,7 @@ def _weed_argv(weed: str, cluster: Path, ports: list[int], identities: Path, ip:
         f"-admin.port={admin}",
         f"-s3.config={identities}",
         "-master.telemetry=false",
+        "-master.heartbeatInterval=2s",  # one master, no peers to keep: 300 ms woke it 3 times a second for nothing
         "-s3.allowDeleteBucketNotEmpty=false",
         "-webdav=false",
         "-admin.ui=false",

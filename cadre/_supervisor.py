@@ -27,7 +27,8 @@ from shared import bus, schemas, subjects
 from shared.errors import CadreError
 from shared.settings import BusSettings
 
-POLL = 0.5  # seconds between looks at the processes
+POLL = 0.5  # seconds between looks at the processes while one is down (its restart is due soon)
+IDLE_POLL = 5.0  # while all are up: an exit wakes the supervisor at once anyway (a pidfd per process)
 FIRST_DELAY = 0.5  # before the first restart of a process; doubled each time after, up to MAX_DELAY
 MAX_DELAY = 30.0
 HEALTHY_AFTER = 60.0  # up this long: the next exit is a new failure, not the same one again
@@ -51,29 +52,67 @@ class Supervisor:
         self.pending: list[schemas.ServiceEvent] = []
         self.log = structlog.get_logger().bind(component="supervisor")
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # a process exited, or the supervisor is asked to stop
         self._nc = None
+        self.pids: set[int] = set()  # what state.json says runs, as of the last look
+        self._watched: dict[int, int] = {}  # pid -> its pidfd, readable once the process has exited
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            self._stop.set()
+            self._wake.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, stop)
         self.log.info("supervisor_started", cluster=str(self.cluster))
         while not self._stop.is_set():
+            busy = self.pending or any(t.down_at is not None for t in self.tracks.values())
             try:
-                await asyncio.wait_for(self._stop.wait(), timeout=POLL)
-                break
+                await asyncio.wait_for(self._wake.wait(), timeout=POLL if busy else IDLE_POLL)
             except TimeoutError:
                 pass
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             alive = await asyncio.to_thread(self.check)
             if not alive:
                 break  # the cluster is gone (`cadre down` removed its state)
+            self._watch(loop)
             await self._publish()
+        for pid in list(self._watched):
+            self._unwatch(loop, pid)
         if self._nc is not None:
             try:
                 await self._nc.drain()
             except Exception:  # the bus may be the thing that is down
                 pass
         self.log.info("supervisor_stopped")
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A pidfd for every process it looks after: an exit wakes the loop, with no polling in between."""
+        for pid in list(self._watched):
+            if pid not in self.pids:
+                self._unwatch(loop, pid)
+        for pid in self.pids - self._watched.keys():
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # gone already (or no pidfd here): the next look, soon, sees to it
+                self._wake.set()
+                continue
+            self._watched[pid] = fd
+            loop.add_reader(fd, self._exited, loop, pid)
+
+    def _exited(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+        self._unwatch(loop, pid)
+        self._wake.set()
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+        fd = self._watched.pop(pid, None)
+        if fd is not None:
+            loop.remove_reader(fd)
+            os.close(fd)
 
     # --- looking after the processes (in a thread: it waits on locks and starts processes) ------------------
     def check(self) -> bool:
@@ -84,6 +123,7 @@ class Supervisor:
             if state is None:
                 return False
             now = time.monotonic()
+            self.pids = {rec.pid for rec in state.processes if rec.role != _local.SUPERVISOR}
             for rec in state.processes:
                 if rec.role == _local.SUPERVISOR:
                     continue
@@ -112,6 +152,8 @@ class Supervisor:
                 track.failures += 1
                 track.restarts += 1
                 track.pid, track.up_since, track.down_at = new.pid, now, None
+                self.pids.discard(rec.pid)
+                self.pids.add(new.pid)  # watched from the next turn on
                 self.log.warning("process_restarted", process=rec.name, pid=new.pid, restarts=track.restarts)
                 self.pending.append(
                     schemas.ServiceEvent(

@@ -5,6 +5,7 @@ their session is a signed cookie whose key is kept in the secrets bucket, so ses
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -24,11 +25,25 @@ DEFAULT_PORT = 8265
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the service stops it (SIGTERM drains the bus connection too)."""
+    """uvicorn without its own signal handling (the service stops it: SIGTERM drains the bus connection too) and
+    without its 0.1 s tick, which only refreshes the Date header (off) and polls should_exit: an idle portal
+    sleeps until :meth:`stop`."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.stopping = asyncio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def main_loop(self) -> None:
+        await self.on_tick(0)  # the headers, once
+        await self.stopping.wait()
+
+    def stop(self) -> None:
+        self.should_exit = True
+        self.stopping.set()
 
 
 class PortalService(Service):
@@ -53,14 +68,14 @@ class PortalService(Service):
         self.session_key = await bus.outlast(self._session_key, within=60)
         app = make_app(self)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_config=None, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=2)  # fmt: skip
+                                lifespan="off", timeout_graceful_shutdown=2, date_header=False)  # fmt: skip
         self.server = _Server(config)
         self.spawn(self.server.serve(), "http")
         self.log.info("portal_listening", url=f"http://{self.host}:{self.port}")
 
     async def teardown(self) -> None:
         if self.server is not None:
-            self.server.should_exit = True
+            self.server.stop()
 
     async def _session_key(self) -> bytes:
         try:
