@@ -443,7 +443,17 @@ async def replay(
             if msg.metadata.sequence.stream >= until_seq or msg.metadata.num_pending == 0:
                 return
     finally:
-        await sub.unsubscribe()
+        await unsubscribe_and_drop(js, sub, stream)
+
+
+async def unsubscribe_and_drop(js: JetStreamContext, sub: Any, stream: str) -> None:
+    """End a subscription and its ephemeral consumer now. Unsubscribing alone leaves the consumer on the server
+    for its inactive threshold (5 s), heartbeating: fifty browsers' replays kept fifty of them busy."""
+    consumer = getattr(sub, "_consumer", None)  # an ordered consumer's current name (it changes on a reset)
+    await sub.unsubscribe()
+    if consumer:
+        with contextlib.suppress(Exception):  # no reply wanted: it must not slow the caller down
+            await js._nc.publish(f"$JS.API.CONSUMER.DELETE.{stream}.{consumer}", b"")
 
 
 async def read_subject(js: JetStreamContext, stream: str, subject: str) -> tuple[list[Msg], int]:

@@ -123,7 +123,7 @@ class Tap:
             if self.flush_at is not None:
                 self.flush_at.cancel()
             with contextlib.suppress(Exception):
-                await asyncio.shield(sub.unsubscribe())
+                await asyncio.shield(bus.unsubscribe_and_drop(self.js, sub, self.stream))
 
     def flush(self) -> None:
         """Hand the batches gathered so far to every live follower, as one chunk."""
@@ -223,11 +223,12 @@ async def _replay(js: JetStreamContext, stream: str, subject: str, upto: int) ->
         return
     if not info.state.subjects:
         return
-    async for msg in bus.replay(js, stream, subject, upto):
-        seq = msg.metadata.sequence.stream
-        if seq > upto:
-            return
-        yield seq, Batch(schemas.log_batch_decoder.decode(msg.data))
+    async with contextlib.aclosing(bus.replay(js, stream, subject, upto)) as msgs:  # its consumer goes at once
+        async for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            if seq > upto:
+                return
+            yield seq, Batch(schemas.log_batch_decoder.decode(msg.data))
 
 
 async def _after(

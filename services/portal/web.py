@@ -365,7 +365,7 @@ async def _follow(portal: PortalService, stream: str, subject: str) -> AsyncIter
                 yield None
     finally:
         try:
-            await asyncio.shield(sub.unsubscribe())
+            await asyncio.shield(bus.unsubscribe_and_drop(portal.js, sub, stream))
         except Exception:  # the connection is going away with the consumer
             pass
 
