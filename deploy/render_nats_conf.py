@@ -35,7 +35,8 @@ REPO_ROOT = DEPLOY_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # `python deploy/render_nats_conf.py` puts deploy/ first, not the repo root
     sys.path.insert(0, str(REPO_ROOT))
 
-from shared.auth import agent_permissions, client_permissions, render_nats_config, service_permissions  # noqa: E402
+from cadre.admin import permissions  # noqa: E402  (the same users `cadre admin add-*` makes)
+from shared.auth import render_nats_config  # noqa: E402
 from shared.subjects import NAME_RE  # noqa: E402
 from shared.trust import Creds, Keystore  # noqa: E402
 
@@ -162,10 +163,7 @@ def ensure_users(store: Keystore, env_file: Path, users: list[tuple[str, str]]) 
         jwt_key, seed_key = env_keys(name)
         if jwt_key in values and seed_key in values:
             continue
-        perms = {"service": service_permissions(), "user": client_permissions()}.get(role) or agent_permissions(
-            name, run_writes=False
-        )
-        creds = Creds.parse(store.issue(name, role, perms, rotate=True))  # a new key; any old one is revoked
+        creds = Creds.parse(store.issue(name, role, permissions(role, name), rotate=True))  # any old key revoked
         fixed[jwt_key], fixed[seed_key] = creds.jwt, creds.seed
     fixed["NATS_RUN_SIGNING_SEED"] = store.run_signing_seed()  # the submitter's: it signs each run's credentials
     return ensure_env(env_file, ["MINIO_ROOT_PASSWORD"], fixed={"MINIO_ROOT_USER": MINIO_ROOT_USER, **fixed})

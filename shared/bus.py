@@ -529,6 +529,7 @@ async def scheduler_state(nc: NATS, timeout: float = 10.0) -> schemas.SchedulerS
         queue += got.queue
         if not (got.more_nodes or got.more_queue):
             return schemas.SchedulerState(nodes=nodes, queue=queue)
+        # A list already read whole is asked from past its end (no node id sorts after U+10FFFF).
         page = schemas.SchedulerStateRequest(
             nodes_after=nodes[-1].advert.node_id if got.more_nodes and nodes else "\U0010ffff",
             queue_offset=len(queue) if got.more_queue else 1 << 62,

@@ -776,7 +776,7 @@ STATE_PAGE_QUEUE = 1000
 
 class SchedulerStateRequest(Message, frozen=True, kw_only=True):
     """One page of the scheduler's state: nodes by id after ``nodes_after``, the queue from ``queue_offset``
-    (``{}`` asks for the first page of each). :func:`shared.runs.whole_scheduler_state` reads every page."""
+    (``{}`` asks for the first page of each). :func:`shared.bus.scheduler_state` reads every page."""
 
     nodes_after: str = ""
     queue_offset: int = 0

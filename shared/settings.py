@@ -60,23 +60,22 @@ class BusSettings:
     def from_env(cls, name: str) -> BusSettings:
         url = _env("CADRE_NATS_URL", "nats://127.0.0.1:4222") or ""
         creds_path = os.environ.get("CADRE_NATS_CREDS")
+        jwt, seed = _env("CADRE_NATS_JWT"), _env("CADRE_NATS_SEED")  # a creds file as two one-line secrets
+        if not creds_path and not (jwt or seed):
+            return cls(url=url, user=_require("CADRE_NATS_USER"), password=_require("CADRE_NATS_PASSWORD"), name=name)
+        from shared.trust import Creds, creds_text
+
         if creds_path:
             try:
                 creds = Path(creds_path).read_text(encoding="utf-8")
             except OSError as exc:
                 raise ValidationError(f"CADRE_NATS_CREDS names {creds_path}, which cannot be read: {exc}") from None
-            from shared.trust import Creds
-
-            Creds.parse(creds)  # a clear error for a file that is not one, before any connection
-            return cls(url=url, name=name, creds=creds)
-        jwt, seed = _env("CADRE_NATS_JWT"), _env("CADRE_NATS_SEED")  # a creds file as two one-line secrets
-        if jwt or seed:
-            from shared.trust import Creds, creds_text
-
-            if not (jwt and seed):
-                raise ValidationError("CADRE_NATS_JWT and CADRE_NATS_SEED (or their _FILE forms) go together")
-            return cls(url=url, name=name, creds=creds_text(Creds.parse(creds_text(jwt, seed)).jwt, seed))
-        return cls(url=url, user=_require("CADRE_NATS_USER"), password=_require("CADRE_NATS_PASSWORD"), name=name)
+        elif jwt and seed:
+            creds = creds_text(jwt, seed)
+        else:
+            raise ValidationError("CADRE_NATS_JWT and CADRE_NATS_SEED (or their _FILE forms) go together")
+        Creds.parse(creds)  # a clear error for what is not one, before any connection
+        return cls(url=url, name=name, creds=creds)
 
 
 @dataclass(frozen=True)

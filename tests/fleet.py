@@ -159,6 +159,12 @@ class Fleet:
         conf = self.root / f"nats-{i}.conf"
         return self.spawn(f"nats-{i}", "infra", f"nats-{i}", [_local._binary("nats-server"), "-c", str(conf)], {})
 
+    def restart_nats(self, i: int, timeout: float = 60.0) -> None:
+        """Start server ``i`` again (after a kill) and wait until it serves."""
+        rec = self.start_nats(i)
+        mine = [r for r in self.records if r[0] is rec]
+        _local._wait_nats(MONITOR_PORT, rec, mine, time.monotonic() + timeout, timeout, host=self.hosts[f"nats-{i}"].ip)
+
     def nats_record(self, i: int) -> tuple[_local.ProcessRecord, subprocess.Popen[bytes]]:
         return next(r for r in self.records if r[0].name == f"nats-{i}" and r[1].poll() is None)
 

@@ -37,6 +37,8 @@ class SubmitterService(Service):
         self.store = store
         self.limits = limits
         self.run_signing_seed = run_signing_seed  # signs run credentials, on a bus that trusts an operator
+        # The account they are users of: the one that signed this service's own JWT.
+        self.account_key = Creds.parse(bus_settings.creds).claims["iss"] if bus_settings.creds else None
         self.runs_kv: KeyValue
         self.targets_kv: KeyValue
         self.nodes_kv: KeyValue
@@ -196,16 +198,24 @@ class SubmitterService(Service):
             return None
         return msgspec.json.decode(entry.value or b"", type=schemas.RegistryCredential)
 
+    async def _for_a_node_of(
+        self, run_id: str, subject: str, what: str
+    ) -> tuple[str, schemas.RunRecord, schemas.RunDetails]:
+        """The node asking (its id comes off the subject, which only that node may publish on), the run's record and
+        details, once it is sure the node has ranks in the run."""
+        node_id = subject.rsplit(".", 1)[-1]
+        record = await bus.get_record(self.runs_kv, run_id)
+        details = lifecycle.fold(record, await self.events.history(run_id))
+        if node_id not in {slot.node_id for slot in details.placement}:
+            self.log.warning(f"{what}_refused", run_id=run_id, node_id=node_id)
+            raise NotFoundError(f"run {run_id} has no rank on node {node_id}")
+        return node_id, record, details
+
     async def registry_credential(
         self, req: schemas.RegistryCredentialRequest, subject: str
     ) -> schemas.RegistryCredential:
         """A run's registry password, for a node that runs one of its ranks, while the run is not decided."""
-        node_id = subject.rsplit(".", 1)[-1]
-        record = await bus.get_record(self.runs_kv, req.run_id)
-        details = lifecycle.fold(record, await self.events.history(req.run_id))
-        if node_id not in {slot.node_id for slot in details.placement}:
-            self.log.warning("registry_credential_refused", run_id=req.run_id, node_id=node_id)
-            raise NotFoundError(f"run {req.run_id} has no rank on node {node_id}")
+        node_id, record, details = await self._for_a_node_of(req.run_id, subject, "registry_credential")
         if details.state.is_decided():
             raise ConflictError(f"run {req.run_id} is {details.state.value}: its registry credential is not handed out")
         registry = record.spec.environment.registry if record.spec.environment else None
@@ -216,21 +226,16 @@ class SubmitterService(Service):
         return cred
 
     async def run_bus_credentials(self, req: schemas.RunRef, subject: str) -> schemas.RunBusCredentials:
-        """Credentials that write one run's events, logs and metrics, for a node with ranks in it (the node id
-        comes off the subject, which only that node may publish on). An agent's own user writes no run."""
-        node_id = subject.rsplit(".", 1)[-1]
-        if not self.run_signing_seed or not self.bus_settings.creds:
+        """Credentials that write one run's events, logs and metrics, for a node with ranks in it. An agent's own
+        user writes no run."""
+        if not self.run_signing_seed or self.account_key is None:
             raise NotSupportedError(
                 "this bus signs no run credentials: agents write runs with their own user (a bus with password "
                 "users), or the submitter lacks CADRE_RUN_SIGNING_SEED (deploy/render_nats_conf.py sets it)"
             )
-        record = await bus.get_record(self.runs_kv, req.run_id)
-        details = lifecycle.fold(record, await self.events.history(req.run_id))
-        if node_id not in {slot.node_id for slot in details.placement}:
-            self.log.warning("run_bus_refused", run_id=req.run_id, node_id=node_id)
-            raise NotFoundError(f"run {req.run_id} has no rank on node {node_id}")
-        account = Creds.parse(self.bus_settings.creds).claims["iss"]
-        creds = run_creds(self.run_signing_seed, account, req.run_id, node_id, run_permissions(req.run_id, node_id))
+        node_id, _, _ = await self._for_a_node_of(req.run_id, subject, "run_bus")
+        perms = run_permissions(req.run_id, node_id)
+        creds = run_creds(self.run_signing_seed, self.account_key, req.run_id, node_id, perms)
         self.log.info("run_bus_given", run_id=req.run_id, node_id=node_id)
         return schemas.RunBusCredentials(creds=creds)
 
