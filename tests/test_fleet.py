@@ -210,9 +210,7 @@ def test_a_run_goes_on_when_the_server_leading_its_streams_is_killed(
         assert re.findall(r"tick (\d+)", out.getvalue()) == [str(i) for i in range(300)]
         assert fleet.stream_leader(subjects.LOGS_STREAM) != leader  # another server took over
     finally:  # the killed server comes back (the next tests need all three)
-        rec = fleet.start_nats(leader)
-        mine = [r for r in fleet.records if r[0] is rec]
-        _local._wait_nats(8222, rec, mine, time.monotonic() + 60, 60, host=fleet.hosts[f"nats-{leader}"].ip)
+        fleet.restart_nats(leader)
     # It catches up: it holds every stream again, as current as the others.
 
     def caught_up() -> bool:
@@ -291,9 +289,7 @@ def test_with_two_of_three_servers_lost_requests_say_the_bus_cannot_make_progres
         assert "fewer than a majority of its servers are up" in str(refused.value)
     finally:
         for i in (2, 3):
-            rec = fleet.start_nats(i)
-            mine = [r for r in fleet.records if r[0] is rec]
-            _local._wait_nats(8222, rec, mine, time.monotonic() + 60, 60, host=fleet.hosts[f"nats-{i}"].ip)
+            fleet.restart_nats(i)
     # Back to three (once they have a leader again): nothing was lost or corrupted, and runs go on.
     assert _once_available(lambda: before.get_details()["status"]) == "Completed"
     after = _once_available(lambda: Experiment(fws, "fleet").submit(Estimator(project, "hello.py")))
@@ -377,9 +373,7 @@ def test_a_new_host_joins_with_its_creds_file_alone_and_revoking_the_file_cuts_i
         assert "refused 'gpu-new' (Authorization Violation)" in Path(retry.log).read_text()
         # A server restarted after the revocation still refuses it: its resolver kept the pushed account on disk.
         fleet.kill("nats-3")
-        rec3 = fleet.start_nats(3)
-        mine = [r for r in fleet.records if r[0] is rec3]
-        _local._wait_nats(8222, rec3, mine, time.monotonic() + 60, 60, host=fleet.hosts["nats-3"].ip)
+        fleet.restart_nats(3)
         only3 = f"nats://{fleet.hosts['nats-3'].ip}:4222"
 
         async def on_nats_3() -> None:
@@ -389,6 +383,8 @@ def test_a_new_host_joins_with_its_creds_file_alone_and_revoking_the_file_cuts_i
                 await bus.connect(BusSettings(url=only3, creds=creds.read_text()))
 
         asyncio.run(on_nats_3())
+        # The services that were on it have moved and answer again (the next tests go through them).
+        _once_available(lambda: (Experiment(fws, "fleet").get_runs(limit=1), fleet_state(fleet)))
         listed = subprocess.run([*cli, "users", *keys], capture_output=True, text=True).stdout
         assert re.search(rf"^{name}\s+agent\s+.*revoked", listed, re.M), listed
     finally:
