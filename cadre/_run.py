@@ -263,8 +263,12 @@ class Run:
                 rank, lines = value  # a batch: one queue item and one write per batch, not per line
                 if output is not None:
                     prefix = f"[rank {rank}] " if multi_rank else ""
-                    prepare = f"{prefix}[prepare] "  # the node preparing the run: environment build output
-                    output.write("".join(f"{prepare if ln.stream == 'p' else prefix}{ln.text}\n" for ln in lines))
+                    if not prefix and lines[0].stream != "p":  # (a node's "p" lines come before its ranks' lines)
+                        text = "\n".join([ln.text for ln in lines])
+                        output.write(text + "\n")
+                    else:
+                        prepare = f"{prefix}[prepare] "  # the node preparing the run: environment build output
+                        output.write("".join(f"{prepare if ln.stream == 'p' else prefix}{ln.text}\n" for ln in lines))
                     output.flush()
                 printed += len(lines)
         finally:

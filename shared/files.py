@@ -189,3 +189,12 @@ def fetch(url: str, dest: Path, size: int, hasher: Any, progress: Callable[[int]
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+def human_size(n: float) -> str:
+    """1536 -> '1.5 KiB': sizes as people read them, in pages and log lines."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -447,7 +447,7 @@ class Assignment(Message, frozen=True, kw_only=True):
 # --- logs --------------------------------------------------------------------------------------------------
 class LogLine(msgspec.Struct, frozen=True, array_like=True):
     t: float
-    stream: Literal["o", "e", "p"]  # stdout, stderr, or the node preparing the run (environment build)
+    stream: Literal["o", "e", "p"]  # stdout, stderr, or the node preparing the run (environment build, checkpoint)
     text: str
 
 
@@ -497,7 +497,7 @@ class SubmitRequest(Message, frozen=True, kw_only=True):
 
 class RunCancelRequest(Message, frozen=True, kw_only=True):
     run_id: str
-    error: ErrorInfo | None = None  # why (a sweep's policy); none for a person's cancel
+    error: ErrorInfo | None = None  # why (a sweep's policy); none for a person's cancel (cause "canceled")
 
 
 class RegistryCredentialRequest(Message, frozen=True, kw_only=True):

@@ -80,6 +80,7 @@ class Cause(enum.StrEnum):
     LAUNCH_FAILED = "launch_failed"  # the ranks could not be started
     UPLOAD_FAILED = "upload_failed"  # the run's files could not be stored
     DISK_FULL = "disk_full"  # a node's work dir filled up under the run (its outputs, or the node's own files)
+    CANCELED = "canceled"  # someone asked for it (run.cancel(), `cadre cancel`, the portal)
     EARLY_TERMINATED = "early_terminated"  # a sweep's early termination policy stopped it (canceled, not failed)
     INTERNAL = "internal"  # a bug: the services' logs have it whole
 

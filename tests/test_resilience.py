@@ -151,8 +151,13 @@ GRACE = 3.0
 def partition_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A node grace of 3 s (heartbeats every 0.5 s) and agents that fence themselves after 2 s without the bus."""
     home = tmp_path_factory.mktemp("cadre-partition-home")
-    _local.up(home=home, agents=1, slots_per_agent=2, heartbeat=0.5, timeout=120, node_grace=GRACE,
-              agent_args=["--fence-after", "2"])  # fmt: skip
+    # A small snapshot limit, which a checkpoint may outgrow (it is synced anyway, and the run's log says so).
+    os.environ["CADRE_SNAPSHOT_MAX_BYTES"] = str(SNAPSHOT_LIMIT)
+    try:
+        _local.up(home=home, agents=1, slots_per_agent=2, heartbeat=0.5, timeout=120, node_grace=GRACE,
+                  agent_args=["--fence-after", "2"])  # fmt: skip
+    finally:
+        del os.environ["CADRE_SNAPSHOT_MAX_BYTES"]
     try:
         yield home
     finally:
@@ -234,11 +239,14 @@ def test_an_agent_cut_off_from_the_bus_stops_its_own_ranks(
     assert "could not reach the bus" in details["error"]["message"]
 
 
+SNAPSHOT_LIMIT = 256 * 1024
 RESUMING = """
 import os, sys, time
 os.makedirs("checkpoints", exist_ok=True)
 state = "checkpoints/progress.txt"
 start = int(open(state).read()) + 1 if os.path.exists(state) else 0  # the snapshot pattern: resume where it stopped
+if os.environ.get("PAD") and not os.path.exists("checkpoints/pad.bin"):  # a model's weights, say
+    open("checkpoints/pad.bin", "wb").write(os.urandom(int(os.environ["PAD"])))
 attempt = int(os.environ["CADRE_ATTEMPT"])
 print("attempt", attempt, "starts at", start, flush=True)
 open(os.path.join(os.environ["SPOOL"], f"pid{attempt}"), "w").write(str(os.getpid()))
@@ -265,7 +273,8 @@ def test_a_listed_exit_code_is_retried_from_the_checkpoint(
     partition_home: Path, make_project: Callable[..., Path], tmp_path: Path
 ) -> None:
     with Workspace.from_config(partition_home / "profile.json") as ws:
-        run = _resuming(ws, make_project, tmp_path / "spool", env={"FAIL_AT": 60}, max_retries=2, retry_on=[3])
+        env = {"FAIL_AT": 60, "PAD": SNAPSHOT_LIMIT + 40_000}  # the checkpoint outgrows the snapshot limit
+        run = _resuming(ws, make_project, tmp_path / "spool", env=env, max_retries=2, retry_on=[3])
         out = io.StringIO()
         details = run.wait_for_completion(show_output=True, output=out, timeout=90)
         text = out.getvalue()
@@ -275,6 +284,12 @@ def test_a_listed_exit_code_is_retried_from_the_checkpoint(
         steps = [int(i) for i in re.findall(r"^step (\d+)$", text, re.M)]
         assert steps == list(range(200)), "every step once, across the two attempts"
         assert "checkpoints/progress.txt" in run.get_file_names()
+        # Restored, synced over the limit, and said so: once per attempt, then as the retry starts.
+        # (progress.txt.tmp may be there too when the folder is looked at)
+        over = r"reached 295.1 KiB in [23] file\(s\), over the 256.0 KiB snapshot limit: it was synced all the same"
+        assert len(re.findall(over, text)) == 2, text[-2000:]
+        restored = r"\[prepare\] checkpoint restored for attempt 2: [23] file\(s\), 295.1 KiB, over the 256.0 KiB"
+        assert re.search(restored, text), text[:2000]
         # Not listed: a user's exit code is not retried.
         failing = _resuming(ws, make_project, tmp_path / "spool2", env={"FAIL_AT": 5}, max_retries=2)
         failed = failing.wait_for_completion(timeout=60, raise_on_error=False)

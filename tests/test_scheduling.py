@@ -103,7 +103,9 @@ def test_cancel_a_queued_run(ws: Workspace, make_project: Callable[..., Path], t
     (tmp_path / "release").touch()
     holder.wait_for_completion(timeout=30)
     assert waiting.get_status() == "Canceled"
-    assert [h["state"] for h in waiting.get_details()["history"]] == ["NotStarted", "Queued", "Canceled"]
+    details = waiting.get_details()
+    assert [h["state"] for h in details["history"]] == ["NotStarted", "Queued", "Canceled"]
+    assert details["error"] == {"code": "canceled", "message": "canceled on request"}
 
 
 def test_cancel_a_running_run_stops_its_processes(
@@ -115,7 +117,7 @@ def test_cancel_a_running_run_stops_its_processes(
     assert all(alive(p) for p in pids)
     assert run.cancel() == "CancelRequested"
     details = run.wait_for_completion(timeout=30)
-    assert details["status"] == "Canceled"
+    assert details["status"] == "Canceled" and details["error"]["code"] == "canceled", details["error"]
     assert not any(alive(p) for p in pids)
     assert {"logs/cadre/rank_0.log", "logs/cadre/rank_1.log"} <= set(run.get_file_names())
 

@@ -372,3 +372,26 @@ def test_every_event_moves_the_run_where_the_transition_table_allows_and_facts_k
     assert lifecycle.before(RunState.RUNNING, 2)(starting) and not lifecycle.before(RunState.RUNNING, 1)(starting)
     history = [queued, starting, running]
     assert lifecycle.current_attempt(history) == [starting, running]
+
+
+def test_pipe_output_is_split_into_whole_lines_in_batches() -> None:
+    from services.node_agent.runtime import LINE_LIMIT, LineSplitter
+
+    split = LineSplitter()
+    assert split.feed(b"one\ntw") == ["one"]
+    assert split.feed(b"o\r\nthr") == ["two"]  # joined across reads; CRLF output loses its "\r"
+    assert split.feed("ee \u00e9\n\xff\n".encode()[:-3] + b"\xff\n") == ["three \u00e9", "\ufffd"]
+    assert split.feed(b"x" * (LINE_LIMIT + 5)) == ["x" * LINE_LIMIT]  # a runaway line is split, not held
+    assert split.rest() == ["xxxxx"] and split.rest() == []
+
+
+def test_a_shims_rank_log_is_read_in_both_formats(tmp_path: Path) -> None:
+    """A shim started by an older agent wrote a line per line; an upgraded agent reads it (and the new batches)."""
+    from services.node_agent.shim import LineRecord
+    from services.node_agent.supervision import _read_record
+
+    old = _read_record(b"1700000000.250000\te\ttab\tinside")
+    assert old == [schemas.LogLine(1700000000.25, "e", "tab\tinside")]
+    new = _read_record(msgspec.json.encode(LineRecord(1700000001.5, "o", ["a", "[b]", ""])))
+    assert [(ln.t, ln.stream, ln.text) for ln in new] == [(1700000001.5, "o", "a"), (1700000001.5, "o", "[b]"),
+                                                          (1700000001.5, "o", "")]  # fmt: skip

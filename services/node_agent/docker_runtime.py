@@ -32,8 +32,8 @@ from docker.types import DeviceRequest, LogConfig
 from services.node_agent.runtime import (
     LABEL_NODE,
     LABEL_RUN,
-    LINE_LIMIT,
     EnvironmentBuildError,
+    LineSplitter,
     Prepared,
     ProcessHandle,
     ProcessSpec,
@@ -303,38 +303,29 @@ class _Container:
     def death(self) -> str | None:
         return self._death
 
-    async def lines(self) -> AsyncIterator[tuple[str, str]]:
+    async def lines(self) -> AsyncIterator[tuple[str, list[str]]]:
         """Whole lines, whatever the frame boundaries: a line split across frames is joined again."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def pump() -> None:
-            partial = {"o": b"", "e": b""}
+            split = {"o": LineSplitter(), "e": LineSplitter()}
             try:
                 for out, err in self._frames:
                     for tag, data in (("o", out), ("e", err)):
-                        if not data:
-                            continue
-                        buf = partial[tag] + data
-                        *complete, partial[tag] = buf.split(b"\n")
-                        while len(partial[tag]) > LINE_LIMIT:  # a runaway line is split, not held forever
-                            complete.append(partial[tag][:LINE_LIMIT])
-                            partial[tag] = partial[tag][LINE_LIMIT:]
-                        if complete:
-                            items = [(tag, c.decode("utf-8", "replace").rstrip("\r")) for c in complete]
-                            loop.call_soon_threadsafe(queue.put_nowait, items)
-                for tag, rest in partial.items():
-                    if rest:
-                        loop.call_soon_threadsafe(queue.put_nowait, [(tag, rest.decode("utf-8", "replace"))])
+                        if data and (complete := split[tag].feed(data)):
+                            loop.call_soon_threadsafe(queue.put_nowait, (tag, complete))
+                for tag, splitter in split.items():
+                    if rest := splitter.rest():
+                        loop.call_soon_threadsafe(queue.put_nowait, (tag, rest))
             except Exception:  # the container was removed under us: the stream just ends
                 pass
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
         threading.Thread(target=pump, name=f"logs-{self._container.name}", daemon=True).start()
-        while (items := await queue.get()) is not _DONE:
-            for item in items:
-                yield item
+        while (item := await queue.get()) is not _DONE:
+            yield item
 
     async def wait(self) -> int:
         if self._exit is None:

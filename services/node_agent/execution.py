@@ -422,8 +422,8 @@ class Execution:
 
         async def watch(rank: int) -> None:
             skip = max(0, shippers[rank].count - self.line_base.get(rank, 0))  # what a previous life shipped
-            async for line in self.shim.lines(rank, skip):
-                shippers[rank].add_line(line)
+            async for lines in self.shim.lines(rank, skip):
+                shippers[rank].add_lines(lines)
             code, self.deaths[rank] = self.shim.exit_of(rank)
             exit_codes[rank] = code
             if code != 0 and not (self.abort.is_set() or self.cancel_requested.is_set() or local_failure.is_set()):
@@ -458,6 +458,8 @@ class Execution:
                 all_done.cancel()
             forwarder.cancel()
             await asyncio.wait([syncer])  # its last PUTs land before the final upload of the same files
+        if (note := self.uploads.checkpoint_note()) is not None:  # the ranks are done: no shim line follows it
+            shippers[min(shippers)].add("e", note, tail=False)
         counts = await self._close_shippers()
         return self._outcome(exit_codes), counts
 

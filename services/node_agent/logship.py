@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 
 from shared import bus, schemas, subjects
 
-MAX_BATCH_LINES = 512
+MAX_BATCH_LINES = 4096  # a flood goes out in few messages: each publish waits for the stream's ack
 MAX_BATCH_BYTES = 256 * 1024
 LINGER = 0.005  # seconds to wait for more lines before sending a batch: latency stays in milliseconds
 MEMORY_LIMIT = 64 << 20  # bytes of lines held in memory per rank before they spill to disk
@@ -60,19 +60,24 @@ class LogShipper:
         self.log = structlog.get_logger().bind(run_id=run_id, rank=rank, component="logship")
         self._task = asyncio.create_task(self._loop())
 
-    def add(self, stream: str, text: str) -> None:
-        self.add_line(schemas.LogLine(time.time(), stream, text))  # type: ignore[arg-type]
+    def add(self, stream: str, text: str, tail: bool = True) -> None:
+        """A line of the node's own (``tail=False``: kept out of the lines a failure quotes)."""
+        self.add_line(schemas.LogLine(time.time(), stream, text), tail)  # type: ignore[arg-type]
 
-    def add_line(self, line: schemas.LogLine) -> None:
-        """A line with the time it was printed (the shim's clock read, not ours)."""
-        text = line.text
-        self.count += 1
-        self.tail.append(text)
-        if self._spooled:  # older lines wait on disk: this one goes after them
-            self._spill([line])
+    def add_line(self, line: schemas.LogLine, tail: bool = True) -> None:
+        self.add_lines([line], tail)
+
+    def add_lines(self, lines: list[schemas.LogLine], tail: bool = True) -> None:
+        """Lines with the time they were printed (the shim's clock read, not ours), as one batch: nothing here is
+        done per line that need not be."""
+        self.count += len(lines)
+        if tail:
+            self.tail.extend(line.text for line in lines[-(self.tail.maxlen or 0) :])
+        if self._spooled:  # older lines wait on disk: these go after them
+            self._spill(lines)
         else:
-            self._buf.append(line)
-            self._buf_bytes += len(text)
+            self._buf.extend(lines)
+            self._buf_bytes += sum(len(line.text) for line in lines)
             if self._buf_bytes > self._memory_limit and self._spool_path is not None:
                 self._spill(list(self._buf))
                 self._buf.clear()

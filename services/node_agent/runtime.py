@@ -89,8 +89,9 @@ class ProcessHandle(Protocol):
         """How the process died when its exit code does not say it (``"killed: out of memory"``)."""
         ...
 
-    def lines(self) -> AsyncIterator[tuple[str, str]]:
-        """(stream, text) pairs, stream being "o" or "e", until both pipes close. Whole lines only."""
+    def lines(self) -> AsyncIterator[tuple[str, list[str]]]:
+        """(stream, lines) as they come, stream being "o" or "e", until both pipes close: whole lines only, in
+        batches (whatever one read of the pipe held), so no per-line object crosses the event loop."""
         ...
 
     async def wait(self) -> int: ...
@@ -143,6 +144,42 @@ class Runtime(Protocol):
         ...
 
 
+READ_SIZE = 1 << 16
+
+
+class LineSplitter:
+    """Bytes as they come from a pipe -> whole lines, decoded once per chunk rather than once per line. A line
+    longer than LINE_LIMIT is split, not held forever; a trailing "\r" goes (CRLF output)."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        buf = self._partial + data if self._partial else data
+        end = buf.rfind(b"\n")
+        if end < 0:
+            self._partial = buf
+            complete: list[str] = []
+        else:
+            self._partial = buf[end + 1 :]
+            complete = _lines(buf[:end])
+        while len(self._partial) > LINE_LIMIT:
+            complete += _lines(self._partial[:LINE_LIMIT])
+            self._partial = self._partial[LINE_LIMIT:]
+        return complete
+
+    def rest(self) -> list[str]:
+        """What is left after the stream closed, without its newline."""
+        rest, self._partial = self._partial, b""
+        return _lines(rest) if rest else []
+
+
+def _lines(raw: bytes) -> list[str]:
+    text = raw.decode("utf-8", "replace")
+    lines = text.split("\n")
+    return [line.rstrip("\r") for line in lines] if "\r" in text else lines
+
+
 class _Process:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
@@ -155,20 +192,18 @@ class _Process:
     def death(self) -> str | None:
         return None
 
-    async def lines(self) -> AsyncIterator[tuple[str, str]]:
-        queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
+    async def lines(self) -> AsyncIterator[tuple[str, list[str]]]:
+        queue: asyncio.Queue[tuple[str, list[str]] | None] = asyncio.Queue(64)
 
         async def pump(reader: asyncio.StreamReader | None, tag: str) -> None:
             if reader is None:
                 return
-            while True:
-                try:
-                    raw = await reader.readline()
-                except ValueError:  # over LINE_LIMIT: take what is buffered as one line
-                    raw = await reader.read(LINE_LIMIT)
-                if not raw:
-                    return
-                await queue.put((tag, raw.decode("utf-8", "replace").rstrip("\r\n")))
+            split = LineSplitter()
+            while chunk := await reader.read(READ_SIZE):
+                if got := split.feed(chunk):
+                    await queue.put((tag, got))
+            if rest := split.rest():
+                await queue.put((tag, rest))
 
         async def both() -> None:
             await asyncio.gather(pump(self._proc.stdout, "o"), pump(self._proc.stderr, "e"))

@@ -72,6 +72,15 @@ class ShimSpec(msgspec.Struct):
     pmi: PmiSpec | None = None
 
 
+class LineRecord(msgspec.Struct, array_like=True):
+    """One read of a rank's pipe in its ``rank<N>.log``: a JSON array on one line, ``[t, stream, [lines...]]``.
+    (Older shims wrote a line per line, ``t<TAB>stream<TAB>text``; the agent reads both.)"""
+
+    t: float
+    stream: str
+    lines: list[str]
+
+
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
@@ -258,12 +267,12 @@ class Shim:
                 self.notify()
 
         try:
-            async for stream, text in handle.lines():
+            async for stream, lines in handle.lines():
                 if self.files.disk_full.exists():
-                    self.dropped += 1
+                    self.dropped += len(lines)
                     continue  # read on all the same: a rank blocked on a full pipe would never end
                 try:
-                    out.write(f"{time.time():.6f}\t{stream}\t{text}\n".encode("utf-8", "replace"))
+                    out.write(msgspec.json.encode(LineRecord(time.time(), stream, lines)) + b"\n")
                 except OSError as exc:
                     if not self.full(exc):
                         raise

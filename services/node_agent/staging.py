@@ -21,6 +21,7 @@ from services.node_agent.runtime import Prepared
 from shared import bus, files, schemas, subjects
 from shared.environments import Environment
 from shared.errors import CadreError, StorageError
+from shared.settings import Limits
 
 if TYPE_CHECKING:
     from services.node_agent.execution import NodeContext
@@ -71,7 +72,7 @@ class Staging:
         finally:
             self.ctx.cache.release(archive)
         if snap.checkpoint:
-            await asyncio.to_thread(self._restore_checkpoint, snap.checkpoint)
+            say(await asyncio.to_thread(self._restore_checkpoint, snap.checkpoint))
         entry = self.run_dir / self.spec.entry_script
         if not entry.is_file():
             raise CadreError(f"entry_script {self.spec.entry_script!r} is not in the snapshot")
@@ -136,11 +137,15 @@ class Staging:
             path.chmod(0o755 if path.is_dir() else 0o644)
         return private
 
-    def _restore_checkpoint(self, urls: dict[str, str]) -> None:
-        """The checkpoint files the attempts before synced, into this attempt's working directory."""
+    def _restore_checkpoint(self, urls: dict[str, str]) -> str:
+        """The checkpoint files the attempts before synced, into this attempt's working directory; says what came."""
         for name, url in sorted(urls.items()):
             download(url, self.run_dir, name)
-        self.log.info("checkpoint_restored", files=len(urls), attempt=self.a.attempt)
+        size = sum((self.run_dir / name).stat().st_size for name in urls)
+        self.log.info("checkpoint_restored", files=len(urls), bytes=size, attempt=self.a.attempt)
+        limit = Limits.from_env().snapshot_max_bytes
+        over = f", over the {files.human_size(limit)} snapshot limit" if limit and size > limit else ""
+        return f"checkpoint restored for attempt {self.a.attempt}: {len(urls)} file(s), {files.human_size(size)}{over}"
 
     def _fetch_snapshot(self, snap: schemas.SnapshotUrl, path: Path) -> None:
         """Download once per content hash; runs of the same code share the cached archive."""

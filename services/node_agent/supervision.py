@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 
 import services
 from services.node_agent.runtime import PASSTHROUGH_ENV, Prepared, die_with_parent
-from services.node_agent.shim import ShimFiles, ShimSpec, decode, encode
+from services.node_agent.shim import LineRecord, ShimFiles, ShimSpec, decode, encode
 from shared import bus, schemas, subjects
 from shared.errors import CadreError
 from shared.procs import is_alive, start_time
@@ -264,8 +264,9 @@ class RunShim:
         return self.files.done.exists() or not self.alive()
 
     # --- what the ranks did ------------------------------------------------------------------------------
-    async def lines(self, rank: int, skip: int = 0) -> AsyncIterator[schemas.LogLine]:
-        """Rank ``rank``'s lines from the ``skip``-th on, as the shim writes them, until the rank has exited."""
+    async def lines(self, rank: int, skip: int = 0) -> AsyncIterator[list[schemas.LogLine]]:
+        """Rank ``rank``'s lines from the ``skip``-th on, in the batches the shim writes them, until the rank has
+        exited."""
         path = self.files.log(rank)
         exit_file = self.files.exit(rank)
         partial = b""
@@ -278,12 +279,16 @@ class RunShim:
                     source = open(path, "rb")
                 while source is not None and (chunk := source.read(1 << 16)):
                     *complete, partial = (partial + chunk).split(b"\n")
+                    out: list[schemas.LogLine] = []
                     for raw in complete:
+                        got = _read_record(raw)
                         if skip:
-                            skip -= 1
-                            continue
-                        t, stream, text = raw.decode("utf-8", "replace").split("\t", 2)
-                        yield schemas.LogLine(float(t), stream, text)  # type: ignore[arg-type]
+                            taken = min(skip, len(got))
+                            skip -= taken
+                            got = got[taken:]
+                        out += got
+                    if out:
+                        yield out
                 if over:
                     return
                 await self.wait(ticket)
@@ -307,6 +312,18 @@ class RunShim:
             return self.files.fenced.read_text()
         except OSError:
             return None
+
+
+_record_decoder = msgspec.json.Decoder(LineRecord)
+
+
+def _read_record(raw: bytes) -> list[schemas.LogLine]:
+    """One line of a rank's log file: a batch (``LineRecord``), or one line as shims before batches wrote it."""
+    if raw.startswith(b"["):
+        rec = _record_decoder.decode(raw)
+        return [schemas.LogLine(rec.t, rec.stream, text) for text in rec.lines]  # type: ignore[arg-type]
+    t, stream, text = raw.decode("utf-8", "replace").split("\t", 2)
+    return [schemas.LogLine(float(t), stream, text)]  # type: ignore[arg-type]
 
 
 async def forward_context(

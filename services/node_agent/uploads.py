@@ -19,6 +19,7 @@ import msgspec
 from services.node_agent.staging import UPLOAD_DIRS
 from shared import bus, files, schemas, subjects
 from shared.errors import CadreError, StorageError
+from shared.settings import Limits
 from shared.states import Cause
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class Uploads:
         self.is_master = is_master  # stores what came with the snapshot too; the others only what changed
         self.log = log
         self._sync_stopped = threading.Event()  # the live sync's threads give up their retries when set
+        self.checkpoint_limit = Limits.from_env().snapshot_max_bytes
+        self.checkpoint_peak: tuple[int, int] | None = None  # (bytes, files) of the largest oversized checkpoint seen
 
     async def hand_over(self, started_ns: int) -> None:
         """Upload what the run wrote here and ask the artifact service to commit it (once the ranks are done)."""
@@ -136,16 +139,37 @@ class Uploads:
     def _changed_logs(self, seen: dict[str, tuple[int, int]]) -> list[schemas.FileEntry]:
         """What changed under logs/ and the checkpoint folder (a retry restores the latter)."""
         out = []
-        roots = [self.run_dir / "logs", self.run_dir / self.spec.checkpoint_folder]
+        checkpoint = self.run_dir / self.spec.checkpoint_folder
+        roots = [self.run_dir / "logs", checkpoint]
+        held, count = 0, 0
         for path in sorted(p for root in roots if root.is_dir() for p in root.rglob("*")):
             if not path.is_file() or path.is_symlink():
                 continue
             st = path.stat()
+            if path.is_relative_to(checkpoint):
+                held, count = held + st.st_size, count + 1
             name = path.relative_to(self.run_dir).as_posix()
             if seen.get(name) != (st.st_size, st.st_mtime_ns):
                 seen[name] = (st.st_size, st.st_mtime_ns)
                 out.append(files.digest(path, name))
+        peak = self.checkpoint_peak[0] if self.checkpoint_peak else self.checkpoint_limit
+        if self.checkpoint_limit and held > peak:
+            if self.checkpoint_peak is None:
+                self.log.warning("checkpoint_over_limit", bytes=held, files=count, limit=self.checkpoint_limit)
+            self.checkpoint_peak = (held, count)
         return out
+
+    def checkpoint_note(self) -> str | None:
+        """A line for the run's log when the checkpoint folder outgrew the snapshot limit (synced anyway)."""
+        if self.checkpoint_peak is None:
+            return None
+        held, count = self.checkpoint_peak
+        limit = files.human_size(self.checkpoint_limit)
+        return (
+            f"cadre: the checkpoint folder {self.spec.checkpoint_folder!r} on node {self.node_id} reached "
+            f"{files.human_size(held)} in {count} file(s), over the {limit} snapshot limit: "
+            "it was synced all the same, and a retry downloads all of it before it starts"
+        )
 
     def _collect_files(self, started_ns: int) -> list[schemas.FileEntry]:
         """Names and sizes of what the run wrote; the digests are computed while the files upload.

@@ -60,12 +60,13 @@ class Chunk:
 
     def __init__(self, items: list[tuple[int, Batch]], shared: bool) -> None:
         self.items, self.shared = items, shared
-        self._frame: str | None = None
+        self._frame: bytes | None = None
 
     @property
-    def frame(self) -> str:
+    def frame(self) -> bytes:
+        """Encoded once too: each live browser's response writes these very bytes."""
         if self._frame is None:
-            self._frame = "".join(batch.event(seq) for seq, batch in self.items)
+            self._frame = "".join(batch.event(seq) for seq, batch in self.items).encode()
         return self._frame
 
 

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from shared import schemas, sweeps
+from shared.files import human_size
 
 TERMINAL = ("Completed", "Failed", "Canceled")
 
@@ -19,14 +20,6 @@ def e(value: object) -> str:
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 def layout(session: dict[str, Any] | None, title: str, body: str, main_attrs: str = "") -> str:
@@ -167,7 +160,7 @@ def run_page(session: dict[str, Any], d: schemas.RunDetails, files: schemas.File
         facts.append(["sweep", f'<a href="/sweeps/{e(d.parent.sweep_id)}">{e(d.parent.sweep_id)}</a> trial '
                                f"{d.parent.trial}"])  # fmt: skip
     file_rows = [
-        [f'<a href="/runs/{e(d.run_id)}/files/{e(f.name)}" download>{e(f.name)}</a>', _size(f.size)]
+        [f'<a href="/runs/{e(d.run_id)}/files/{e(f.name)}" download>{e(f.name)}</a>', human_size(f.size)]
         for f in files.files
     ]
     options = "".join(f'<option value="{r}">rank {r}</option>' for r in range(ranks))

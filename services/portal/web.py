@@ -228,12 +228,12 @@ def make_app(portal: PortalService) -> Starlette:
         await ask(subjects.Api.RUN_GET, schemas.RunRef(run_id=run_id), schemas.RunDetails)  # 404 first
         subject = subjects.run_logs(run_id, int(rank)) if rank != "all" else subjects.run_logs_all_ranks(run_id)
 
-        async def lines() -> AsyncIterator[str]:
+        async def lines() -> AsyncIterator[bytes]:
             cursors: dict[int, LogCursor] = {}
-            yield "retry: 1000\n\n"
+            yield b"retry: 1000\n\n"
             async for chunk in fanout.chunks(subject, after=after):  # one consumer per subject, for every browser
                 if chunk is None:
-                    yield ": keep-alive\n\n"
+                    yield b": keep-alive\n\n"
                     continue
                 if chunk.shared and not positions:
                     yield chunk.frame  # rendered once, for every browser that is live
@@ -247,7 +247,7 @@ def make_app(portal: PortalService) -> Starlette:
                         out.append((shared if len(taken) == len(shared.batch.lines) and shared.first ==
                                     batch.first_line else Batch(batch, taken)).event(seq))  # fmt: skip
                 if out:
-                    yield "".join(out)  # one write
+                    yield "".join(out).encode()  # one write
 
         return _sse(lines())
 
@@ -317,7 +317,7 @@ def make_app(portal: PortalService) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: not_found})
 
 
-def _sse(body: AsyncIterator[str]) -> StreamingResponse:
+def _sse(body: AsyncIterator[str] | AsyncIterator[bytes]) -> StreamingResponse:
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 

@@ -20,7 +20,7 @@ from shared.auth import run_permissions
 from shared.errors import ConflictError, NotFoundError, NotSupportedError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings, Limits, StoreSettings, secret_env
-from shared.states import RunState
+from shared.states import Cause, RunState
 from shared.storage import ObjectStore
 from shared.trust import Creds, run_creds
 
@@ -273,14 +273,15 @@ class SubmitterService(Service):
 
     async def cancel(self, req: schemas.RunCancelRequest) -> schemas.RunSummary:
         record = await bus.get_record(self.runs_kv, req.run_id)
+        why = req.error or schemas.ErrorInfo(code=Cause.CANCELED, message="canceled on request")
 
         def build(last: schemas.RunEvent | None) -> schemas.RunEvent | None:
             state = last.state if last else RunState.NOT_STARTED
             if state.is_terminal() or state in (RunState.CANCEL_REQUESTED, RunState.FINALIZING):
                 return None  # already ending: cancelling twice is not an error
             if state in (RunState.NOT_STARTED, RunState.QUEUED):
-                return lifecycle.event(schemas.Canceled, req.run_id, error=req.error)
-            return lifecycle.event(schemas.CancelRequested, req.run_id, error=req.error)
+                return lifecycle.event(schemas.Canceled, req.run_id, error=why)
+            return lifecycle.event(schemas.CancelRequested, req.run_id, error=why)
 
         await self.events.append(req.run_id, build)
         last, _ = await self.events.last(req.run_id)
