@@ -11,6 +11,8 @@ import time
 import typing
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import msgspec
 import pytest
 
@@ -395,3 +397,54 @@ def test_a_shims_rank_log_is_read_in_both_formats(tmp_path: Path) -> None:
     new = _read_record(msgspec.json.encode(LineRecord(1700000001.5, "o", ["a", "[b]", ""])))
     assert [(ln.t, ln.stream, ln.text) for ln in new] == [(1700000001.5, "o", "a"), (1700000001.5, "o", "[b]"),
                                                           (1700000001.5, "o", "")]  # fmt: skip
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(
+    sizes=st.lists(st.tuples(st.integers(1, 8), st.booleans()), min_size=0, max_size=30),
+    runs=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4), st.booleans()), min_size=1, max_size=25),
+)
+def test_the_indexed_pool_places_as_sorting_every_node_would(sizes: list[tuple[int, bool]], runs) -> None:
+    """The scheduler's index (Pool) against the plain rule: the first node_count nodes that fit, ordered by
+    (free slots, node id), or by (-free slots, node id) for spread; a pass's decisions one after another."""
+    from services.scheduler.placement import Pool, allocate
+
+    def fresh() -> list[NodeState]:
+        return [node(f"n{i:02d}", slots, gpus=slots if gpu else 0) for i, (slots, gpu) in enumerate(sizes)]
+
+    indexed, plain = fresh(), fresh()
+    pool, table = Pool(indexed), {n.advert.node_id: n for n in plain}
+    for count, ppn, spread in runs:
+        s = spec(node_count=count, process_count_per_node=ppn, placement="spread" if spread else "pack")
+        got = place(s, pool)
+        fits = [n for n in plain if n.fits(ppn)]
+        order = sorted(fits, key=lambda n: ((-n.free_slots if spread else n.free_slots), n.advert.node_id))
+        if len(order) < count:
+            assert got.placement is None
+            continue
+        assert got.placement is not None
+        chosen = [n.advert.node_id for n in order[:count]]
+        assert [got.placement[i * ppn].node_id for i in range(count)] == chosen
+        pool.take(got.placement)
+        allocate(table, got.placement)
+    used = [[(n.used_slots, sorted(n.used_gpus)) for n in nodes] for nodes in (indexed, plain)]
+    assert used[0] == used[1]
+
+
+def test_allocations_keep_each_nodes_use_as_runs_come_and_go() -> None:
+    from services.scheduler.placement import Allocations
+
+    allocations = Allocations()
+    a, b = node("a", 4, gpus=4).advert, node("b", 4).advert
+    allocations["early"] = [schemas.RankSlot(rank=0, node_id="a", local_rank=0, gpu_ids=[1])]  # before a is seen
+    state = allocations.state_of(a)
+    assert (state.used_slots, state.used_gpus) == (1, {1})
+    gang = [schemas.RankSlot(rank=r, node_id=n, local_rank=r % 2, gpu_ids=[2 + r] if n == "a" else [])
+            for r, n in enumerate(["a", "a", "b", "b"])]  # fmt: skip
+    allocations["gang"] = gang
+    assert (state.used_slots, state.used_gpus, allocations.state_of(b).used_slots) == (3, {1, 2, 3}, 2)
+    allocations["gang"] = gang  # written again (a restarted scheduler re-reads it): counted once
+    assert state.used_slots == 3 and allocations.pop("gang") is gang and allocations.pop("gang") is None
+    assert (state.used_slots, state.used_gpus, allocations.state_of(b).free_slots) == (1, {1}, 4)
+    newer = msgspec.structs.replace(a, heartbeat_at=a.heartbeat_at + 2)
+    assert allocations.state_of(newer) is state and state.advert is newer

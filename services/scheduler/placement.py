@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import heapq
+import bisect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from shared import schemas
 from shared.environments import needs_container
@@ -38,53 +40,100 @@ class Decision:
     impossible: str | None = None  # why it can never run
 
 
-def place(spec: schemas.RunSpec, nodes: list[NodeState], known: list[schemas.NodeAdvert] | None = None) -> Decision:
+class Pool:
+    """A pass's live nodes of one compute target, indexed by free slots (each bucket in node-id order), so that a
+    decision looks at the few nodes it may take instead of every node: the same choice as sorting all of them by
+    (free slots, node id), at 10,000 nodes too. ``take`` keeps the index right as a pass hands out slots."""
+
+    def __init__(self, nodes: list[NodeState]) -> None:
+        self.nodes = nodes
+        self._buckets: dict[int, list[tuple[str, NodeState]]] = {}
+        for node in sorted(nodes, key=lambda n: n.advert.node_id):
+            self._buckets.setdefault(node.free_slots, []).append((node.advert.node_id, node))
+        self._levels = sorted(self._buckets)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def candidates(self, ppn: int, spread: bool) -> Iterator[NodeState]:
+        """Nodes with at least ``ppn`` free slots, busiest first (``spread``: emptiest first), ties by node id."""
+        start = bisect.bisect_left(self._levels, ppn)
+        levels = self._levels[start:]
+        for level in reversed(levels) if spread else levels:
+            for _, node in self._buckets[level]:
+                yield node
+
+    def take(self, placement: list[schemas.RankSlot]) -> None:
+        """Allocate ``placement``'s slots (and GPUs) on these nodes, moving each node to its new bucket."""
+        by_node: dict[str, list[schemas.RankSlot]] = {}
+        for slot in placement:
+            by_node.setdefault(slot.node_id, []).append(slot)
+        for node_id, slots in by_node.items():
+            node = self._find(node_id)
+            if node is not None:
+                self._move(node, lambda n=node, s=slots: _use(n, s))
+
+    def _find(self, node_id: str) -> NodeState | None:
+        for level in self._levels:
+            bucket = self._buckets[level]
+            i = bisect.bisect_left(bucket, node_id, key=lambda item: item[0])
+            if i < len(bucket) and bucket[i][0] == node_id:
+                return bucket[i][1]
+        return None
+
+    def _move(self, node: NodeState, change: Callable[[], None]) -> None:
+        node_id = node.advert.node_id
+        before = self._buckets[node.free_slots]
+        del before[bisect.bisect_left(before, node_id, key=lambda item: item[0])]
+        if not before:
+            del self._buckets[node.free_slots]
+            self._levels.remove(node.free_slots)
+        change()
+        bucket = self._buckets.get(node.free_slots)
+        if bucket is None:
+            bucket = self._buckets[node.free_slots] = []
+            bisect.insort(self._levels, node.free_slots)
+        bisect.insort(bucket, (node_id, node), key=lambda item: item[0])
+
+
+def _use(node: NodeState, slots: list[schemas.RankSlot]) -> None:
+    node.used_slots += len(slots)
+    for slot in slots:
+        node.used_gpus.update(slot.gpu_ids)
+
+
+def place(
+    spec: schemas.RunSpec, nodes: list[NodeState] | Pool, known: list[schemas.NodeAdvert] | None = None
+) -> Decision:
     """Gang placement: all node_count x process_count_per_node slots on distinct nodes, or none.
 
     ``pack`` (the default) fills the busiest nodes that still fit, keeping whole nodes free for big gangs;
     ``spread`` prefers the emptiest. Ranks are numbered node by node, so rank 0's node is the master.
     ``known`` are all nodes of the target, live or not (a crashed agent may come back): a run is impossible
-    only when even they could not hold it.
+    only when even they could not hold it. A scheduling pass passes a :class:`Pool` it keeps across decisions.
     """
+    pool = nodes if isinstance(nodes, Pool) else Pool(nodes)
     ppn, want = spec.process_count_per_node, spec.node_count
     target = spec.compute_target
-    if needs_container(spec):
+    docker_only = needs_container(spec)
+    if docker_only and known and not any(a.runtime == "docker" for a in known):
         # Another image, or conda packages: only agents running the Docker runtime can run it.
-        if known and not any(a.runtime == "docker" for a in known):
-            return Decision(
-                impossible=(
-                    f"needs the Docker runtime (it names a custom_docker_image or conda_packages), but no node of "
-                    f"compute target {target!r} runs it (agents started with --runtime docker do)"
-                )
-            )
-        nodes = [n for n in nodes if n.advert.runtime == "docker"]
-        known = [a for a in known if a.runtime == "docker"] if known else known
-    free = [n for n in nodes if n.fits(ppn)]
-    if len(free) < want:
-        # Only now is it worth asking whether it could ever fit (the common case never pays for this pass).
-        pool = [NodeState(a) for a in known] if known else nodes
-        capable = [n for n in pool if n.can_ever_fit(ppn)]
-        if pool and len(capable) < want:
-            largest = max(n.advert.slots for n in pool)
-            return Decision(
-                impossible=(
-                    f"needs {want} node(s) with {ppn} slot(s) each, but compute target {target!r} has "
-                    f"{len(capable)} such node(s) (largest node: {largest} slot(s))"
-                )
-            )
-        if not nodes:
-            return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
-        unit = "GPU(s)" if any(n.advert.gpus for n in nodes) else "slot(s)"
         return Decision(
-            reason=(
-                f"needs {want} node(s) with {ppn} free {unit} on compute target {target!r}; "
-                f"{len(free)} of {len(nodes)} live node(s) have them"
+            impossible=(
+                f"needs the Docker runtime (it names a custom_docker_image or conda_packages), but no node of "
+                f"compute target {target!r} runs it (agents started with --runtime docker do)"
             )
         )
-    if spec.placement == "spread":
-        chosen = heapq.nsmallest(want, free, key=lambda n: (-n.free_slots, n.advert.node_id))
-    else:
-        chosen = heapq.nsmallest(want, free, key=lambda n: (n.free_slots, n.advert.node_id))
+    chosen: list[NodeState] = []
+    for node in pool.candidates(ppn, spec.placement == "spread"):
+        if node.fits(ppn) and (not docker_only or node.advert.runtime == "docker"):
+            chosen.append(node)
+            if len(chosen) == want:
+                return Decision(placement=_ranks(chosen, ppn))
+    return _why_not(spec, pool.nodes, known, docker_only)
+
+
+def _ranks(chosen: list[NodeState], ppn: int) -> list[schemas.RankSlot]:
     placement: list[schemas.RankSlot] = []
     rank = 0
     for node in chosen:
@@ -101,7 +150,98 @@ def place(spec: schemas.RunSpec, nodes: list[NodeState], known: list[schemas.Nod
                 )
             )
             rank += 1
-    return Decision(placement=placement)
+    return placement
+
+
+def _why_not(
+    spec: schemas.RunSpec, nodes: list[NodeState], known: list[schemas.NodeAdvert] | None, docker_only: bool
+) -> Decision:
+    """Why the run gets no slots now: it never can on this target, or it waits (and for what)."""
+    ppn, want = spec.process_count_per_node, spec.node_count
+    target = spec.compute_target
+    if docker_only:
+        nodes = [n for n in nodes if n.advert.runtime == "docker"]
+        known = [a for a in known if a.runtime == "docker"] if known else known
+    free = sum(1 for n in nodes if n.fits(ppn))
+    pool = [NodeState(a) for a in known] if known else nodes
+    capable = [n for n in pool if n.can_ever_fit(ppn)]
+    if pool and len(capable) < want:
+        largest = max(n.advert.slots for n in pool)
+        return Decision(
+            impossible=(
+                f"needs {want} node(s) with {ppn} slot(s) each, but compute target {target!r} has "
+                f"{len(capable)} such node(s) (largest node: {largest} slot(s))"
+            )
+        )
+    if not nodes:
+        return Decision(reason=f"no live node on compute target {target!r}; waiting for an agent to join")
+    unit = "GPU(s)" if any(n.advert.gpus for n in nodes) else "slot(s)"
+    return Decision(
+        reason=(
+            f"needs {want} node(s) with {ppn} free {unit} on compute target {target!r}; "
+            f"{free} of {len(nodes)} live node(s) have them"
+        )
+    )
+
+
+class Allocations(dict[str, list[schemas.RankSlot]]):
+    """run id -> the slots it holds, and each node's NodeState kept up to date as runs come and go: a scheduling
+    pass takes the nodes as they stand instead of going over every running rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slots: dict[str, int] = {}
+        self.gpus: dict[str, dict[int, int]] = {}  # node -> GPU index -> how many placements hold it
+        self.states: dict[str, NodeState] = {}
+
+    def __setitem__(self, run_id: str, placement: list[schemas.RankSlot]) -> None:
+        self.pop(run_id, None)
+        super().__setitem__(run_id, placement)
+        self._count(placement, 1)
+
+    def pop(self, run_id: str, default: Any = None) -> Any:
+        placement = super().pop(run_id, _MISSING)
+        if placement is _MISSING:
+            return default
+        self._count(placement, -1)
+        return placement
+
+    def _count(self, placement: list[schemas.RankSlot], step: int) -> None:
+        for node in {slot.node_id for slot in placement}:
+            self.slots[node] = self.slots.get(node, 0) + step * sum(1 for s in placement if s.node_id == node)
+            if not self.slots[node]:
+                del self.slots[node]
+        for slot in placement:
+            if slot.gpu_ids:
+                held = self.gpus.setdefault(slot.node_id, {})
+                for gpu in slot.gpu_ids:
+                    held[gpu] = held.get(gpu, 0) + step
+                    if not held[gpu]:
+                        del held[gpu]
+                if not held:
+                    del self.gpus[slot.node_id]
+        for node in {slot.node_id for slot in placement}:
+            if (state := self.states.get(node)) is not None:  # set, not added to: a pass's Pool.take agrees
+                state.used_slots = self.slots.get(node, 0)
+                state.used_gpus = set(self.gpus.get(node, ()))
+
+    def state_of(self, advert: schemas.NodeAdvert) -> NodeState:
+        """The node as it stands: its latest advert, and what the runs placed on it hold."""
+        node_id = advert.node_id
+        state = self.states.get(node_id)
+        if state is None:
+            used = self.slots.get(node_id, 0)
+            state = self.states[node_id] = NodeState(advert, used, set(self.gpus.get(node_id, ())))
+        elif state.advert is not advert:
+            state.advert = advert
+        return state
+
+    def forget(self, node_id: str) -> None:
+        """The node left (its runs' slots stay counted until those runs end)."""
+        self.states.pop(node_id, None)
+
+
+_MISSING: Any = object()
 
 
 def allocate(nodes: dict[str, NodeState], placement: list[schemas.RankSlot]) -> None:

@@ -17,7 +17,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
-from services.scheduler.placement import NodeState, allocate, place
+from services.scheduler.placement import Allocations, NodeState, Pool, place
 from shared import bus, lifecycle, runs, schemas, settings, subjects
 from shared.errors import ConflictError, NotFoundError, ValidationError
 from shared.service import Service
@@ -46,7 +46,7 @@ class SchedulerService(Service):
         self.not_responding: set[str] = set()
         self.queues: dict[str, OrderedDict[str, schemas.RunRecord]] = {}
         self.reasons: dict[str, str] = {}
-        self.allocations: dict[str, list[schemas.RankSlot]] = {}
+        self.allocations = Allocations()
         self.not_before: dict[str, tuple[float, int, str]] = {}  # a retried run's backoff: (until, attempt, cause)
         self._lost_locks: dict[str, asyncio.Lock] = {}  # one run's node losses are recorded one at a time
         self.target_grew_at: dict[str, float] = {}  # when a node last joined each compute target
@@ -92,6 +92,7 @@ class SchedulerService(Service):
                 gone = self.known.pop(entry.key, None)
                 self.heard_at.pop(entry.key, None)
                 self.not_responding.discard(entry.key)
+                self.allocations.forget(entry.key)
                 if self.nodes.pop(entry.key, None) is not None:
                     self.log.info("node_left", node_id=entry.key)
                     # In the background: the watch must go on seeing nodes join while those runs are failed.
@@ -104,13 +105,17 @@ class SchedulerService(Service):
                 if advert.node_id not in self.known:
                     self.target_grew_at[advert.compute_target] = time.monotonic()
                 self.known[advert.node_id] = advert
-                if advert.node_id not in self.nodes:
+                before = self.nodes.get(advert.node_id)
+                if before is None:
                     self.log.info("node_joined", node_id=advert.node_id, slots=advert.slots, gpus=len(advert.gpus))
                     await self._node_event(advert, "joined", f"agent started at {advert.started_at:.3f}")
                 elif advert.node_id in self.not_responding:
                     self.not_responding.discard(advert.node_id)
                     await self._node_event(advert, "recovered", "heartbeats resumed")
+                    before = None
                 self.nodes[advert.node_id] = advert
+                if before is not None and _offers_the_same(before, advert):
+                    continue  # a heartbeat: nothing a pass would decide differently (thousands of these a second)
             self._wake.set()
 
     async def _consume_events(self) -> None:
@@ -197,12 +202,11 @@ class SchedulerService(Service):
 
     def _node_table(self, now: float) -> dict[str, NodeState]:
         # Silent nodes within their grace still hold their runs' slots; they just get no new work (schedule_pass).
-        table = {
-            nid: NodeState(advert) for nid, advert in self.nodes.items() if self._heard_from(advert, now, lost=True)
+        return {
+            nid: self.allocations.state_of(advert)
+            for nid, advert in self.nodes.items()
+            if self._heard_from(advert, now, lost=True)
         }
-        for placement in self.allocations.values():
-            allocate(table, placement)
-        return table
 
     async def schedule_pass(self) -> None:
         """Decide every queued run in FIFO order (sequentially, in memory), then write the decisions concurrently."""
@@ -210,11 +214,13 @@ class SchedulerService(Service):
         writes = []
         recheck = False
         for target, queue in self.queues.items():
-            nodes = [
-                n
-                for n in table.values()
-                if n.advert.compute_target == target and n.advert.node_id not in self.not_responding
-            ]
+            nodes = Pool(
+                [
+                    n
+                    for n in table.values()
+                    if n.advert.compute_target == target and n.advert.node_id not in self.not_responding
+                ]
+            )
             known = [a for a in self.known.values() if a.compute_target == target]
             grew_at = self.target_grew_at.get(target)
             settling = grew_at is not None and time.monotonic() - grew_at < SETTLE_SECONDS
@@ -231,7 +237,7 @@ class SchedulerService(Service):
                     del self.not_before[run_id]
                 decision = place(record.spec, nodes, known)
                 if decision.placement is not None:
-                    allocate(table, decision.placement)
+                    nodes.take(decision.placement)  # on the table's NodeStates, which the pool holds
                     self.allocations[run_id] = decision.placement  # held now; released if the write loses
                     queue.pop(run_id, None)
                     writes.append(self._assign(record, decision.placement))
@@ -358,6 +364,7 @@ class SchedulerService(Service):
             for nid in sorted(dead):
                 self.log.warning("node_lost", node_id=nid)
                 self.not_responding.discard(nid)
+                self.allocations.forget(nid)
                 if (advert := self.nodes.pop(nid, None)) is not None:
                     await self._node_event(advert, "lost", f"silent past its grace ({self._grace(advert):g}s)")
             await self._nodes_gone(dead)
@@ -500,3 +507,15 @@ class SchedulerService(Service):
             await self._fail(
                 run_id, "node_lost", f"node {', '.join(sorted(lost))} left or stopped heartbeating (node lost)"
             )
+
+
+def _offers_the_same(before: schemas.NodeAdvert, after: schemas.NodeAdvert) -> bool:
+    """Whether a node's new advert changes nothing that placement looks at (a plain heartbeat)."""
+    return (
+        before.slots == after.slots
+        and before.gpus == after.gpus
+        and before.compute_target == after.compute_target
+        and before.runtime == after.runtime
+        and before.address == after.address
+        and before.started_at == after.started_at
+    )
