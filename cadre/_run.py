@@ -21,7 +21,7 @@ from cadre._context import RunContext, get_context
 from cadre._estimator import Estimator
 from cadre._workspace import Workspace, http_put
 from shared import bus, files, schemas, subjects
-from shared.errors import NotSupportedError, RunFailedError, ValidationError
+from shared.errors import NotFoundError, NotSupportedError, RunFailedError, ValidationError
 from shared.runs import LogCursor, fold_run_data, validate_spec
 from shared.states import RunState
 
@@ -59,20 +59,33 @@ class Experiment:
         if isinstance(config, HyperDriveConfig):
             return config._submit(self)
         estimator = _estimator_of(config)
-        spec = self._upload(estimator, lambda spec: validate_spec(spec))
+        spec = self._upload(estimator, lambda spec: validate_spec(spec), reuse=True)
         request = schemas.SubmitRequest(spec=spec, registry_password=estimator._registry_password)
-        reply = self.workspace._request(subjects.Api.SUBMIT, request, schemas.SubmitReply)
+        try:
+            reply = self.workspace._request(subjects.Api.SUBMIT, request, schemas.SubmitReply)
+        except NotFoundError:  # the store lost a snapshot this workspace had seen there: up again, once
+            self.workspace._stored_snapshots.discard(spec.snapshot.content_hash)
+            self._upload(estimator, lambda spec: validate_spec(spec))
+            reply = self.workspace._request(subjects.Api.SUBMIT, request, schemas.SubmitReply)
         run = Run(self, reply.run_id)
         if tags:
             run.set_tags(tags)
         return run
 
-    def _upload(self, config: Estimator, check: Callable[[schemas.RunSpec], None]) -> schemas.RunSpec:
-        """The run's spec, once its snapshot is stored; ``check`` fails it first, before any byte is uploaded."""
+    def _upload(
+        self, config: Estimator, check: Callable[[schemas.RunSpec], None], reuse: bool = False
+    ) -> schemas.RunSpec:
+        """The run's spec, once its snapshot is stored; ``check`` fails it first, before any byte is uploaded.
+
+        ``reuse``: a snapshot this workspace stored or found stored before is not asked about again (the same code
+        submitted again, the common case: a round trip saved); the submitter still checks it is there.
+        """
         ws = self.workspace
         snap = _snapshot.pack(config.source_directory)
         spec = config.to_spec(self.name, snap.ref, _snapshot.git_info(config.source_directory))
         check(spec)
+        if reuse and snap.ref.content_hash in ws._stored_snapshots:
+            return spec
         prep = ws._request(
             subjects.Api.SNAPSHOT_PREPARE,
             schemas.SnapshotPrepareRequest(snapshot=snap.ref),
@@ -81,6 +94,7 @@ class Experiment:
         if not prep.exists:
             assert prep.upload_url is not None
             http_put(prep.upload_url, snap.data)
+        ws._stored_snapshots.add(snap.ref.content_hash)
         return spec
 
     def get_runs(self, status: str | None = None, tags: dict[str, str] | None = None, limit: int = 100) -> list[Run]:

@@ -33,6 +33,7 @@ class Workspace:
             self._loop.stop()
             raise
         self._js: JetStreamContext = self._nc.jetstream()
+        self._stored_snapshots: set[str] = set()  # content hashes the store had, as this workspace last saw
 
     @classmethod
     def from_config(cls, path: str | Path | None = None) -> Workspace:

@@ -353,6 +353,22 @@ class RunEventLog:
                     raise
         raise ConflictError(f"run {run_id}: too much contention appending an event")
 
+    async def begin(self, run_id: str, events: list[schemas.RunEvent]) -> None:
+        """A new run's first events, in order: the first only onto an empty subject, each next one only right after
+        the one before (compare-and-set on the sequence the last ack gave: no read of the subject in between)."""
+        last: schemas.RunEvent | None = None
+        seq = 0
+        for event in events:
+            if event.attempt == 0:
+                event = msgspec.structs.replace(event, attempt=1)
+            check_transition(last.state if last else None, event.state)
+            ack = await self._js.publish(
+                subjects.run_events(run_id),
+                schemas.encode(event),
+                headers={"Nats-Expected-Last-Subject-Sequence": str(seq), "Nats-Msg-Id": event.event_id},
+            )
+            last, seq = event, ack.seq
+
     async def history(self, run_id: str) -> list[schemas.RunEvent]:
         """Every event of the run, in order, with no consumer (:func:`messages_after`): thousands of these run at
         once when a node with many runs leaves."""

@@ -164,3 +164,22 @@ def test_names_that_escape_are_refused(name: str, tmp_path: Path) -> None:
         check_relative(name)
     with pytest.raises(ValidationError):
         safe_destination(tmp_path, name)
+
+
+def test_a_snapshot_the_store_lost_is_uploaded_again_by_the_next_submit(
+    ws: Workspace, cluster_home: Path, make_project: Callable[..., Path]
+) -> None:
+    """The client does not ask about a snapshot it saw stored before (a round trip on every submit); if the store
+    lost it since, the submitter says so and the client uploads it again, once."""
+    est = Estimator(source_directory=make_project(**{"t.py": "print('again')"}), entry_script="t.py")
+    exp = Experiment(ws, "lost-snapshot")
+    first = exp.submit(est)
+    key = subjects.snapshot_key(first.get_details()["runDefinition"]["snapshot"]["content_hash"])
+    env = json.loads((cluster_home / "cluster" / "process-env.json").read_text())["artifact"]
+    s3 = Minio(env["CADRE_S3_ENDPOINT"], env["CADRE_S3_ACCESS_KEY"], env["CADRE_S3_SECRET_KEY"], secure=False,
+               region="us-east-1")  # fmt: skip
+    first.wait_for_completion(timeout=60)
+    s3.remove_object("cadre", key)
+    second = exp.submit(est)
+    assert s3.stat_object("cadre", key).size > 0  # up again
+    assert second.wait_for_completion(timeout=60)["status"] == "Completed"

@@ -51,7 +51,7 @@ def test_submitter_enforces_limits_and_checks_the_upload(ws: Workspace) -> None:
         )
     never_uploaded = schemas.SnapshotRef(content_hash="1" * 64, size=10, file_count=1, md5="1" * 32)
     spec = schemas.RunSpec(experiment="bad", entry_script="t.py", snapshot=never_uploaded)
-    with pytest.raises(ValidationError, match="snapshot was not uploaded"):
+    with pytest.raises(NotFoundError, match="is not in the store: upload it"):
         ws._request(subjects.Api.SUBMIT, schemas.SubmitRequest(spec=spec), schemas.SubmitReply)
     tricky = schemas.RunSpec(experiment="bad", entry_script="../etc/passwd", snapshot=never_uploaded)
     with pytest.raises(ValidationError, match="inside"):

@@ -8,8 +8,10 @@ stream as ``logs/cadre/rank_<n>.log``, writes the manifest and only then ends th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 from nats.js import api as js_api
@@ -82,7 +84,7 @@ class ArtifactService(Service):
         self.store = store
         self.runs_kv: KeyValue
         self.events: bus.RunEventLog
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _RunLock] = {}
 
     @classmethod
     def from_env(cls) -> ArtifactService:
@@ -189,12 +191,25 @@ class ArtifactService(Service):
         assert final is not None
         return self._summary(record, final)
 
-    def _lock(self, run_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(run_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, run_id: str) -> AsyncIterator[None]:
+        """One finalization of a run at a time in this process; the run's lock goes once nobody holds or waits
+        for it (whichever way they leave: a return, a retry, an error)."""
+        entry = self._locks.get(run_id)
+        if entry is None:
+            entry = self._locks[run_id] = _RunLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users and self._locks.get(run_id) is entry:
+                del self._locks[run_id]
 
     async def finalize(self, run_id: str) -> None:
         """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run."""
-        async with self._lock(run_id):
+        async with self._exclusive(run_id):
             events = lifecycle.current_attempt(await self.events.history(run_id))  # an earlier attempt's nodes are done
             placement = next((ev.placement for ev in reversed(events) if isinstance(ev, schemas.Assigned)), [])
             nodes = {s.node_id for s in placement}
@@ -206,7 +221,6 @@ class ArtifactService(Service):
             if decided.outcome == "failed" and await self._retry(
                 run_id, lifecycle.attempt_of(events[-1]), decided, placement
             ):
-                self._locks.pop(run_id, None)
                 return
 
             to_finalizing = lifecycle.append_if(
@@ -217,7 +231,6 @@ class ArtifactService(Service):
             finalizing = await self.events.append(run_id, to_finalizing)
             if isinstance(finalizing, schemas.Finalizing):
                 await self._complete(run_id, finalizing, events)
-        self._locks.pop(run_id, None)
 
     async def _retry(self, run_id: str, attempt: int, decided: Decision, placement: list[schemas.RankSlot]) -> bool:
         """A failed attempt with retries left and a cause the run retries is queued again, after a backoff, as the
@@ -321,7 +334,7 @@ class ArtifactService(Service):
             if isinstance(event, schemas.NodeLost):
                 await self.finalize(event.run_id)
             elif isinstance(event, schemas.Finalizing):
-                async with self._lock(event.run_id):  # a commit in this process may be finishing it now
+                async with self._exclusive(event.run_id):  # a commit in this process may be finishing it now
                     last, _ = await self.events.last(event.run_id)
                     if last is not None and last.state is RunState.FINALIZING:
                         await self._complete(event.run_id, event)
@@ -393,3 +406,11 @@ class ArtifactService(Service):
         except NotFoundError:
             pass  # still running: no manifest yet
         return schemas.FileUrl(url=await self.store.presign_get(key), size=stat[0], md5=stat[1], sha256=sha256)
+
+
+class _RunLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0  # holding it or waiting for it

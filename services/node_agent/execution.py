@@ -148,7 +148,7 @@ class Execution:
     async def _run(self) -> None:
         sub = await self.ctx.nc.subscribe(subjects.run_events(self.run_id), cb=self._on_msg)
         try:
-            history = await self.ctx.events.history(self.run_id)
+            history = await self._history()
             for event in history:  # what happened before we listened
                 self._observe(event)
             await self._open_shippers(history)
@@ -184,6 +184,16 @@ class Execution:
             self.shim.close()
             if not self.detached:
                 await self._clean_up()
+
+    async def _history(self) -> list[schemas.RunEvent]:
+        """What happened to the run before this execution listened. A first attempt whose last event is still
+        its Assigned has nothing in its past that the execution acts on (no retry, no cancel, no other node
+        started yet): one read instead of one per event, on every run's way to its first line."""
+        if self.attempt == 1 and not self.adopted:
+            last, _ = await self.ctx.events.last(self.run_id)
+            if isinstance(last, schemas.Assigned) and lifecycle.attempt_of(last) == 1:
+                return [last]
+        return await self.ctx.events.history(self.run_id)
 
     async def _open_shippers(self, history: list[schemas.RunEvent]) -> None:
         """A shipper per rank here, numbering on from where the bus stands (a retried run's attempts, or a previous

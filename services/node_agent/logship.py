@@ -22,7 +22,9 @@ from shared import bus, schemas, subjects
 
 MAX_BATCH_LINES = 4096  # a flood goes out in few messages: each publish waits for the stream's ack
 MAX_BATCH_BYTES = 256 * 1024
-LINGER = 0.005  # seconds to wait for more lines before sending a batch: latency stays in milliseconds
+# While lines keep coming, a batch goes at most every LINGER seconds (fewer, larger messages); the first line after
+# a quiet spell goes at once: a job's first words are not held back.
+LINGER = 0.005
 MEMORY_LIMIT = 64 << 20  # bytes of lines held in memory per rank before they spill to disk
 _line_decoder = msgspec.json.Decoder(schemas.LogLine)
 
@@ -58,6 +60,7 @@ class LogShipper:
         self._attempt = attempt  # readers drop a stale attempt's batches that come after the next one's
         self.tail: deque[str] = deque(maxlen=tail)
         self.log = structlog.get_logger().bind(run_id=run_id, rank=rank, component="logship")
+        self._sent_at = 0.0  # when the last batch was taken by the bus (monotonic)
         self._task = asyncio.create_task(self._loop())
 
     def add(self, stream: str, text: str, tail: bool = True) -> None:
@@ -130,8 +133,9 @@ class LogShipper:
         try:
             while True:
                 await self._wake.wait()
-                if not self._closed and self._buf_bytes < MAX_BATCH_BYTES and not self._spooled:
-                    await asyncio.sleep(LINGER)
+                since = time.monotonic() - self._sent_at
+                if not self._closed and self._buf_bytes < MAX_BATCH_BYTES and not self._spooled and since < LINGER:
+                    await asyncio.sleep(LINGER - since)
                 self._wake.clear()
                 while lines := self._next_batch():
                     await self._send(lines)
@@ -149,6 +153,7 @@ class LogShipper:
         # batch whose ack was lost in a reconnect count once (the stream drops the repeat).
         headers = {"Nats-Msg-Id": f"{self._run_id}:{self._rank}:{self._attempt}:{self.sent}"}
         await bus.outlast(lambda: self._js.publish(self._subject, schemas.encode(batch), timeout=10, headers=headers))
+        self._sent_at = time.monotonic()
         self.sent += len(lines)
 
     def cancel(self) -> None:

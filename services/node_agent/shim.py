@@ -337,36 +337,66 @@ class Shim:
 
 
 def zygote(fd: int) -> None:
-    """Fork one shim per request on the socket ``fd`` (a run's folder, with its notify pipe): the imports are paid
-    once per agent, not once per run. Its shims outlive it: they are sessions of their own."""
+    """Hand each request on the socket ``fd`` (a run's folder, with its notify pipe) to a shim forked ahead of
+    time: the imports are paid once per agent, and the fork and the shim's event loop before the run asks. Its
+    shims outlive it: they are sessions of their own."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited shims; the agent follows them by pid
     sock = socket.socket(fileno=fd)
-    while True:
-        try:
-            data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
-        except OSError:
-            return
-        if not data:
-            return  # the agent is gone
-        pid = os.fork()
-        if pid == 0:  # the shim
-            code = 1
+    spare = _spare(sock)
+    try:
+        while True:
             try:
-                sock.close()
-                os.setsid()
-                folder = Path(data.decode())
-                out = os.open(ShimFiles(folder).output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                os.dup2(out, 1)
-                os.dup2(out, 2)
-                os.environ[NOTIFY_FD_ENV] = str(fds[0]) if fds else "-1"
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own ranks
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                code = asyncio.run(main(folder))
-            finally:
-                os._exit(code)
-        for passed in fds:
-            os.close(passed)
-        sock.sendall(f"{pid}\n".encode())
+                data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+            except OSError:
+                return
+            if not data:
+                return  # the agent is gone
+            pid, ctl = spare
+            try:
+                socket.send_fds(ctl, [data], fds)
+            except OSError:  # the spare died (killed by hand, say): a fresh one takes the run
+                ctl.close()
+                pid, ctl = _spare(sock)
+                socket.send_fds(ctl, [data], fds)
+            ctl.close()
+            for passed in fds:
+                os.close(passed)
+            sock.sendall(f"{pid}\n".encode())
+            spare = _spare(sock)  # ready for the next run
+    finally:
+        spare[1].close()  # a spare left waiting reads end-of-file and exits
+
+
+def _spare(agent: socket.socket) -> tuple[int, socket.socket]:
+    """A shim forked now that waits for its run: (its pid, the socket its run's folder comes through)."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid != 0:
+        theirs.close()
+        return pid, ours
+    code = 1
+    try:
+        agent.close()
+        ours.close()
+        runner = asyncio.Runner()
+        runner.get_loop()  # made while waiting, not once the run is here
+        data, fds, _, _ = socket.recv_fds(theirs, 4096, 1)
+        theirs.close()
+        if data:
+            os.setsid()
+            folder = Path(data.decode())
+            out = os.open(ShimFiles(folder).output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.environ[NOTIFY_FD_ENV] = str(fds[0]) if fds else "-1"
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own ranks
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            with runner:
+                code = runner.run(main(folder))
+        else:
+            code = 0  # the launcher closed: no run came
+    finally:
+        os._exit(code)
 
 
 async def main(folder: Path) -> int:

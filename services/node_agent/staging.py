@@ -61,17 +61,22 @@ class Staging:
 
     async def prepare(self, say: Callable[[str], None]) -> None:
         """Everything the ranks need on this node before they start; ``say`` gets the environment build's lines."""
-        snap = await bus.request(
-            self.ctx.nc, subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef(run_id=self.run_id), schemas.SnapshotUrl
-        )
-        archive = self.ctx.config.work_dir / "snapshots" / f"{snap.snapshot.content_hash}.tar.gz"
+        archive = self.ctx.config.work_dir / "snapshots" / f"{self.spec.snapshot.content_hash}.tar.gz"
         self.ctx.cache.hold(archive)  # the cache may not evict it while it is fetched and unpacked
+        snap = None
         try:
-            await asyncio.to_thread(self._fetch_snapshot, snap, archive)
+            # Cached here already (snapshots are named by their content), and no checkpoint to restore: nothing
+            # to ask the services for.
+            if self.a.attempt > 1 or not archive.exists():
+                snap = await bus.request(
+                    self.ctx.nc, subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef(run_id=self.run_id),
+                    schemas.SnapshotUrl,
+                )  # fmt: skip
+                await asyncio.to_thread(self._fetch_snapshot, snap, archive)
             await asyncio.to_thread(self._unpack, archive)
         finally:
             self.ctx.cache.release(archive)
-        if snap.checkpoint:
+        if snap is not None and snap.checkpoint:
             say(await asyncio.to_thread(self._restore_checkpoint, snap.checkpoint))
         entry = self.run_dir / self.spec.entry_script
         if not entry.is_file():

@@ -24,7 +24,7 @@ from shared.states import Cause, RunState
 from shared.storage import ObjectStore
 from shared.trust import Creds, run_creds
 
-EXPERIMENT_CACHE = 500_000
+EXPERIMENT_CACHE = 100_000
 
 
 class SubmitterService(Service):
@@ -115,7 +115,10 @@ class SubmitterService(Service):
             ) from None
         stat = await self.store.stat(subjects.snapshot_key(spec.snapshot.content_hash))
         if stat is None:
-            raise ValidationError("the snapshot was not uploaded; submit again")
+            raise NotFoundError(
+                f"snapshot {spec.snapshot.content_hash[:12]} is not in the store: upload it (the snapshot prepare "
+                "request gives the URL) and submit again"
+            )
         if stat[0] != spec.snapshot.size or (stat[1] and stat[1] != spec.snapshot.md5):
             raise ValidationError("the stored snapshot does not match its description (size or checksum); submit again")
         if req.parent is not None:
@@ -133,18 +136,25 @@ class SubmitterService(Service):
             if req.parent is None:
                 raise
             # A child whose submission was cut short between its record and its events: they follow now.
-        if last is None:
-            await self.events.append(
-                run_id,
-                lambda _: lifecycle.event(
-                    schemas.Submitted,
+        if last is None and req.parent is None:  # a new run id: nobody else writes its events
+            submitted = lifecycle.event(
+                schemas.Submitted, run_id, experiment=spec.experiment, compute_target=spec.compute_target,
+                entry_script=spec.entry_script,
+            )  # fmt: skip
+            await self.events.begin(run_id, [submitted, lifecycle.event(schemas.Queued, run_id, spec=spec)])
+        else:
+            if last is None:
+                await self.events.append(
                     run_id,
-                    experiment=spec.experiment,
-                    compute_target=spec.compute_target,
-                    entry_script=spec.entry_script,
-                ),
-            )
-        await self.events.append(run_id, lambda _: lifecycle.event(schemas.Queued, run_id, spec=spec))
+                    lambda _: lifecycle.event(
+                        schemas.Submitted,
+                        run_id,
+                        experiment=spec.experiment,
+                        compute_target=spec.compute_target,
+                        entry_script=spec.entry_script,
+                    ),
+                )
+            await self.events.append(run_id, lambda _: lifecycle.event(schemas.Queued, run_id, spec=spec))
         self.log.info("run_submitted", run_id=run_id, experiment=spec.experiment, target=spec.compute_target)
         return schemas.SubmitReply(run_id=run_id, state=RunState.QUEUED)
 
