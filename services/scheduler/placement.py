@@ -45,12 +45,18 @@ class Pool:
     decision looks at the few nodes it may take instead of every node: the same choice as sorting all of them by
     (free slots, node id), at 10,000 nodes too. ``take`` keeps the index right as a pass hands out slots."""
 
-    def __init__(self, nodes: list[NodeState]) -> None:
+    def __init__(self, nodes: list[NodeState], ordered: bool = False) -> None:
+        """``ordered``: ``nodes`` come in node-id order already (the scheduler keeps them so)."""
         self.nodes = nodes
-        self._buckets: dict[int, list[tuple[str, NodeState]]] = {}
-        for node in sorted(nodes, key=lambda n: n.advert.node_id):
-            self._buckets.setdefault(node.free_slots, []).append((node.advert.node_id, node))
-        self._levels = sorted(self._buckets)
+        self._buckets: dict[int, list[NodeState]] = {}  # each in node-id order
+        buckets = self._buckets
+        for node in nodes if ordered else sorted(nodes, key=lambda n: n.advert.node_id):
+            free = node.advert.slots - node.used_slots
+            bucket = buckets.get(free)
+            if bucket is None:
+                bucket = buckets[free] = []
+            bucket.append(node)
+        self._levels = sorted(buckets)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -60,8 +66,7 @@ class Pool:
         start = bisect.bisect_left(self._levels, ppn)
         levels = self._levels[start:]
         for level in reversed(levels) if spread else levels:
-            for _, node in self._buckets[level]:
-                yield node
+            yield from self._buckets[level]
 
     def take(self, placement: list[schemas.RankSlot]) -> None:
         """Allocate ``placement``'s slots (and GPUs) on these nodes, moving each node to its new bucket."""
@@ -76,15 +81,15 @@ class Pool:
     def _find(self, node_id: str) -> NodeState | None:
         for level in self._levels:
             bucket = self._buckets[level]
-            i = bisect.bisect_left(bucket, node_id, key=lambda item: item[0])
-            if i < len(bucket) and bucket[i][0] == node_id:
-                return bucket[i][1]
+            i = bisect.bisect_left(bucket, node_id, key=_node_id)
+            if i < len(bucket) and bucket[i].advert.node_id == node_id:
+                return bucket[i]
         return None
 
     def _move(self, node: NodeState, change: Callable[[], None]) -> None:
         node_id = node.advert.node_id
         before = self._buckets[node.free_slots]
-        del before[bisect.bisect_left(before, node_id, key=lambda item: item[0])]
+        del before[bisect.bisect_left(before, node_id, key=_node_id)]
         if not before:
             del self._buckets[node.free_slots]
             self._levels.remove(node.free_slots)
@@ -93,7 +98,11 @@ class Pool:
         if bucket is None:
             bucket = self._buckets[node.free_slots] = []
             bisect.insort(self._levels, node.free_slots)
-        bisect.insort(bucket, (node_id, node), key=lambda item: item[0])
+        bisect.insort(bucket, node, key=_node_id)
+
+
+def _node_id(node: NodeState) -> str:
+    return node.advert.node_id
 
 
 def _use(node: NodeState, slots: list[schemas.RankSlot]) -> None:
