@@ -286,13 +286,12 @@ class ArtifactService(Service):
         events = events if events is not None else await self.events.history(run_id)
         # Every node has committed or is lost: an upload still open under the run is one that failed or whose
         # agent died half-way. Its parts would sit in the store, unlisted, forever.
-        try:
-            if aborted := await self.store.abort_incomplete(subjects.run_file_prefix(run_id)):
-                self.log.info("incomplete_uploads_aborted", run_id=run_id, count=aborted)
-        except CadreError as exc:
-            self.log.warning("incomplete_uploads_not_aborted", run_id=run_id, error=str(exc))
+        aborting = asyncio.ensure_future(self._abort_incomplete(run_id))  # meanwhile, the logs are stored
         stored = [f for ev in events if isinstance(ev, schemas.NodeCommitted) for f in ev.files]
-        stored += await self._persist_logs(run_id, decided.log_lines)
+        try:
+            stored += await self._persist_logs(run_id, decided.log_lines)
+        finally:
+            await aborting
         unique = {f.name: f for f in stored}  # several nodes may write the same name: the last commit wins
         manifest = schemas.FilesList(
             files=sorted(unique.values(), key=lambda f: f.name), partial=decided.outcome != "succeeded"
@@ -345,34 +344,46 @@ class ArtifactService(Service):
     def _summary(record: schemas.RunRecord, ev: schemas.RunEvent) -> schemas.RunSummary:
         return schemas.RunSummary(run_id=record.run_id, experiment=record.spec.experiment, state=ev.state, at=ev.at)
 
+    async def _abort_incomplete(self, run_id: str) -> None:
+        try:
+            if aborted := await self.store.abort_incomplete(subjects.run_file_prefix(run_id)):
+                self.log.info("incomplete_uploads_aborted", run_id=run_id, count=aborted)
+        except CadreError as exc:
+            self.log.warning("incomplete_uploads_not_aborted", run_id=run_id, error=str(exc))
+
     async def _persist_logs(self, run_id: str, line_counts: dict[int, int]) -> list[schemas.FileEntry]:
-        """Copy each rank's log stream into one object, so logs outlive the stream's retention."""
-        entries = []
-        for rank, count in sorted(line_counts.items()):
-            if count <= 0:
-                continue
-            subject = subjects.run_logs(run_id, rank)
-            try:
-                last = await self.js.get_last_msg(subjects.LOGS_STREAM, subject)
-            except JsNotFound:
-                continue
-            chunks: list[str] = []
-            cursor = runs.LogCursor()
-            async for msg in bus.replay(self.js, subjects.LOGS_STREAM, subject, last.seq or 0):
-                lines = cursor.take(schemas.log_batch_decoder.decode(msg.data))
-                chunks.extend(line.text + "\n" for line in lines)
-            data = "".join(chunks).encode()
-            name = f"{DRIVER_LOGS}rank_{rank}.log"
-            await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")
-            entries.append(
-                schemas.FileEntry(
-                    name=name,
-                    size=len(data),
-                    md5=hashlib.md5(data, usedforsecurity=False).hexdigest(),
-                    sha256=hashlib.sha256(data).hexdigest(),
-                )
-            )
-        return entries
+        """Copy each rank's log stream into one object, so logs outlive the stream's retention (the ranks
+        four at a time: a run's end waits for the slowest, not for the sum, and memory stays bounded)."""
+        room = asyncio.Semaphore(4)
+
+        async def one(rank: int) -> schemas.FileEntry | None:
+            async with room:
+                return await self._persist_log(run_id, rank)
+
+        ranks = [rank for rank, count in sorted(line_counts.items()) if count > 0]
+        return [entry for entry in await asyncio.gather(*(one(rank) for rank in ranks)) if entry is not None]
+
+    async def _persist_log(self, run_id: str, rank: int) -> schemas.FileEntry | None:
+        """One rank's log stream into ``logs/cadre/rank_<n>.log`` (None: it never printed)."""
+        subject = subjects.run_logs(run_id, rank)
+        try:
+            last = await self.js.get_last_msg(subjects.LOGS_STREAM, subject)
+        except JsNotFound:
+            return None
+        chunks: list[str] = []
+        cursor = runs.LogCursor()
+        async for msg in bus.replay(self.js, subjects.LOGS_STREAM, subject, last.seq or 0):
+            lines = cursor.take(schemas.log_batch_decoder.decode(msg.data))
+            chunks.extend(line.text + "\n" for line in lines)
+        data = "".join(chunks).encode()
+        name = f"{DRIVER_LOGS}rank_{rank}.log"
+        await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")
+        return schemas.FileEntry(
+            name=name,
+            size=len(data),
+            md5=hashlib.md5(data, usedforsecurity=False).hexdigest(),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
 
     # --- client side ------------------------------------------------------------------------------------
     async def list_files(self, req: schemas.FilesListRequest) -> schemas.FilesList:
