@@ -365,12 +365,18 @@ class Execution:
         if place is None:
             return self._outcome({}), await self._close_shippers()
         try:
+            if self.is_master and len(self.nodes) > 1 and not await self.meeting.publish(place):
+                self._give_up("the run moved on before its nodes met")
+                return self._outcome({}), await self._close_shippers()
             await self._launch(place)
         except Exception as exc:  # OSError, a port taken, or the Docker API refusing a container
             counts = await self._close_shippers()
             message = f"starting the ranks on {self.node_id} failed: {exc}"
             return Outcome("failed", {}, schemas.ErrorInfo(code=Cause.LAUNCH_FAILED, message=message)), counts
-        if self.is_master and not await self.meeting.publish(place):
+        finally:
+            if self.meeting.pmi_socket is not None:  # the shim has its own copy now (or there is no shim)
+                self.meeting.pmi_socket.close()
+        if self.is_master and len(self.nodes) == 1 and not await self.meeting.publish(place):
             self._give_up("the run moved on before its nodes met")
         else:
             await self._move(schemas.Running)
@@ -415,7 +421,7 @@ class Execution:
             )
         )  # fmt: skip
         self.launched = True
-        await self.shim.launch(spec, self.ctx.launcher)
+        await self.shim.launch(spec, self.ctx.launcher, self.meeting.pmi_socket)
 
     async def _supervise(self) -> tuple[Outcome, dict[int, int]]:
         """Follow this node's ranks under their shim until all have exited (stopping them when the run must end),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from collections.abc import Callable
 
 import structlog
@@ -55,8 +56,13 @@ class PmiServer:
         self.port = 0
         self.log = structlog.get_logger().bind(component="pmi")
 
-    async def start(self, host: str = "0.0.0.0", port: int = 0) -> int:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
+    async def start(self, host: str = "0.0.0.0", port: int = 0, sock: socket.socket | None = None) -> int:
+        """Serve on ``host:port``, or on ``sock``, a socket listening already (connections made before this are
+        in its backlog: they are served now)."""
+        if sock is not None:
+            self._server = await asyncio.start_server(self._serve, sock=sock, limit=MAX_LINE)
+        else:
+            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -1,9 +1,10 @@
 """Rendezvous: where the nodes of one run meet.
 
-The node of rank 0 (the master) chooses ``MASTER_ADDR``/``MASTER_PORT``, and for MPI jobs the port of the PMI-1
-server its shim serves; it publishes them in a ``Rendezvous`` event once its own ranks run, and the other nodes
-start theirs when they see it. TensorFlow jobs first gather every rank's task address (``Endpoints`` events) so
-that each rank's TF_CONFIG lists them all.
+The node of rank 0 (the master) chooses ``MASTER_ADDR``/``MASTER_PORT``, and for MPI jobs binds the listening
+socket of the PMI-1 server its shim will serve; it publishes them in a ``Rendezvous`` event before it starts its
+own ranks (a rank that dials the PMI server early waits in that socket's backlog), and the other nodes start
+theirs when they see it: the nodes start side by side, not one after the other. TensorFlow jobs first gather
+every rank's task address (``Endpoints`` events) so that each rank's TF_CONFIG lists them all.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Meeting:
         self.rendezvous: asyncio.Future[schemas.Rendezvous] = asyncio.get_running_loop().create_future()
         self.endpoints: dict[int, str] = {}  # tensorflow: task addresses gathered by the master
         self.endpoints_complete = asyncio.Event()
+        self.pmi_socket: socket.socket | None = None  # the master's, listening, until its shim has it
 
     def observe(self, event: schemas.RunEvent) -> None:
         if isinstance(event, schemas.Rendezvous) and not self.rendezvous.done():
@@ -119,7 +121,10 @@ class Meeting:
                 self._gather(self._my_endpoints())
                 if not await self._until(self.endpoints_complete, "the other nodes' task addresses"):
                     return None
-            pmi_port = free_port(address) if self.spec.distributed == "mpi" else None  # the shim serves it
+            pmi_port = None
+            if self.spec.distributed == "mpi":
+                self.pmi_socket = socket.create_server((address, 0), backlog=max(128, self.size))
+                pmi_port = int(self.pmi_socket.getsockname()[1])
             return Place(address, free_port(address), pmi_port, dict(self.endpoints))
         if tensorflow:
             announce = lifecycle.append_if(
@@ -132,7 +137,7 @@ class Meeting:
         return None
 
     async def publish(self, place: Place) -> bool:
-        """The master's ranks (and its PMI server) run: the other nodes may start theirs."""
+        """The master tells the other nodes where to meet: they may start their ranks."""
         build = lifecycle.append_if(
             lifecycle.not_ended(self.attempt), schemas.Rendezvous, self.run_id, node_id=self.node_id,
             master_addr=place.master_addr, master_port=place.master_port, pmi_port=place.pmi_port,

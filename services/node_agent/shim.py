@@ -46,6 +46,7 @@ from shared import schemas
 from shared.procs import is_alive, start_time
 
 NOTIFY_FD_ENV = "CADRE_SHIM_NOTIFY_FD"  # a pipe the shim writes a byte to whenever it wrote something
+PMI_FD_ENV = "CADRE_SHIM_PMI_FD"  # the PMI server's listening socket, bound by the agent (the master node's)
 WATCH_INTERVAL = 0.5  # seconds between looks at ``alive`` and ``stop``
 PMI_LINGER = 60.0  # seconds the master's PMI server outlives its own ranks, for the others' MPI_Finalize
 EXIT_ROOM = 4096  # bytes allocated up front for each rank's exit file
@@ -224,7 +225,8 @@ class Shim:
         try:
             await context.start()
             if pmi is not None and spec.pmi is not None:
-                await pmi.start(spec.pmi.host, spec.pmi.port)
+                bound = int(os.environ.get(PMI_FD_ENV, "-1"))
+                await pmi.start(spec.pmi.host, spec.pmi.port, sock=socket.socket(fileno=bound) if bound >= 0 else None)
             for rank, process in sorted(spec.ranks.items()):
                 self.handles[rank] = await runtime.start(process)
         except Exception as exc:  # OSError, a port taken, or the Docker API refusing a container
@@ -346,7 +348,7 @@ def zygote(fd: int) -> None:
     try:
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+                data, fds, _, _ = socket.recv_fds(sock, 4096, 2)
             except OSError:
                 return
             if not data:
@@ -380,7 +382,7 @@ def _spare(agent: socket.socket) -> tuple[int, socket.socket]:
         ours.close()
         runner = asyncio.Runner()
         runner.get_loop()  # made while waiting, not once the run is here
-        data, fds, _, _ = socket.recv_fds(theirs, 4096, 1)
+        data, fds, _, _ = socket.recv_fds(theirs, 4096, 2)
         theirs.close()
         if data:
             os.setsid()
@@ -389,6 +391,7 @@ def _spare(agent: socket.socket) -> tuple[int, socket.socket]:
             os.dup2(out, 1)
             os.dup2(out, 2)
             os.environ[NOTIFY_FD_ENV] = str(fds[0]) if fds else "-1"
+            os.environ[PMI_FD_ENV] = str(fds[1]) if len(fds) > 1 else "-1"
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own ranks
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             with runner:

@@ -85,15 +85,16 @@ class ShimLauncher:
         theirs.close()
         self._sock = ours
 
-    async def spawn(self, folder: Path, notify_fd: int) -> int:
-        """A new shim for ``folder`` (``notify_fd``: the write end of its notify pipe); returns its pid."""
+    async def spawn(self, folder: Path, notify_fd: int, pmi_fd: int | None = None) -> int:
+        """A new shim for ``folder`` (``notify_fd``: the write end of its notify pipe; ``pmi_fd``: the listening
+        socket of the run's PMI server, bound before the other nodes were told its port); returns its pid."""
         async with self._lock:
 
             def ask() -> int:
                 if self._popen is None or self._popen.poll() is not None:
                     self._start()
                 assert self._sock is not None
-                socket.send_fds(self._sock, [str(folder).encode()], [notify_fd])
+                socket.send_fds(self._sock, [str(folder).encode()], [notify_fd, *([pmi_fd] if pmi_fd else [])])
                 reply = b""
                 while not reply.endswith(b"\n"):
                     chunk = self._sock.recv(64)
@@ -169,7 +170,7 @@ class RunShim:
         with contextlib.suppress(OSError):
             self.files.alive.touch()
 
-    async def launch(self, spec: ShimSpec, launcher: ShimLauncher) -> None:
+    async def launch(self, spec: ShimSpec, launcher: ShimLauncher, pmi: socket.socket | None = None) -> None:
         """Start the shim and wait until it has started the ranks (CadreError if it could not)."""
         self.files.folder.mkdir(parents=True, exist_ok=True)
         self.files.write(self.files.spec, encode(spec))
@@ -178,7 +179,7 @@ class RunShim:
         os.set_blocking(read, False)
         os.set_blocking(write, False)
         try:
-            pid = await launcher.spawn(self.files.folder, write)
+            pid = await launcher.spawn(self.files.folder, write, pmi.fileno() if pmi is not None else None)
         finally:
             os.close(write)
         self._proc = (pid, start_time(pid))
