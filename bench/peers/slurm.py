@@ -291,3 +291,16 @@ def _inside(tmp: Path, quick: bool) -> dict[str, object]:
         "cpus": len(os.sched_getaffinity(0)),
         "cluster_up_s": up,
     }
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--inside"]:  # the namespace's side: the figures as one JSON line on stdout
+        print(json.dumps(_inside(Path(argv[1]), argv[2] == "quick")), flush=True)
+        return 0
+    quick = os.environ.get("BENCH", "quick") != "full" and "--full" not in argv
+    print(json.dumps(measure(quick), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
