@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -77,7 +78,9 @@ def browser_latency(ws: Workspace, project: Path) -> list[float]:
     return delays
 
 
-def followers_cost(ws: Workspace, home: Path, project: Path, clients: int, seconds: float) -> tuple[float, int]:
+def followers_cost(
+    ws: Workspace, home: Path, project: Path, clients: int, seconds: float, repeats: int = 3
+) -> tuple[float, int]:
     """CPU of the cluster's processes while ``clients`` follow one run's log stream, minus the same run alone."""
     procs = json.loads((home / "cluster" / "state.json").read_text())["processes"]
     pids = [p["pid"] for p in procs if p["name"] in ("portal", "nats-server")]
@@ -111,9 +114,15 @@ def followers_cost(ws: Workspace, home: Path, project: Path, clients: int, secon
         run.wait_for_completion(raise_on_error=False)
         return used / elapsed * 100, min(got) if got else 0
 
-    alone, _ = cpu_during(0)
-    busy, least = cpu_during(clients)
-    return busy - alone, least
+    # Alternating pairs, the median of their differences: one pair swings 3-12 % on a 2-CPU machine, where the
+    # 50 reading clients share the CPUs with what they measure.
+    costs, least = [], None
+    for _ in range(repeats):
+        alone, _ = cpu_during(0)
+        busy, got = cpu_during(clients)
+        costs.append(busy - alone)
+        least = got if least is None else min(least, got)
+    return statistics.median(costs), least or 0
 
 
 def run(ws: Workspace, home: Path, quick: bool) -> list[dict[str, object]]:
@@ -127,7 +136,7 @@ def run(ws: Workspace, home: Path, quick: bool) -> list[dict[str, object]]:
         page = experiment_page(ws, project, runs)
         delays = browser_latency(ws, project)
         (project / "printer.py").write_text(PRINTER.format(lines=100000, pause=0.01))
-        cost, least = followers_cost(ws, home, project, 50, 10 if quick else 20)  # shorter is noise here
+        cost, least = followers_cost(ws, home, project, 50, 10, repeats=3 if quick else 5)
     p50 = pct(page, 50) * 1e3
     return [
         {"metric": f"portal: experiment page with {runs} runs, p50", "value": p50, "unit": "ms",
@@ -137,5 +146,6 @@ def run(ws: Workspace, home: Path, quick: bool) -> list[dict[str, object]]:
          "note": f"p50 {pct(delays, 50) * 1e3:.0f} ms over {len(delays)} lines at 20 lines/s"},
         {"metric": "portal: 50 followers of one run (100 lines/s), extra CPU", "value": cost, "unit": "% core",
          "target": "< 5", "ok": cost < 5,
-         "note": f"portal + nats-server, over the same run with no follower; every follower got >= {least} lines"},
+         "note": f"portal + nats-server, over the same run with no follower (median of 3 alternating pairs of 10 s); "
+                 f"every follower got >= {least} lines"},
     ]  # fmt: skip

@@ -339,14 +339,13 @@ class Run:
             (subjects.run_logs_all_ranks(self.id), subjects.LOGS_STREAM, on_log),
             (subjects.run_events(self.id), subjects.EVENTS_STREAM, on_event),
         ):
-            subs.append(
-                await bus.outlast(
-                    lambda subject=subject, stream=stream, cb=cb: js.subscribe(
-                        subject, stream=stream, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL, cb=cb
-                    ),
-                    within=OUTAGE_PATIENCE,
-                )
+            sub = await bus.outlast(
+                lambda subject=subject, stream=stream, cb=cb: js.subscribe(
+                    subject, stream=stream, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL, cb=cb
+                ),
+                within=OUTAGE_PATIENCE,
             )
+            subs.append((sub, stream))
         check_done()
 
         async def finish() -> None:
@@ -363,9 +362,9 @@ class Run:
 
         async def stop() -> None:
             task.cancel()
-            for sub in subs:
-                try:
-                    await sub.unsubscribe()
+            for sub, stream in subs:
+                try:  # and its consumer now: left, it would heartbeat on the server for 5 s after every follow
+                    await bus.unsubscribe_and_drop(js, sub, stream)
                 except Exception:  # the connection may be closing already
                     pass
 
