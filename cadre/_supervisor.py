@@ -67,8 +67,15 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         self.log.info("supervisor_started", cluster=str(self.cluster))
-        while not self._stop.is_set():
-            busy = self.pending or any(t.down_at is not None for t in self.tracks.values())
+        while True:
+            # Looked at first, then waited for: a process that dies just after `cadre up` is seen at once.
+            alive = await asyncio.to_thread(self.check)
+            if not alive:
+                break  # the cluster is gone (`cadre down` removed its state)
+            self._watch(loop)
+            await self._publish()
+            # Nothing watched yet (a restart held the state), or one down: look again soon; else an exit wakes it.
+            busy = not self.pids or self.pending or any(t.down_at is not None for t in self.tracks.values())
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=POLL if busy else IDLE_POLL)
             except TimeoutError:
@@ -76,11 +83,6 @@ class Supervisor:
             self._wake.clear()
             if self._stop.is_set():
                 break
-            alive = await asyncio.to_thread(self.check)
-            if not alive:
-                break  # the cluster is gone (`cadre down` removed its state)
-            self._watch(loop)
-            await self._publish()
         for pid in list(self._watched):
             self._unwatch(loop, pid)
         if self._nc is not None:

@@ -8,6 +8,7 @@ import os
 import socket
 import tarfile
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -448,3 +449,26 @@ def test_allocations_keep_each_nodes_use_as_runs_come_and_go() -> None:
     assert (state.used_slots, state.used_gpus, allocations.state_of(b).free_slots) == (1, {1}, 4)
     newer = msgspec.structs.replace(a, heartbeat_at=a.heartbeat_at + 2)
     assert allocations.state_of(newer) is state and state.advert is newer
+
+
+def test_a_pass_while_a_node_joins_does_not_leave_the_node_out() -> None:
+    """A scheduling pass that runs while the node watch awaits the join's event (a queued run woke it) must not
+    cache a node order without the new node: CI saw a run wait forever on "no live node" beside a joined node."""
+    from services.scheduler.service import SchedulerService
+    from shared.settings import BusSettings
+
+    sched = SchedulerService(BusSettings(url="nats://127.0.0.1:1"))
+    seen_during_the_event: list[list[str]] = []
+
+    async def node_event(advert: schemas.NodeAdvert, kind: str, detail: str) -> None:
+        seen_during_the_event.append(sorted(sched._node_table(time.time())))  # the pass, mid-await
+
+    sched._node_event = node_event  # type: ignore[method-assign]
+    advert = node("agent-0", 2).advert
+
+    async def watcher():  # what nats-py's KV watch yields: key, operation (None for a put), value
+        yield types.SimpleNamespace(key=advert.node_id, operation=None, value=schemas.encode(advert))
+
+    asyncio.run(sched._watch(watcher()))
+    assert seen_during_the_event == [["agent-0"]]
+    assert list(sched._node_table(time.time())) == ["agent-0"]

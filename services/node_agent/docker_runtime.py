@@ -268,7 +268,7 @@ class DockerRuntime:
     async def remove_run(self, node_id: str, run_id: str) -> None:
         def remove() -> None:
             labels = [f"{LABEL_NODE}={node_id}", f"{LABEL_RUN}={run_id}"]
-            for c in self.client.containers.list(all=True, filters={"label": labels}):
+            for c in self.client.containers.list(all=True, filters={"label": labels}, ignore_removed=True):
                 c.remove(force=True)
 
         await asyncio.to_thread(remove)
@@ -276,7 +276,9 @@ class DockerRuntime:
     async def leftovers(self, node_id: str, keep: set[str]) -> set[str]:
         def sweep() -> set[str]:
             runs = set()
-            for c in self.client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node_id}"}):
+            for c in self.client.containers.list(
+                all=True, filters={"label": f"{LABEL_NODE}={node_id}"}, ignore_removed=True
+            ):
                 run = c.labels.get(LABEL_RUN, "")
                 if run in keep:
                     continue  # a run taken over: its shim still watches these containers

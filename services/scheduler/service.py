@@ -108,7 +108,10 @@ class SchedulerService(Service):
                     self.target_grew_at[advert.compute_target] = time.monotonic()
                 self.known[advert.node_id] = advert
                 before = self.nodes.get(advert.node_id)
+                self.nodes[advert.node_id] = advert
                 if before is None:
+                    # After the insert, with no await between: a pass during the await below must not cache an
+                    # order without this node (it would be offered no work until another node joined or left).
                     self._order = None
                     self.log.info("node_joined", node_id=advert.node_id, slots=advert.slots, gpus=len(advert.gpus))
                     await self._node_event(advert, "joined", f"agent started at {advert.started_at:.3f}")
@@ -116,7 +119,6 @@ class SchedulerService(Service):
                     self.not_responding.discard(advert.node_id)
                     await self._node_event(advert, "recovered", "heartbeats resumed")
                     before = None
-                self.nodes[advert.node_id] = advert
                 if before is not None and _offers_the_same(before, advert):
                     continue  # a heartbeat: nothing a pass would decide differently (thousands of these a second)
             self._wake.set()
