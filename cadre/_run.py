@@ -20,7 +20,7 @@ from cadre import _snapshot
 from cadre._context import RunContext, get_context
 from cadre._estimator import Estimator
 from cadre._workspace import Workspace, http_put
-from shared import bus, files, schemas, subjects
+from shared import bus, files, lifecycle, schemas, subjects
 from shared.errors import NotFoundError, NotSupportedError, RunFailedError, ValidationError
 from shared.runs import LogCursor, fold_run_data, validate_spec
 from shared.states import RunState
@@ -238,8 +238,9 @@ class Run:
         out = output or sys.stdout
         if show_output:
             print(f"RunId: {self.id}", file=out, flush=True)
-        self.stream_logs(follow=True, output=out if show_output else None, timeout=timeout)
-        details = self._ws._loop.call(self._fetch_details())
+        _, details = self._follow(True, out if show_output else None, timeout)
+        if details is None:
+            details = self._ws._loop.call(self._fetch_details())
         if show_output:
             print(f"\nExecution summary\n  RunId: {self.id}\n  Status: {details.state.value}", file=out, flush=True)
         if raise_on_error and details.state is RunState.FAILED:
@@ -255,6 +256,13 @@ class Run:
         Every line has a number per rank (0, 1, ...): ``from_line`` resumes a reader where it stopped.
         Lines are printed by the calling thread as they arrive. Returns how many lines were printed.
         """
+        return self._follow(follow, output, timeout, from_line)[0]
+
+    def _follow(
+        self, follow: bool, output: IO[str] | None, timeout: float | None, from_line: int = 0
+    ) -> tuple[int, schemas.RunDetails | None]:
+        """stream_logs, and with ``follow`` the run's details as of its end (folded from the events the follower
+        got, as the submitter would: no request after the end), or None where they could not be had that way."""
         items: queue.Queue[tuple[str, Any]] = queue.Queue()
         stop = self._ws._loop.call(self._start_follow(items, follow, from_line))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -268,7 +276,7 @@ class Run:
                 except queue.Empty:
                     raise TimeoutError(f"run {self.id} did not finish within {timeout}s") from None
                 if kind == "end":
-                    return printed
+                    return printed, value
                 if kind == "error":
                     raise value
                 if kind == "multi":
@@ -296,6 +304,11 @@ class Run:
         caught_up = asyncio.Event()
         subs = []
         targets: dict[int, int] = {}
+        events: dict[int, schemas.RunEvent] = {}  # by stream sequence: an ordered consumer's reset may resend
+        # The record never changes: read while the run goes on, so the end needs no request of its own.
+        record = asyncio.ensure_future(self._fetch_details()) if follow else None
+        if record is not None:  # its error, if any, is the end's to handle (or nobody's, once stopped)
+            record.add_done_callback(lambda f: f.cancelled() or f.exception())
 
         def check_done() -> None:
             if all(received.get(r, 0) >= n for r, n in expected.items()):
@@ -304,6 +317,7 @@ class Run:
 
         async def on_event(msg) -> None:
             ev = schemas.run_event_decoder.decode(msg.data)
+            events[msg.metadata.sequence.stream] = ev
             if isinstance(ev, schemas.Assigned):
                 items.put(("multi", len(ev.placement) > 1))
             if isinstance(ev, schemas.Finalizing):
@@ -356,12 +370,24 @@ class Run:
                 await ended.wait()
                 # Every line was stored before the run could end; give delivery a bounded moment to catch up.
                 await asyncio.wait([waiter], timeout=LOG_DRAIN_TIMEOUT)
-            items.put(("end", None))
+            items.put(("end", await details_at_the_end()))
+
+        async def details_at_the_end() -> schemas.RunDetails | None:
+            if record is None:
+                return None
+            try:
+                d = await record
+            except Exception:  # the caller asks again, the usual way
+                return None
+            kept = schemas.RunRecord(run_id=d.run_id, spec=d.spec, submitted_at=d.submitted_at, parent=d.parent)
+            return lifecycle.fold(kept, [events[seq] for seq in sorted(events)])
 
         task = asyncio.ensure_future(finish())
 
         async def stop() -> None:
             task.cancel()
+            if record is not None:
+                record.cancel()
             for sub, stream in subs:
                 try:  # and its consumer now: left, it would heartbeat on the server for 5 s after every follow
                     await bus.unsubscribe_and_drop(js, sub, stream)

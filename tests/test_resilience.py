@@ -280,6 +280,8 @@ def test_a_listed_exit_code_is_retried_from_the_checkpoint(
         text = out.getvalue()
         assert details["status"] == "Completed" and details["attempt"] == 2
         assert [(a["attempt"], a["cause"]) for a in details["attempts"]] == [(1, "exit:3")]
+        # The follower folds the events it got into the details (no request after the end): as the submitter does.
+        assert details == {k: v for k, v in run.get_details().items() if k != "properties"}
         assert "attempt 1 starts at 0" in text and "attempt 2 starts at 61" in text  # from its checkpoint
         steps = [int(i) for i in re.findall(r"^step (\d+)$", text, re.M)]
         assert steps == list(range(200)), "every step once, across the two attempts"
