@@ -28,7 +28,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from bench.cluster_costs import _ticks_and_rss
-from bench.scheduler import SLOTS, SNAP, advert, pct
+from bench.latency import pct
+from bench.scheduler import SLOTS, SNAP, advert
 from cadre import _local
 from services.scheduler.placement import NodeState, Pool, place
 from services.scheduler.service import SchedulerService

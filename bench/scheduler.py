@@ -12,6 +12,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from bench.latency import pct
 from services.scheduler.placement import NodeState, Pool, place
 from services.scheduler.service import SETTLE_SECONDS
 from shared import bus, lifecycle, schemas, subjects
@@ -37,13 +38,8 @@ def advert(i: int, now: float, prefix: str = "sim", target: str = "bench") -> sc
     )
 
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
-
-
 def decision_latency(runs: int, node_count: int, ppn: int) -> dict[str, float]:
-    """The pure decision (place + allocate) against 1,000 nodes, filling them up as it goes."""
+    """The pure decision (place, then the pass's Pool.take) against 1,000 nodes, filling them up as it goes."""
     now = time.time()
     # One pool for the whole sequence, as a scheduling pass keeps one across its decisions.
     pool = Pool([NodeState(a) for a in (advert(i, now) for i in range(NODES))])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from minio import Minio
 
+from bench.latency import pct
 from cadre import Estimator, Experiment, Workspace, _local
 from shared import bus, schemas
 
@@ -40,11 +41,6 @@ with open("outputs/big.bin", "wb") as fh:
 
 
 MODEL = "import os\nos.makedirs('outputs', exist_ok=True)\nopen('outputs/m.bin', 'wb').write(b'm')\n"
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 class Clock(io.StringIO):

@@ -133,8 +133,8 @@ def pack(root: Path, limits: Limits | None = None) -> Snapshot:
 def git_info(root: Path) -> schemas.GitInfo | None:
     """The repository, branch, commit and dirtiness of source_directory, when it is in a git work tree.
 
-    Outside one no git process is started at all; inside, the questions go to git at once (three processes side
-    by side, and a fourth for the diff of a dirty tree): this is on every submit's path."""
+    Outside one no git process is started at all; inside, the questions go to git at once (four processes side
+    by side, and a fifth for the diff of a dirty tree): this is on every submit's path."""
     where = root.resolve()
     if "GIT_DIR" not in os.environ and not any((d / ".git").exists() for d in (where, *where.parents)):
         return None

@@ -408,13 +408,19 @@ def test_a_shims_rank_log_is_read_in_both_formats(tmp_path: Path) -> None:
 def test_the_indexed_pool_places_as_sorting_every_node_would(sizes: list[tuple[int, bool]], runs) -> None:
     """The scheduler's index (Pool) against the plain rule: the first node_count nodes that fit, ordered by
     (free slots, node id), or by (-free slots, node id) for spread; a pass's decisions one after another."""
-    from services.scheduler.placement import Pool, allocate
+    from services.scheduler.placement import Pool
 
     def fresh() -> list[NodeState]:
         return [node(f"n{i:02d}", slots, gpus=slots if gpu else 0) for i, (slots, gpu) in enumerate(sizes)]
 
     indexed, plain = fresh(), fresh()
     pool, table = Pool(indexed), {n.advert.node_id: n for n in plain}
+
+    def use(placement: list[schemas.RankSlot]) -> None:  # the reference's own accounting
+        for slot in placement:
+            table[slot.node_id].used_slots += 1
+            table[slot.node_id].used_gpus.update(slot.gpu_ids)
+
     for count, ppn, spread in runs:
         s = spec(node_count=count, process_count_per_node=ppn, placement="spread" if spread else "pack")
         got = place(s, pool)
@@ -427,7 +433,7 @@ def test_the_indexed_pool_places_as_sorting_every_node_would(sizes: list[tuple[i
         chosen = [n.advert.node_id for n in order[:count]]
         assert [got.placement[i * ppn].node_id for i in range(count)] == chosen
         pool.take(got.placement)
-        allocate(table, got.placement)
+        use(got.placement)
     used = [[(n.used_slots, sorted(n.used_gpus)) for n in nodes] for nodes in (indexed, plain)]
     assert used[0] == used[1]
 

@@ -376,6 +376,7 @@ class Execution:
         finally:
             if self.meeting.pmi_socket is not None:  # the shim has its own copy now (or there is no shim)
                 self.meeting.pmi_socket.close()
+        # A lone node waits for nobody: its rendezvous goes out while its ranks start, off the first line's path.
         if self.is_master and len(self.nodes) == 1 and not await self.meeting.publish(place):
             self._give_up("the run moved on before its nodes met")
         else:

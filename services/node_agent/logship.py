@@ -65,10 +65,7 @@ class LogShipper:
 
     def add(self, stream: str, text: str, tail: bool = True) -> None:
         """A line of the node's own (``tail=False``: kept out of the lines a failure quotes)."""
-        self.add_line(schemas.LogLine(time.time(), stream, text), tail)  # type: ignore[arg-type]
-
-    def add_line(self, line: schemas.LogLine, tail: bool = True) -> None:
-        self.add_lines([line], tail)
+        self.add_lines([schemas.LogLine(time.time(), stream, text)], tail)  # type: ignore[arg-type]
 
     def add_lines(self, lines: list[schemas.LogLine], tail: bool = True) -> None:
         """Lines with the time they were printed (the shim's clock read, not ours), as one batch: nothing here is

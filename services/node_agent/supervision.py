@@ -94,7 +94,8 @@ class ShimLauncher:
                 if self._popen is None or self._popen.poll() is not None:
                     self._start()
                 assert self._sock is not None
-                socket.send_fds(self._sock, [str(folder).encode()], [notify_fd, *([pmi_fd] if pmi_fd else [])])
+                passed = [notify_fd] if pmi_fd is None else [notify_fd, pmi_fd]
+                socket.send_fds(self._sock, [str(folder).encode()], passed)
                 reply = b""
                 while not reply.endswith(b"\n"):
                     chunk = self._sock.recv(64)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +58,6 @@ class Pool:
             bucket.append(node)
         self._levels = sorted(buckets)
 
-    def __len__(self) -> int:
-        return len(self.nodes)
-
     def candidates(self, ppn: int, spread: bool) -> Iterator[NodeState]:
         """Nodes with at least ``ppn`` free slots, busiest first (``spread``: emptiest first), ties by node id."""
         start = bisect.bisect_left(self._levels, ppn)
@@ -76,7 +73,7 @@ class Pool:
         for node_id, slots in by_node.items():
             node = self._find(node_id)
             if node is not None:
-                self._move(node, lambda n=node, s=slots: _use(n, s))
+                self._move(node, slots)
 
     def _find(self, node_id: str) -> NodeState | None:
         for level in self._levels:
@@ -86,14 +83,17 @@ class Pool:
                 return bucket[i]
         return None
 
-    def _move(self, node: NodeState, change: Callable[[], None]) -> None:
+    def _move(self, node: NodeState, slots: list[schemas.RankSlot]) -> None:
+        """Out of its bucket, ``slots`` used, into the bucket of what it has free now."""
         node_id = node.advert.node_id
         before = self._buckets[node.free_slots]
         del before[bisect.bisect_left(before, node_id, key=_node_id)]
         if not before:
             del self._buckets[node.free_slots]
             self._levels.remove(node.free_slots)
-        change()
+        node.used_slots += len(slots)
+        for slot in slots:
+            node.used_gpus.update(slot.gpu_ids)
         bucket = self._buckets.get(node.free_slots)
         if bucket is None:
             bucket = self._buckets[node.free_slots] = []
@@ -103,12 +103,6 @@ class Pool:
 
 def _node_id(node: NodeState) -> str:
     return node.advert.node_id
-
-
-def _use(node: NodeState, slots: list[schemas.RankSlot]) -> None:
-    node.used_slots += len(slots)
-    for slot in slots:
-        node.used_gpus.update(slot.gpu_ids)
 
 
 def place(
@@ -216,20 +210,22 @@ class Allocations(dict[str, list[schemas.RankSlot]]):
         return placement
 
     def _count(self, placement: list[schemas.RankSlot], step: int) -> None:
-        for node in {slot.node_id for slot in placement}:
-            self.slots[node] = self.slots.get(node, 0) + step * sum(1 for s in placement if s.node_id == node)
-            if not self.slots[node]:
-                del self.slots[node]
+        touched = set()
         for slot in placement:
+            node = slot.node_id
+            touched.add(node)
+            self.slots[node] = self.slots.get(node, 0) + step
             if slot.gpu_ids:
-                held = self.gpus.setdefault(slot.node_id, {})
+                held = self.gpus.setdefault(node, {})
                 for gpu in slot.gpu_ids:
                     held[gpu] = held.get(gpu, 0) + step
                     if not held[gpu]:
                         del held[gpu]
-                if not held:
-                    del self.gpus[slot.node_id]
-        for node in {slot.node_id for slot in placement}:
+        for node in touched:
+            if not self.slots.get(node):
+                self.slots.pop(node, None)
+            if node in self.gpus and not self.gpus[node]:
+                del self.gpus[node]
             if (state := self.states.get(node)) is not None:  # set, not added to: a pass's Pool.take agrees
                 state.used_slots = self.slots.get(node, 0)
                 state.used_gpus = set(self.gpus.get(node, ()))
@@ -251,11 +247,3 @@ class Allocations(dict[str, list[schemas.RankSlot]]):
 
 
 _MISSING: Any = object()
-
-
-def allocate(nodes: dict[str, NodeState], placement: list[schemas.RankSlot]) -> None:
-    for slot in placement:
-        node = nodes.get(slot.node_id)
-        if node is not None:
-            node.used_slots += 1
-            node.used_gpus.update(slot.gpu_ids)

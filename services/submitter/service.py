@@ -136,25 +136,22 @@ class SubmitterService(Service):
             if req.parent is None:
                 raise
             # A child whose submission was cut short between its record and its events: they follow now.
-        if last is None and req.parent is None:  # a new run id: nobody else writes its events
-            submitted = lifecycle.event(
+
+        def submitted() -> schemas.RunEvent:
+            return lifecycle.event(
                 schemas.Submitted, run_id, experiment=spec.experiment, compute_target=spec.compute_target,
                 entry_script=spec.entry_script,
             )  # fmt: skip
-            await self.events.begin(run_id, [submitted, lifecycle.event(schemas.Queued, run_id, spec=spec)])
+
+        def queued() -> schemas.RunEvent:
+            return lifecycle.event(schemas.Queued, run_id, spec=spec)
+
+        if last is None and req.parent is None:  # a new run id: nobody else writes its events
+            await self.events.begin(run_id, [submitted(), queued()])  # (made in order: their times are too)
         else:
             if last is None:
-                await self.events.append(
-                    run_id,
-                    lambda _: lifecycle.event(
-                        schemas.Submitted,
-                        run_id,
-                        experiment=spec.experiment,
-                        compute_target=spec.compute_target,
-                        entry_script=spec.entry_script,
-                    ),
-                )
-            await self.events.append(run_id, lambda _: lifecycle.event(schemas.Queued, run_id, spec=spec))
+                await self.events.append(run_id, lambda _: submitted())
+            await self.events.append(run_id, lambda _: queued())
         self.log.info("run_submitted", run_id=run_id, experiment=spec.experiment, target=spec.compute_target)
         return schemas.SubmitReply(run_id=run_id, state=RunState.QUEUED)
 
