@@ -279,11 +279,14 @@ def test_with_two_of_three_servers_lost_requests_say_the_bus_cannot_make_progres
     try:
         # The services that were on the killed servers reconnect to the one left within seconds; until then a
         # request finds nobody to answer it. Once they are back, they say why they cannot do anything.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # (past one lost request's 30 s)
         while True:
             with pytest.raises(ServiceUnavailableError) as refused:
                 Experiment(fws, "fleet").submit(Estimator(project, "hello.py"))
-            if "no service answers" not in str(refused.value) or time.monotonic() > deadline:
+            # (A request sent as the servers die can be lost with them, core NATS being at-most-once: the client
+            # then waits out its timeout and says "no answer". Either way it asks again.)
+            waiting = ("no service answers", "no answer on")
+            if not any(w in str(refused.value) for w in waiting) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert "fewer than a majority of its servers are up" in str(refused.value)
@@ -417,7 +420,9 @@ def test_an_agent_writes_only_the_runs_it_was_given(
     fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
 ) -> None:
     est = Estimator(make_project(**{"hi.py": "print('mine')"}), "hi.py", node_count=2)
-    run = Experiment(fws, "fleet").submit(est)
+    # Right after the quorum drill a write may still time out once while the restarted servers catch up: the
+    # submitter says so, and the caller tries again (what this test checks comes after).
+    run = _once_available(lambda: Experiment(fws, "fleet").submit(est))
     assert run.wait_for_completion(timeout=90)["status"] == "Completed"
     on = sorted({slot["node_id"] for slot in run.get_details()["placement"]})
     off = next(f"agent-{i}" for i in range(fleet.agents) if f"agent-{i}" not in on)
