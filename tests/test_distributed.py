@@ -41,8 +41,10 @@ keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MA
         "CUDA_VISIBLE_DEVICES", "PMI_PORT")
 info = {k: os.environ.get(k) for k in keys}
 info["pid"] = os.getpid()
-with open(os.path.join(os.environ["SPOOL"], f"rank{rank}.json"), "w") as fh:
+path = os.path.join(os.environ["SPOOL"], f"rank{rank}.json")
+with open(path + ".tmp", "w") as fh:  # whole or not there: the test reads it as soon as it exists
     json.dump(info, fh)
+os.replace(path + ".tmp", path)
 print(f"rank {rank} holding", flush=True)
 while not os.path.exists(os.path.join(os.environ["SPOOL"], "release")):
     time.sleep(0.05)
@@ -194,8 +196,9 @@ from cadre import Run
 comm, run = MPI.COMM_WORLD, Run.get_context()
 rank, spool = comm.Get_rank(), os.environ["SPOOL"]
 run.log("before", rank)
-with open(os.path.join(spool, f"rank{rank}.json"), "w") as fh:
+with open(os.path.join(spool, f"rank{rank}.tmp"), "w") as fh:  # whole or not there (as in HOLD)
     json.dump({"pid": os.getpid()}, fh)
+os.replace(os.path.join(spool, f"rank{rank}.tmp"), os.path.join(spool, f"rank{rank}.json"))
 i = 0
 while not os.path.exists(os.path.join(spool, "release")):
     print(f"rank {rank} line {i}", flush=True)
