@@ -238,7 +238,7 @@ class Run:
         out = output or sys.stdout
         if show_output:
             print(f"RunId: {self.id}", file=out, flush=True)
-        _, details = self._follow(True, out if show_output else None, timeout)
+        _, details = self._follow(True, out if show_output else None, timeout, details=True)
         if details is None:
             details = self._ws._loop.call(self._fetch_details())
         if show_output:
@@ -259,12 +259,13 @@ class Run:
         return self._follow(follow, output, timeout, from_line)[0]
 
     def _follow(
-        self, follow: bool, output: IO[str] | None, timeout: float | None, from_line: int = 0
+        self, follow: bool, output: IO[str] | None, timeout: float | None, from_line: int = 0, details: bool = False
     ) -> tuple[int, schemas.RunDetails | None]:
-        """stream_logs, and with ``follow`` the run's details as of its end (folded from the events the follower
-        got, as the submitter would: no request after the end), or None where they could not be had that way."""
+        """stream_logs, and with ``follow`` and ``details`` the run's details as of its end (folded from the events
+        the follower got, as the submitter would: no request after the end), or None where they could not be had
+        that way."""
         items: queue.Queue[tuple[str, Any]] = queue.Queue()
-        stop = self._ws._loop.call(self._start_follow(items, follow, from_line))
+        stop = self._ws._loop.call(self._start_follow(items, follow, from_line, details=follow and details))
         deadline = None if timeout is None else time.monotonic() + timeout
         printed = 0
         multi_rank: bool | None = None
@@ -296,7 +297,9 @@ class Run:
         finally:
             self._ws._loop.call(stop())
 
-    async def _start_follow(self, items: queue.Queue[tuple[str, Any]], follow: bool, from_line: int = 0):
+    async def _start_follow(
+        self, items: queue.Queue[tuple[str, Any]], follow: bool, from_line: int = 0, details: bool = False
+    ):
         js = self._ws._js
         received: dict[int, int] = {}
         expected: dict[int, int] = {}
@@ -305,8 +308,9 @@ class Run:
         subs = []
         targets: dict[int, int] = {}
         events: dict[int, schemas.RunEvent] = {}  # by stream sequence: an ordered consumer's reset may resend
-        # The record never changes: read while the run goes on, so the end needs no request of its own.
-        record = asyncio.ensure_future(self._fetch_details()) if follow else None
+        # The record never changes: read while the run goes on, so the end needs no request of its own (only for a
+        # caller that wants the details: a plain log follower is not charged the request).
+        record = asyncio.ensure_future(self._fetch_details()) if details else None
         if record is not None:  # its error, if any, is the end's to handle (or nobody's, once stopped)
             record.add_done_callback(lambda f: f.cancelled() or f.exception())
 
