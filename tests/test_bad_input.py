@@ -96,3 +96,21 @@ def test_wrong_password_is_refused(cluster_home: Path, tmp_path: Path) -> None:
     path.write_text(json.dumps(profile))
     with pytest.raises(AuthenticationError, match="refused user 'client'"):
         Workspace.from_config(path)
+
+
+def test_a_node_grace_under_two_heartbeats_or_not_positive_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from cadre import _local
+
+    with pytest.raises(ValidationError, match="under twice the heartbeat interval"):
+        _local.up(home=tmp_path / "home", agents=1, heartbeat=2.0, node_grace=3.0)
+    assert not (tmp_path / "home").exists()
+    for argv, env, said in (
+        (["--node-grace", "0"], {}, "--node-grace must be a positive number of seconds, not 0"),
+        ([], {"CADRE_NODE_GRACE": "soon"}, "CADRE_NODE_GRACE must be a number of seconds"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "services.scheduler", *argv], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", **env}, timeout=60)  # fmt: skip
+        assert done.returncode == 2 and said in done.stderr, done.stderr

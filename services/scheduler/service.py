@@ -114,6 +114,10 @@ class SchedulerService(Service):
                     # order without this node (it would be offered no work until another node joined or left).
                     self._order = None
                     self.log.info("node_joined", node_id=advert.node_id, slots=advert.slots, gpus=len(advert.gpus))
+                    if self._grace(advert) > self.node_grace:
+                        self.log.warning("node_grace_raised", node_id=advert.node_id, grace=self._grace(advert),
+                                         configured=self.node_grace, heartbeat=advert.heartbeat_interval,
+                                         reason="never under two of the node's heartbeats")  # fmt: skip
                     await self._node_event(advert, "joined", f"agent started at {advert.started_at:.3f}")
                 elif advert.node_id in self.not_responding:
                     self.not_responding.discard(advert.node_id)
