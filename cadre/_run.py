@@ -243,6 +243,8 @@ class Run:
             details = self._ws._loop.call(self._fetch_details())
         if show_output:
             print(f"\nExecution summary\n  RunId: {self.id}\n  Status: {details.state.value}", file=out, flush=True)
+            for warning in details.warnings:
+                print(f"  Warning: {warning}", file=out, flush=True)
         if raise_on_error and details.state is RunState.FAILED:
             err = details.error.message if details.error else "no error recorded"
             raise RunFailedError(f"run {self.id} failed: {err}")
@@ -526,6 +528,7 @@ def details_dict(d: schemas.RunDetails) -> dict[str, Any]:
         ],
         "exitCodes": dict(d.exit_codes),
         "error": msgspec.to_builtins(d.error) if d.error else None,
+        "warnings": [{"source": "cadre", "message": m} for m in d.warnings],
         "runDefinition": msgspec.to_builtins(d.spec),
         "history": msgspec.to_builtins(d.history),
         "attempt": d.attempt,

@@ -113,6 +113,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("exit codes: " + ", ".join(f"rank {r}: {c}" for r, c in sorted(d["exitCodes"].items())))
     if d["error"]:
         print(f"error:      [{d['error']['code']}] {d['error']['message']}")
+    for w in d["warnings"]:
+        print(f"warning:    {w['message']}")
     return 0
 
 
@@ -323,6 +325,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("exit codes:  " + ", ".join(f"rank {r}: {c}" for r, c in sorted(d["exitCodes"].items())))
     if d["error"]:
         print(f"error:       [{d['error']['code']}] {d['error']['message']}")
+    for w in d["warnings"]:
+        print(f"warning:     {w['message']}")
     if tags or props:
         print(f"tags:        {tags}\nproperties:  {props}")
     if metrics:

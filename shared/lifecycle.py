@@ -113,6 +113,7 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
     exit_codes: dict[int, int] = {}
     log_lines: dict[int, int] = {}
     error: schemas.ErrorInfo | None = None
+    warnings: list[str] = []
     history: list[schemas.StateChange] = []
     attempts: list[schemas.AttemptInfo] = []
     nodes: list[str] = []
@@ -131,6 +132,7 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
                     attempt=ev.attempt - 1, cause=cause, message=err.message, nodes=was_on or nodes, ended_at=ev.at,
                 ))  # fmt: skip
                 exit_codes, log_lines, error, queue_reason = {}, dict(log_lines), None, "retrying"
+                warnings = []
             case schemas.Running():
                 started_at = started_at or ev.at
             case schemas.RankExited(rank=rank, exit_code=code):
@@ -138,10 +140,10 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
             case schemas.NodeFinished(exit_codes=codes, log_lines=lines):
                 exit_codes.update(codes)
                 log_lines.update(lines)
-            case schemas.Finalizing(exit_codes=codes, log_lines=lines, error=err):
+            case schemas.Finalizing(exit_codes=codes, log_lines=lines, error=err, warnings=said):
                 exit_codes.update(codes)
                 log_lines.update(lines)
-                error = err or error
+                error, warnings = err or error, list(said)
             case schemas.Failed(error=err):
                 error = err
             case schemas.CancelRequested(error=err) | schemas.Canceled(error=err) if err is not None:
@@ -165,4 +167,5 @@ def fold(record: schemas.RunRecord, events: list[schemas.RunEvent]) -> schemas.R
         attempt=(events[-1].attempt or 1) if events else 1,
         attempts=attempts,
         parent=record.parent,
+        warnings=warnings,
     )

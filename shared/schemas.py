@@ -237,6 +237,9 @@ class NodeCommitted(RunEventBase, frozen=True, kw_only=True, tag="node_committed
     node_id: str
     files: list[FileEntry] = []
     error: ErrorInfo | None = None  # files that failed verification or could not be uploaded
+    # Files of this node's whose stored copy, at its commit, was another's (the name the entry's, the size and
+    # md5 the stored copy's): another node wrote the same name, or none did and the upload went wrong.
+    overwritten: list[FileEntry] = []
 
 
 class Finalizing(RunEventBase, frozen=True, kw_only=True, tag="finalizing"):
@@ -246,6 +249,7 @@ class Finalizing(RunEventBase, frozen=True, kw_only=True, tag="finalizing"):
     exit_codes: dict[int, int] = {}
     log_lines: dict[int, int] = {}
     error: ErrorInfo | None = None
+    warnings: list[str] = []  # what went wrong without failing the run (a file that differs between nodes)
 
 
 class CancelRequested(RunEventBase, frozen=True, kw_only=True, tag="cancel_requested"):
@@ -554,6 +558,7 @@ class RunDetails(Message, frozen=True, kw_only=True):
     attempt: int = 1
     attempts: list[AttemptInfo] = []  # the attempts that failed and were retried, oldest first
     parent: SweepTrial | None = None
+    warnings: list[str] = []
 
 
 class RunSummary(Message, frozen=True, kw_only=True):

@@ -114,6 +114,45 @@ def test_mpi_allreduce_across_agents(gws: Workspace, tmp_path: Path, nodes: int,
     assert details["exitCodes"] == {r: 0 for r in range(size)}
 
 
+def test_a_file_two_nodes_write_differently_completes_the_run_and_says_which_copy_it_kept(
+    gws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    # Each node's first rank saves "the model" (a common slip: LOCAL_RANK 0 instead of RANK 0), and node 1 changes
+    # a file that came with the snapshot: both nodes upload both names, with different contents.
+    script = """
+import os
+node = os.environ["NODE_RANK"]
+with open("outputs/model.txt", "w") as fh:
+    fh.write(f"model from node {node}\\n" * (1 + int(node)))
+if node == "1":
+    with open("outputs/notes.txt", "a") as fh:
+        fh.write("node 1 was here\\n")
+"""
+    project = make_project(**{"save.py": script, "outputs__notes.txt": "from the snapshot\n"})
+    est = Estimator(source_directory=project, entry_script="save.py", node_count=2, process_count_per_node=1)
+    run = Experiment(gws, "same-name").submit(est)
+    out = io.StringIO()
+    details = run.wait_for_completion(show_output=True, output=out, timeout=90)
+    assert details["status"] == "Completed", details["error"]
+    nodes = {s["rank"]: s["node_id"] for s in details["placement"]}  # one rank a node: its rank is its node rank
+    warned = {w["message"].split()[0]: w["message"] for w in details["warnings"]}
+    assert set(warned) == {"outputs/model.txt", "outputs/notes.txt"}, details["warnings"]
+    for name, message in warned.items():
+        assert f"differs between nodes {', '.join(sorted(nodes.values()))}" in message
+        assert f"Warning: {message}" in out.getvalue()
+        kept = re.search(r"the run keeps (\S+)'s", message)
+        assert kept is not None
+        node_rank = next(r for r, n in nodes.items() if n == kept.group(1))
+        got = run.download_file(name, tmp_path / name.replace("/", "_")).read_text()
+        if name == "outputs/model.txt":
+            assert got == f"model from node {node_rank}\n" * (1 + node_rank)  # the copy it names, whole
+        else:
+            assert got == ("from the snapshot\n" + "node 1 was here\n" if node_rank == 1 else "from the snapshot\n")
+    listed = [f for f in run.get_file_names() if f in warned]
+    assert sorted(listed) == sorted(warned)  # once each
+    assert Run.get(gws, run.id).get_details()["warnings"] == details["warnings"]
+
+
 def hold(ws: Workspace, make_project: Callable[..., Path], spool: Path, nodes: int, ppn: int, **kw: object) -> Run:
     spool.mkdir(exist_ok=True)
     est = Estimator(

@@ -478,3 +478,44 @@ def test_a_pass_while_a_node_joins_does_not_leave_the_node_out() -> None:
     asyncio.run(sched._watch(watcher()))
     assert seen_during_the_event == [["agent-0"]]
     assert list(sched._node_table(time.time())) == ["agent-0"]
+
+
+def test_a_copy_replaced_by_another_nodes_is_a_warning_and_one_nobody_wrote_fails_the_upload() -> None:
+    from services.artifact.service import decide
+
+    def entry(name: str, body: bytes) -> schemas.FileEntry:
+        import hashlib
+
+        return schemas.FileEntry(name=name, size=len(body), md5=hashlib.md5(body, usedforsecurity=False).hexdigest())
+
+    running = lifecycle.event(schemas.Running, "r", node_id="n0")
+
+    def ev(cls: type[schemas.RunEventBase], **fields: object) -> schemas.RunEvent:
+        return lifecycle.event(cls, "r", running, **fields)
+
+    a, b = entry("outputs/m.txt", b"from a"), entry("outputs/m.txt", b"from b, longer")
+    finished = [
+        ev(schemas.NodeFinished, node_id=n, outcome="succeeded", exit_codes={i: 0}) for i, n in enumerate(("n0", "n1"))
+    ]
+    # n0 committed after n1's PUT replaced its copy; n1 committed its own.
+    replaced = [ev(schemas.NodeCommitted, node_id="n0", files=[a], overwritten=[b]),
+                ev(schemas.NodeCommitted, node_id="n1", files=[b])]  # fmt: skip
+    d = decide([*finished, *replaced], [])
+    assert d.outcome == "succeeded" and d.error is None
+    assert d.warnings == [
+        "outputs/m.txt differs between nodes n0, n1 (each wrote its own, or changed the snapshot's copy); "
+        "the run keeps n1's: write a shared file from one rank only"
+    ]
+    # Both committed before either copy was replaced: the same warning, the later commit's copy kept.
+    d = decide([*finished, ev(schemas.NodeCommitted, node_id="n1", files=[b]),
+                ev(schemas.NodeCommitted, node_id="n0", files=[a])], [])  # fmt: skip
+    assert d.outcome == "succeeded" and "the run keeps n0's" in d.warnings[0]
+    # The same content from both: nothing to say.
+    d = decide([*finished, ev(schemas.NodeCommitted, node_id="n0", files=[a]),
+                ev(schemas.NodeCommitted, node_id="n1", files=[a])], [])  # fmt: skip
+    assert d.outcome == "succeeded" and d.warnings == []
+    # What the store holds is nobody's copy: the upload went wrong.
+    broken = entry("outputs/m.txt", b"garbage")
+    d = decide([*finished, ev(schemas.NodeCommitted, node_id="n0", files=[a], overwritten=[broken])], [])
+    assert d.outcome == "failed" and d.error is not None and d.error.code == "upload_failed"
+    assert d.error.message == "files from n0 failed verification: outputs/m.txt does not match what n0 uploaded"

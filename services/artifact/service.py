@@ -45,6 +45,39 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     exit_codes: dict[int, int]
     log_lines: dict[int, int]
     error: schemas.ErrorInfo | None = None
+    warnings: list[str] = []
+
+
+def _same(entry: schemas.FileEntry, stored: schemas.FileEntry) -> bool:
+    # A multipart ETag ('<md5 of md5s>-<parts>') says nothing of the content: the size alone decides then.
+    return entry.size == stored.size and (not stored.md5 or "-" in stored.md5 or entry.md5 == stored.md5)
+
+
+def overwrites(committed: list[schemas.NodeCommitted]) -> tuple[list[str], list[str]]:
+    """(warnings, problems) of the files several nodes wrote. A name whose copies differ is a warning naming the
+    copy kept (the PUT that came last, so the last commit whose copy was still there); a node's copy found replaced
+    by something no node wrote is an upload gone wrong."""
+    copies: dict[str, list[tuple[str, schemas.FileEntry, bool]]] = {}  # name -> (node, entry, replaced?)
+    for ev in committed:
+        replaced = {o.name for o in ev.overwritten}
+        for f in ev.files:
+            copies.setdefault(f.name, []).append((ev.node_id, f, f.name in replaced))
+    problems = [
+        f"files from {ev.node_id} failed verification: {stored.name} does not match what {ev.node_id} uploaded"
+        for ev in committed
+        for stored in ev.overwritten
+        if not any(n != ev.node_id and not gone and _same(f, stored) for n, f, gone in copies.get(stored.name, []))
+    ]
+    warnings = []
+    for name, held in sorted(copies.items()):
+        if len({(f.size, f.md5) for _, f, _ in held}) > 1:
+            kept = [n for n, _, gone in held if not gone][-1:]
+            nodes = sorted({n for n, _, _ in held})
+            warnings.append(
+                f"{name} differs between nodes {', '.join(nodes)} (each wrote its own, or changed the snapshot's "
+                f"copy); the run keeps {kept[0] if kept else 'none'}'s: write a shared file from one rank only"
+            )
+    return warnings, problems
 
 
 def decide(events: list[schemas.RunEvent], lost: list[str]) -> Decision:
@@ -54,8 +87,10 @@ def decide(events: list[schemas.RunEvent], lost: list[str]) -> Decision:
     exit_codes = {r: c for ev in finished.values() for r, c in ev.exit_codes.items()}
     log_lines = {r: n for ev in finished.values() for r, n in ev.log_lines.items()}
 
+    warnings, problems = overwrites([ev for ev in events if isinstance(ev, schemas.NodeCommitted)])
+
     def result(outcome: schemas.Outcome, error: schemas.ErrorInfo | None = None) -> Decision:
-        return Decision(outcome=outcome, exit_codes=exit_codes, log_lines=log_lines, error=error)
+        return Decision(outcome=outcome, exit_codes=exit_codes, log_lines=log_lines, error=error, warnings=warnings)
 
     if any(isinstance(ev, schemas.CancelRequested) for ev in events):
         return result("canceled")
@@ -73,6 +108,8 @@ def decide(events: list[schemas.RunEvent], lost: list[str]) -> Decision:
     upload = [ev.error for ev in events if isinstance(ev, schemas.NodeCommitted) and ev.error is not None]
     if upload:
         return result("failed", upload[0])
+    if problems:
+        return result("failed", schemas.ErrorInfo(code=Cause.UPLOAD_FAILED, message="; ".join(problems)))
     return result("succeeded")
 
 
@@ -158,7 +195,7 @@ class ArtifactService(Service):
     async def commit(self, req: schemas.CommitRequest) -> schemas.RunSummary:
         """Verify one node's files and record them; the last node's commit finalizes the run."""
         record = await bus.get_record(self.runs_kv, req.run_id)
-        problems = []
+        problems, overwritten = [], []
         for name, done in req.parts.items():
             check_file_name(name, record.spec)
             try:
@@ -171,8 +208,8 @@ class ArtifactService(Service):
             stat = await self.store.stat(subjects.run_file_key(req.run_id, f.name))
             if stat is None:
                 problems.append(f"{f.name} is missing")
-            elif stat[0] != f.size or (stat[1] and "-" not in stat[1] and stat[1] != f.md5):
-                problems.append(f"{f.name} does not match what {req.node_id} uploaded")
+            elif not _same(f, stored := schemas.FileEntry(name=f.name, size=stat[0], md5=stat[1] or "")):
+                overwritten.append(stored)  # by another node, or broken: finalize tells, once all have committed
         error = req.error
         if problems:
             error = schemas.ErrorInfo(
@@ -183,7 +220,7 @@ class ArtifactService(Service):
         # Not once decided, nor for an attempt the run has moved on from.
         build = lifecycle.append_if(
             lifecycle.undecided(req.attempt), schemas.NodeCommitted, req.run_id, node_id=req.node_id,
-            files=list(req.files), error=error,
+            files=list(req.files), error=error, overwritten=overwritten,
         )  # fmt: skip
         await self.events.append(req.run_id, build)
         await self.finalize(req.run_id)
@@ -226,6 +263,7 @@ class ArtifactService(Service):
             to_finalizing = lifecycle.append_if(
                 lifecycle.undecided(), schemas.Finalizing, run_id, outcome=decided.outcome,
                 exit_codes=decided.exit_codes, log_lines=decided.log_lines, error=decided.error,
+                warnings=decided.warnings,
             )  # fmt: skip
 
             finalizing = await self.events.append(run_id, to_finalizing)
@@ -287,7 +325,14 @@ class ArtifactService(Service):
         # Every node has committed or is lost: an upload still open under the run is one that failed or whose
         # agent died half-way. Its parts would sit in the store, unlisted, forever.
         aborting = asyncio.ensure_future(self._abort_incomplete(run_id))  # meanwhile, the logs are stored
-        stored = [f for ev in events if isinstance(ev, schemas.NodeCommitted) for f in ev.files]
+        # A copy another node's PUT replaced is not what the store holds: the last commit of the rest is.
+        stored = [
+            f
+            for ev in events
+            if isinstance(ev, schemas.NodeCommitted)
+            for f in ev.files
+            if all(o.name != f.name for o in ev.overwritten)
+        ]
         try:
             stored += await self._persist_logs(run_id, decided.log_lines)
         finally:

@@ -137,6 +137,7 @@ def run_page(session: dict[str, Any], d: schemas.RunDetails, files: schemas.File
     error = ""
     if d.error is not None:
         error = f'<p class="error" id="error"><b>{e(d.error.code)}</b>: {e(d.error.message)}</p>'
+    error += "".join(f'<p class="warning">warning: {e(w)}</p>' for w in d.warnings)
     attempts = ""
     if d.attempts:
         attempts = "<h2>Attempts</h2>" + _table(
