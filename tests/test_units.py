@@ -481,7 +481,7 @@ def test_a_pass_while_a_node_joins_does_not_leave_the_node_out() -> None:
 
 
 def test_a_copy_replaced_by_another_nodes_is_a_warning_and_one_nobody_wrote_fails_the_upload() -> None:
-    from services.artifact.service import decide
+    from services.artifact.service import decide, in_doubt
 
     def entry(name: str, body: bytes) -> schemas.FileEntry:
         import hashlib
@@ -500,22 +500,27 @@ def test_a_copy_replaced_by_another_nodes_is_a_warning_and_one_nobody_wrote_fail
     # n0 committed after n1's PUT replaced its copy; n1 committed its own.
     replaced = [ev(schemas.NodeCommitted, node_id="n0", files=[a], overwritten=[b]),
                 ev(schemas.NodeCommitted, node_id="n1", files=[b])]  # fmt: skip
-    d = decide([*finished, *replaced], [])
+    assert in_doubt(replaced) == {"outputs/m.txt"}
+    d = decide([*finished, *replaced], [], {"outputs/m.txt": b})
     assert d.outcome == "succeeded" and d.error is None
     assert d.warnings == [
         "outputs/m.txt differs between nodes n0, n1 (each wrote its own, or changed the snapshot's copy); "
         "the run keeps n1's: write a shared file from one rank only"
     ]
-    # Both committed before either copy was replaced: the same warning, the later commit's copy kept.
-    d = decide([*finished, ev(schemas.NodeCommitted, node_id="n1", files=[b]),
-                ev(schemas.NodeCommitted, node_id="n0", files=[a])], [])  # fmt: skip
-    assert d.outcome == "succeeded" and "the run keeps n0's" in d.warnings[0]
-    # The same content from both: nothing to say.
-    d = decide([*finished, ev(schemas.NodeCommitted, node_id="n0", files=[a]),
-                ev(schemas.NodeCommitted, node_id="n1", files=[a])], [])  # fmt: skip
+    # Both committed before either copy was replaced: the store says whose PUT came last.
+    both = [ev(schemas.NodeCommitted, node_id="n1", files=[b]), ev(schemas.NodeCommitted, node_id="n0", files=[a])]
+    assert in_doubt(both) == {"outputs/m.txt"}
+    for held, kept in ((a, "n0"), (b, "n1")):
+        d = decide([*finished, *both], [], {"outputs/m.txt": held})
+        assert d.outcome == "succeeded" and f"the run keeps {kept}'s" in d.warnings[0]
+    # The same content from both: nothing in doubt, nothing to say.
+    same = [ev(schemas.NodeCommitted, node_id="n0", files=[a]), ev(schemas.NodeCommitted, node_id="n1", files=[a])]
+    assert in_doubt(same) == set()
+    d = decide([*finished, *same], [], {})
     assert d.outcome == "succeeded" and d.warnings == []
     # What the store holds is nobody's copy: the upload went wrong.
     broken = entry("outputs/m.txt", b"garbage")
-    d = decide([*finished, ev(schemas.NodeCommitted, node_id="n0", files=[a], overwritten=[broken])], [])
+    d = decide([*finished, ev(schemas.NodeCommitted, node_id="n0", files=[a], overwritten=[broken])], [],
+               {"outputs/m.txt": broken})  # fmt: skip
     assert d.outcome == "failed" and d.error is not None and d.error.code == "upload_failed"
     assert d.error.message == "files from n0 failed verification: outputs/m.txt does not match what n0 uploaded"

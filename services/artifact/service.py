@@ -53,41 +53,58 @@ def _same(entry: schemas.FileEntry, stored: schemas.FileEntry) -> bool:
     return entry.size == stored.size and (not stored.md5 or "-" in stored.md5 or entry.md5 == stored.md5)
 
 
-def overwrites(committed: list[schemas.NodeCommitted]) -> tuple[list[str], list[str]]:
-    """(warnings, problems) of the files several nodes wrote. A name whose copies differ is a warning naming the
-    copy kept (the PUT that came last, so the last commit whose copy was still there); a node's copy found replaced
-    by something no node wrote is an upload gone wrong."""
-    copies: dict[str, list[tuple[str, schemas.FileEntry, bool]]] = {}  # name -> (node, entry, replaced?)
+def in_doubt(committed: list[schemas.NodeCommitted]) -> set[str]:
+    """Names whose stored copy must be looked at once every node has committed: several nodes wrote them
+    differently, or a node found its copy replaced when it committed."""
+    copies: dict[str, set[tuple[int, str]]] = {}
     for ev in committed:
-        replaced = {o.name for o in ev.overwritten}
         for f in ev.files:
-            copies.setdefault(f.name, []).append((ev.node_id, f, f.name in replaced))
-    problems = [
-        f"files from {ev.node_id} failed verification: {stored.name} does not match what {ev.node_id} uploaded"
-        for ev in committed
-        for stored in ev.overwritten
-        if not any(n != ev.node_id and not gone and _same(f, stored) for n, f, gone in copies.get(stored.name, []))
-    ]
-    warnings = []
-    for name, held in sorted(copies.items()):
-        if len({(f.size, f.md5) for _, f, _ in held}) > 1:
-            kept = [n for n, _, gone in held if not gone][-1:]
-            nodes = sorted({n for n, _, _ in held})
+            copies.setdefault(f.name, set()).add((f.size, f.md5))
+    return {n for n, c in copies.items() if len(c) > 1} | {o.name for ev in committed for o in ev.overwritten}
+
+
+def resolve(
+    committed: list[schemas.NodeCommitted], held: dict[str, schemas.FileEntry | None]
+) -> tuple[dict[str, schemas.FileEntry], list[str], list[str]]:
+    """(the entry of every stored file, warnings, problems), given what the store holds of the names in doubt.
+
+    A name several nodes wrote differently keeps the copy of whichever PUT came last (the run says whose); a copy
+    in doubt that matches no node's is an upload gone wrong."""
+    files: dict[str, schemas.FileEntry] = {}
+    writers: dict[str, list[tuple[str, schemas.FileEntry]]] = {}
+    for ev in committed:
+        for f in ev.files:
+            files[f.name] = f
+            writers.setdefault(f.name, []).append((ev.node_id, f))
+    warnings, problems = [], []
+    for name in sorted(held):
+        copy = held[name]
+        match = [(n, f) for n, f in writers.get(name, []) if copy is not None and _same(f, copy)]
+        if not match:
+            nodes = ", ".join(sorted({n for n, _ in writers.get(name, [])}))
+            problems.append(f"files from {nodes} failed verification: {name} does not match what {nodes} uploaded")
+            continue
+        files[name] = match[-1][1]
+        if len({(f.size, f.md5) for _, f in writers[name]}) > 1:
             warnings.append(
-                f"{name} differs between nodes {', '.join(nodes)} (each wrote its own, or changed the snapshot's "
-                f"copy); the run keeps {kept[0] if kept else 'none'}'s: write a shared file from one rank only"
+                f"{name} differs between nodes {', '.join(sorted({n for n, _ in writers[name]}))} (each wrote its "
+                f"own, or changed the snapshot's copy); the run keeps {match[-1][0]}'s: write a shared file from "
+                "one rank only"
             )
-    return warnings, problems
+    return files, warnings, problems
 
 
-def decide(events: list[schemas.RunEvent], lost: list[str]) -> Decision:
+def decide(
+    events: list[schemas.RunEvent], lost: list[str], held: dict[str, schemas.FileEntry | None] | None = None
+) -> Decision:
     """The run's outcome from every node's report: a cancel wins, then a lost node, then the first real failure
-    (the node whose rank failed first, not the nodes stopped because of it), then upload problems."""
+    (the node whose rank failed first, not the nodes stopped because of it), then upload problems. ``held``:
+    what the store holds of the names in doubt (``in_doubt``; None for a missing object)."""
     finished = {ev.node_id: ev for ev in events if isinstance(ev, schemas.NodeFinished)}
     exit_codes = {r: c for ev in finished.values() for r, c in ev.exit_codes.items()}
     log_lines = {r: n for ev in finished.values() for r, n in ev.log_lines.items()}
 
-    warnings, problems = overwrites([ev for ev in events if isinstance(ev, schemas.NodeCommitted)])
+    _, warnings, problems = resolve([ev for ev in events if isinstance(ev, schemas.NodeCommitted)], held or {})
 
     def result(outcome: schemas.Outcome, error: schemas.ErrorInfo | None = None) -> Decision:
         return Decision(outcome=outcome, exit_codes=exit_codes, log_lines=log_lines, error=error, warnings=warnings)
@@ -254,7 +271,8 @@ class ArtifactService(Service):
             lost = [ev.node_id for ev in events if isinstance(ev, schemas.NodeLost)]
             if not nodes or not nodes <= committed | set(lost):
                 return
-            decided = decide(events, lost)
+            held = await self._held(events)
+            decided = decide(events, lost, held)
             if decided.outcome == "failed" and await self._retry(
                 run_id, lifecycle.attempt_of(events[-1]), decided, placement
             ):
@@ -268,7 +286,18 @@ class ArtifactService(Service):
 
             finalizing = await self.events.append(run_id, to_finalizing)
             if isinstance(finalizing, schemas.Finalizing):
-                await self._complete(run_id, finalizing, events)
+                await self._complete(run_id, finalizing, events, held)
+
+    async def _held(self, events: list[schemas.RunEvent]) -> dict[str, schemas.FileEntry | None]:
+        """What the store holds of the run's names in doubt (usually none: no request then)."""
+        committed = [ev for ev in events if isinstance(ev, schemas.NodeCommitted)]
+        names = sorted(in_doubt(committed))
+        run_id = events[-1].run_id if events else ""
+        stats = await asyncio.gather(*(self.store.stat(subjects.run_file_key(run_id, n)) for n in names))
+        return {
+            n: None if st is None else schemas.FileEntry(name=n, size=st[0], md5=st[1] or "")
+            for n, st in zip(names, stats, strict=True)
+        }
 
     async def _retry(self, run_id: str, attempt: int, decided: Decision, placement: list[schemas.RankSlot]) -> bool:
         """A failed attempt with retries left and a cause the run retries is queued again, after a backoff, as the
@@ -318,26 +347,25 @@ class ArtifactService(Service):
         raise ConflictError(f"run {run_id}: rank {rank}'s log would not settle; try again")
 
     async def _complete(
-        self, run_id: str, decided: schemas.Finalizing, events: list[schemas.RunEvent] | None = None
+        self,
+        run_id: str,
+        decided: schemas.Finalizing,
+        events: list[schemas.RunEvent] | None = None,
+        held: dict[str, schemas.FileEntry | None] | None = None,
     ) -> None:
         """Store the logs and the manifest, then end the run. Idempotent: rerun after a crash, it writes the same."""
-        events = events if events is not None else await self.events.history(run_id)
+        events = lifecycle.current_attempt(events if events is not None else await self.events.history(run_id))
+        held = held if held is not None else await self._held(events)
         # Every node has committed or is lost: an upload still open under the run is one that failed or whose
         # agent died half-way. Its parts would sit in the store, unlisted, forever.
         aborting = asyncio.ensure_future(self._abort_incomplete(run_id))  # meanwhile, the logs are stored
-        # A copy another node's PUT replaced is not what the store holds: the last commit of the rest is.
-        stored = [
-            f
-            for ev in events
-            if isinstance(ev, schemas.NodeCommitted)
-            for f in ev.files
-            if all(o.name != f.name for o in ev.overwritten)
-        ]
+        committed = [ev for ev in events if isinstance(ev, schemas.NodeCommitted)]
+        stored = list(resolve(committed, held)[0].values())  # a name several nodes wrote: the copy the store holds
         try:
             stored += await self._persist_logs(run_id, decided.log_lines)
         finally:
             await aborting
-        unique = {f.name: f for f in stored}  # several nodes may write the same name: the last commit wins
+        unique = {f.name: f for f in stored}
         manifest = schemas.FilesList(
             files=sorted(unique.values(), key=lambda f: f.name), partial=decided.outcome != "succeeded"
         )
