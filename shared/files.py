@@ -38,6 +38,16 @@ def digest(path: Path, name: str, with_md5: bool = True) -> schemas.FileEntry:
     return schemas.FileEntry(name=name, size=size, md5=md5.hexdigest() if md5 else "", sha256=sha.hexdigest())
 
 
+def digest_bytes(name: str, data: bytes) -> schemas.FileEntry:
+    """``digest`` of content already in memory."""
+    return schemas.FileEntry(
+        name=name,
+        size=len(data),
+        md5=hashlib.md5(data, usedforsecurity=False).hexdigest(),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
 def check_relative(name: str, what: str = "file name") -> str:
     """A clean relative posix path: no '..', no absolute path, no NUL, nothing that escapes its prefix."""
     if (

@@ -632,6 +632,8 @@ class CommitRequest(Message, frozen=True, kw_only=True):
     files: list[FileEntry]
     error: ErrorInfo | None = None  # the node could not upload everything
     parts: dict[str, MultipartDone] = {}  # multipart uploads to complete
+    # Small files sent whole with the commit (their entries are in ``files``): no presigned round trip for them.
+    inline: dict[str, bytes] = {}
 
 
 class SnapshotUrl(Message, frozen=True, kw_only=True):

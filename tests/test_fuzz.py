@@ -6,7 +6,7 @@ and a malformed request is ``invalid_request`` with the field named.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cadre import Estimator, Experiment, Workspace
 from cadre._bridge import LoopThread
 from shared import bus, schemas, subjects
 from shared.settings import BusSettings
@@ -94,3 +95,30 @@ def test_a_wrong_field_is_named(service_bus: tuple[LoopThread, object]) -> None:
     msg = loop.call(nc.request(Api.SUBMIT, b"{not json", timeout=10))  # type: ignore[attr-defined]
     error = json.loads(msg.data)["error"]
     assert error["code"] == "invalid_request" and "not a JSON object" in error["message"], error
+
+
+def test_files_sent_whole_with_a_commit_are_checked_and_never_rewrite_an_ended_run(
+    service_bus: tuple[LoopThread, object], ws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    from shared import files
+
+    loop, nc = service_bus
+    est = Estimator(source_directory=make_project(**{"w.py": "open('outputs/w.txt', 'w').write('real')"}),
+                    entry_script="w.py")  # fmt: skip
+    run = Experiment(ws, "inline").submit(est)
+    assert run.wait_for_completion(timeout=60)["status"] == "Completed"
+    assert run.download_file("outputs/w.txt", tmp_path / "a").read_text() == "real"  # sent whole: it is small
+    node = run.get_details()["placement"][0]["node_id"]
+
+    def commit(entry: schemas.FileEntry, body: bytes) -> dict:
+        req = schemas.CommitRequest(run_id=run.id, node_id=node, files=[entry], inline={entry.name: body})
+        msg = loop.call(nc.request(AgentApi.COMMIT, schemas.encode(req), timeout=10))  # type: ignore[attr-defined]
+        return json.loads(msg.data)
+
+    # Content that is not what its entry says is refused, naming the file.
+    said = commit(files.digest_bytes("outputs/w.txt", b"fake"), b"other")
+    assert said["error"]["code"] == "invalid" and "outputs/w.txt" in said["error"]["message"], said
+    # A commit for a run that has ended (a retried commit, or a node out of its time) stores nothing.
+    said = commit(files.digest_bytes("outputs/w.txt", b"late"), b"late")
+    assert said.get("error") is None and said["ok"]["state"] == "Completed", said
+    assert run.download_file("outputs/w.txt", tmp_path / "b").read_text() == "real"

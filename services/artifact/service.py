@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections.abc import AsyncIterator
 
@@ -187,14 +186,20 @@ class ArtifactService(Service):
                 return {slot.node_id for slot in ev.placement}
         return set()
 
-    async def upload_urls(self, req: schemas.UploadUrlsRequest) -> schemas.UploadUrls:
-        record = await bus.get_record(self.runs_kv, req.run_id)
-        last, _ = await self.events.last(req.run_id)
+    async def _may_write(self, run_id: str, node_id: str, attempt: int | None = None) -> None:
+        """ConflictError unless ``node_id`` holds ranks of the run, which is placed and (given) at ``attempt``."""
+        last, _ = await self.events.last(run_id)
         if last is None or last.state not in PLACED_STATES:
             state = last.state.value if last else "unknown"
-            raise ConflictError(f"run {req.run_id} is {state}: its files can no longer be uploaded")
-        if req.node_id not in await self._placement_nodes(req.run_id):
-            raise ConflictError(f"node {req.node_id} has no ranks of run {req.run_id}")
+            raise ConflictError(f"run {run_id} is {state}: its files can no longer be uploaded")
+        if attempt is not None and lifecycle.attempt_of(last) != attempt:
+            raise ConflictError(f"run {run_id} moved on from attempt {attempt}: its files can no longer be uploaded")
+        if node_id not in await self._placement_nodes(run_id):
+            raise ConflictError(f"node {node_id} has no ranks of run {run_id}")
+
+    async def upload_urls(self, req: schemas.UploadUrlsRequest) -> schemas.UploadUrls:
+        record = await bus.get_record(self.runs_kv, req.run_id)
+        await self._may_write(req.run_id, req.node_id)
         urls, multipart = {}, {}
         for f in req.files:
             check_file_name(f.name, record.spec)
@@ -220,9 +225,15 @@ class ArtifactService(Service):
             except (CadreError, ValueError) as exc:
                 # A retried commit finds the upload completed already: the stat below decides.
                 self.log.info("multipart_complete_skipped", run_id=req.run_id, file=name, error=str(exc))
+        if req.inline:
+            await self._store_inline(req, record)
         for f in req.files:
             check_file_name(f.name, record.spec)
-            stat = await self.store.stat(subjects.run_file_key(req.run_id, f.name))
+        # Stored by the node through presigned URLs: look at each (side by side). An inline file was stored just
+        # now by this service; another node's copy of the name, if any, is settled once all have committed.
+        presigned = [f for f in req.files if f.name not in req.inline]
+        stats = await asyncio.gather(*(self.store.stat(subjects.run_file_key(req.run_id, f.name)) for f in presigned))
+        for f, stat in zip(presigned, stats, strict=True):
             if stat is None:
                 problems.append(f"{f.name} is missing")
             elif not _same(f, stored := schemas.FileEntry(name=f.name, size=stat[0], md5=stat[1] or "")):
@@ -244,6 +255,25 @@ class ArtifactService(Service):
         final, _ = await self.events.last(req.run_id)
         assert final is not None
         return self._summary(record, final)
+
+    async def _store_inline(self, req: schemas.CommitRequest, record: schemas.RunRecord) -> None:
+        """Store the files a node sent whole with its commit, checked against their entries first. Not for a run
+        that is decided or moved on to another attempt (a commit retried after its reply was lost): the files
+        are stored already, and a stale attempt must not overwrite a newer one's."""
+        entries = {f.name: f for f in req.files}
+        for name, data in req.inline.items():
+            check_file_name(name, record.spec)
+            entry = entries.get(name)
+            if entry is None or not _same(entry, files.digest_bytes(name, data)):
+                raise ValidationError(f"the inline file {name} does not match its entry in files")
+        try:
+            await self._may_write(req.run_id, req.node_id, req.attempt)
+        except ConflictError as exc:
+            self.log.info("inline_files_not_stored", run_id=req.run_id, node_id=req.node_id, reason=str(exc))
+            return
+        await asyncio.gather(
+            *(self.store.put_bytes(subjects.run_file_key(req.run_id, n), d) for n, d in req.inline.items())
+        )
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, run_id: str) -> AsyncIterator[None]:
@@ -451,12 +481,7 @@ class ArtifactService(Service):
         data = "".join(chunks).encode()
         name = f"{DRIVER_LOGS}rank_{rank}.log"
         await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")
-        return schemas.FileEntry(
-            name=name,
-            size=len(data),
-            md5=hashlib.md5(data, usedforsecurity=False).hexdigest(),
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
+        return files.digest_bytes(name, data)
 
     # --- client side ------------------------------------------------------------------------------------
     async def list_files(self, req: schemas.FilesListRequest) -> schemas.FilesList:

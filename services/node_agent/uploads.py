@@ -29,6 +29,9 @@ UPLOAD_WORKERS = 4
 UPLOAD_ATTEMPTS = 4
 LOG_SYNC_INTERVAL = 2.0
 FINISH_PATIENCE = 600.0  # seconds an agent keeps trying to hand a finished run's files over
+# A node's files up to this much in all go whole in the commit request (well under NATS' 1 MB message, base64
+# included): a run that writes a few small outputs ends without a presign round trip and a PUT per file.
+INLINE_MAX = 256 << 10
 T = TypeVar("T")
 
 
@@ -53,9 +56,12 @@ class Uploads:
         stored = await asyncio.to_thread(self._collect_files, started_ns)
         error = None
         parts: dict[str, schemas.MultipartDone] = {}
+        inline: dict[str, bytes] = {}
         started = time.monotonic()
         try:
-            if stored:
+            if stored and sum(f.size for f in stored) <= INLINE_MAX:
+                stored, inline = await asyncio.to_thread(self._read_whole, stored)
+            elif stored:
                 urls = await self._patiently(
                     subjects.AgentApi.UPLOAD_URLS,
                     schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=stored),
@@ -81,7 +87,13 @@ class Uploads:
         await self._patiently(
             subjects.AgentApi.COMMIT,
             schemas.CommitRequest(
-                run_id=self.run_id, node_id=self.node_id, attempt=self.attempt, files=stored, error=error, parts=parts
+                run_id=self.run_id,
+                node_id=self.node_id,
+                attempt=self.attempt,
+                files=stored,
+                error=error,
+                parts=parts,
+                inline=inline,
             ),
             schemas.RunSummary,
         )
@@ -94,6 +106,16 @@ class Uploads:
             commit_s=round(time.monotonic() - uploaded, 3),
             mb_per_s=round(size / (1 << 20) / max(uploaded - started, 1e-6), 1),
         )
+
+    def _read_whole(self, entries: list[schemas.FileEntry]) -> tuple[list[schemas.FileEntry], dict[str, bytes]]:
+        """The files as collected, read whole (exactly the size seen, like a presigned PUT), with their digests."""
+        out, data = [], {}
+        for entry in entries:
+            with open(self.run_dir / entry.name, "rb") as fh:
+                body = fh.read(entry.size)
+            data[entry.name] = body
+            out.append(files.digest_bytes(entry.name, body))
+        return out, data
 
     async def _patiently(self, subject: str, payload: msgspec.Struct, reply_type: type[T]) -> T:
         """A request the run cannot end without: while the artifact service is down or restarting, wait for it.
