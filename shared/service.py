@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -219,15 +220,21 @@ def _invalid(message: str) -> schemas.ErrorInfo:
     return schemas.ErrorInfo(code=InvalidRequestError.code, message=message)
 
 
-def main(factory: Callable[[], Service], level: str | None = None) -> None:
-    """Entry point used by every ``services/<name>/__main__.py``."""
+def main(factory: Callable[[], Service], level: str | None = None, uvloop: bool = False) -> None:
+    """Entry point used by every ``services/<name>/__main__.py``; ``uvloop``: run on uvloop's event loop (libuv),
+    for a service whose work is mostly socket writes (the portal's log streams); CADRE_UVLOOP=0 keeps asyncio's."""
     from shared.logging import configure
     from shared.settings import log_level
 
     configure(getattr(factory, "name", "cadre"), level or log_level())
     service = factory()
     try:
-        asyncio.run(service.run())
+        if uvloop and os.environ.get("CADRE_UVLOOP", "1") != "0":
+            import uvloop as fast
+
+            fast.run(service.run())
+        else:
+            asyncio.run(service.run())
     except AuthenticationError as exc:  # refused or revoked: one clear line, and no restart would help
         print(f"cadre {service.name}: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

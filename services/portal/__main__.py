@@ -1,4 +1,4 @@
 from services.portal.service import PortalService
 from shared.service import main
 
-main(PortalService.from_env)
+main(PortalService.from_env, uvloop=True)

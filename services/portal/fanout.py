@@ -31,8 +31,9 @@ QUEUE_CHUNKS = 64
 CHUNK_BATCHES, CHUNK_BYTES = 64, 256 * 1024  # a chunk goes out early once it holds this much
 LINGER = 5.0  # seconds a tap with no follower stays, for a browser that reconnects
 COALESCE = 0.02  # seconds a chunk gathers batches: fewer, larger writes, and lines still arrive within ms
-# With many browsers on one subject the writes are the cost: a chunk gathers longer, well inside the 250 ms target.
-COALESCE_CROWD, CROWD = 0.1, 8
+# With many browsers on one subject the socket writes are the cost (one per chunk per browser; py-spy: most of the
+# portal's time is uvicorn's transport.write): a chunk gathers longer, still inside the 250 ms line->page target.
+COALESCE_CROWD, CROWD = 0.2, 8
 
 
 class Batch:
