@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from nats.js import api as js_api
@@ -31,6 +33,8 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bigger files go up in parallel parts
 PART_SIZE = 16 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's limit: parts grow for very large files
 DRIVER_LOGS = "logs/cadre/"  # each rank's stdout/stderr, stored from the log stream
+HISTORIES_KEPT = 2000  # runs whose events this service remembers having read (a few kB each)
+FEW_BATCHES = 16  # a rank log of up to this many stored batches is read without a consumer
 
 
 def check_file_name(name: str, spec: schemas.RunSpec) -> None:
@@ -138,6 +142,9 @@ class ArtifactService(Service):
         self.runs_kv: KeyValue
         self.events: bus.RunEventLog
         self._locks: dict[str, _RunLock] = {}
+        # Run histories read before, with the stream sequence read up to: events never change once stored, so a
+        # later read asks only for what came after (the last commit of a run re-read it all, one get an event).
+        self._read: OrderedDict[str, tuple[list[schemas.RunEvent], int]] = OrderedDict()
 
     @classmethod
     def from_env(cls) -> ArtifactService:
@@ -180,21 +187,35 @@ class ArtifactService(Service):
                 checkpoint[key[len(prefix) :]] = await self.store.presign_get(key)
         return schemas.SnapshotUrl(url=url, snapshot=record.spec.snapshot, checkpoint=checkpoint)
 
-    async def _placement_nodes(self, run_id: str) -> set[str]:
-        for ev in reversed(await self.events.history(run_id)):
+    async def _history(self, run_id: str) -> list[schemas.RunEvent]:
+        """Every event of the run, as ``RunEventLog.history`` reads them, the ones read before taken from memory."""
+        events, seq = self._read.pop(run_id, ([], 0))
+        events = list(events)
+        async for raw in bus.messages_after(self.js, subjects.EVENTS_STREAM, subjects.run_events(run_id), seq):
+            events.append(schemas.run_event_decoder.decode(raw.data))
+            seq = raw.seq
+        self._read[run_id] = (events, seq)
+        while len(self._read) > HISTORIES_KEPT:
+            self._read.popitem(last=False)
+        return events
+
+    @staticmethod
+    def _placement_nodes(history: list[schemas.RunEvent]) -> set[str]:
+        for ev in reversed(history):
             if isinstance(ev, schemas.Assigned):
                 return {slot.node_id for slot in ev.placement}
         return set()
 
     async def _may_write(self, run_id: str, node_id: str, attempt: int | None = None) -> None:
         """ConflictError unless ``node_id`` holds ranks of the run, which is placed and (given) at ``attempt``."""
-        last, _ = await self.events.last(run_id)
+        history = await self._history(run_id)
+        last = history[-1] if history else None
         if last is None or last.state not in PLACED_STATES:
             state = last.state.value if last else "unknown"
             raise ConflictError(f"run {run_id} is {state}: its files can no longer be uploaded")
         if attempt is not None and lifecycle.attempt_of(last) != attempt:
             raise ConflictError(f"run {run_id} moved on from attempt {attempt}: its files can no longer be uploaded")
-        if node_id not in await self._placement_nodes(run_id):
+        if node_id not in self._placement_nodes(history):
             raise ConflictError(f"node {node_id} has no ranks of run {run_id}")
 
     async def upload_urls(self, req: schemas.UploadUrlsRequest) -> schemas.UploadUrls:
@@ -294,7 +315,7 @@ class ArtifactService(Service):
     async def finalize(self, run_id: str) -> None:
         """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run."""
         async with self._exclusive(run_id):
-            events = lifecycle.current_attempt(await self.events.history(run_id))  # an earlier attempt's nodes are done
+            events = lifecycle.current_attempt(await self._history(run_id))  # an earlier attempt's nodes are done
             placement = next((ev.placement for ev in reversed(events) if isinstance(ev, schemas.Assigned)), [])
             nodes = {s.node_id for s in placement}
             committed = {ev.node_id for ev in events if isinstance(ev, schemas.NodeCommitted)}
@@ -384,7 +405,7 @@ class ArtifactService(Service):
         held: dict[str, schemas.FileEntry | None] | None = None,
     ) -> None:
         """Store the logs and the manifest, then end the run. Idempotent: rerun after a crash, it writes the same."""
-        events = lifecycle.current_attempt(events if events is not None else await self.events.history(run_id))
+        events = lifecycle.current_attempt(events if events is not None else await self._history(run_id))
         held = held if held is not None else await self._held(events)
         # Every node has committed or is lost: an upload still open under the run is one that failed or whose
         # agent died half-way. Its parts would sit in the store, unlisted, forever.
@@ -421,6 +442,7 @@ class ArtifactService(Service):
             return None if current is None or current.state.is_terminal() else end
 
         await self.events.append(run_id, to_end)
+        self._read.pop(run_id, None)  # ended: nothing more to read of it here
         self.log.info("run_finalized", run_id=run_id, files=len(manifest.files), state=end.state.value)
 
     async def _watch_run_events(self, psub) -> None:
@@ -458,24 +480,36 @@ class ArtifactService(Service):
         """Copy each rank's log stream into one object, so logs outlive the stream's retention (the ranks
         four at a time: a run's end waits for the slowest, not for the sum, and memory stays bounded)."""
         room = asyncio.Semaphore(4)
+        ranks = [rank for rank, count in sorted(line_counts.items()) if count > 0]
+        if not ranks:
+            return []
+        # How many batches each rank's subject holds (one request for all): a few are read one by one, with no
+        # consumer to create and delete; many, with a replay consumer.
+        info = await self.js.stream_info(subjects.LOGS_STREAM, subjects_filter=subjects.run_logs_all_ranks(run_id))
+        batches = info.state.subjects or {}
 
         async def one(rank: int) -> schemas.FileEntry | None:
             async with room:
-                return await self._persist_log(run_id, rank)
+                return await self._persist_log(run_id, rank, batches.get(subjects.run_logs(run_id, rank), 0))
 
-        ranks = [rank for rank, count in sorted(line_counts.items()) if count > 0]
         return [entry for entry in await asyncio.gather(*(one(rank) for rank in ranks)) if entry is not None]
 
-    async def _persist_log(self, run_id: str, rank: int) -> schemas.FileEntry | None:
+    async def _persist_log(self, run_id: str, rank: int, batches: int) -> schemas.FileEntry | None:
         """One rank's log stream into ``logs/cadre/rank_<n>.log`` (None: it never printed)."""
         subject = subjects.run_logs(run_id, rank)
-        try:
-            last = await self.js.get_last_msg(subjects.LOGS_STREAM, subject)
-        except JsNotFound:
+        if batches <= 0:
             return None
+        if batches <= FEW_BATCHES:
+            msgs: AsyncIterator[Any] = bus.messages_after(self.js, subjects.LOGS_STREAM, subject, 0)
+        else:
+            try:
+                last = await self.js.get_last_msg(subjects.LOGS_STREAM, subject)
+            except JsNotFound:
+                return None
+            msgs = bus.replay(self.js, subjects.LOGS_STREAM, subject, last.seq or 0)
         chunks: list[str] = []
         cursor = runs.LogCursor()
-        async for msg in bus.replay(self.js, subjects.LOGS_STREAM, subject, last.seq or 0):
+        async for msg in msgs:
             lines = cursor.take(schemas.log_batch_decoder.decode(msg.data))
             chunks.extend(line.text + "\n" for line in lines)
         data = "".join(chunks).encode()
