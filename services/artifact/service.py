@@ -246,10 +246,10 @@ class ArtifactService(Service):
             except (CadreError, ValueError) as exc:
                 # A retried commit finds the upload completed already: the stat below decides.
                 self.log.info("multipart_complete_skipped", run_id=req.run_id, file=name, error=str(exc))
-        if req.inline:
-            await self._store_inline(req, record)
         for f in req.files:
             check_file_name(f.name, record.spec)
+        if req.inline:
+            await self._store_inline(req)
         # Stored by the node through presigned URLs: look at each (side by side). An inline file was stored just
         # now by this service; another node's copy of the name, if any, is settled once all have committed.
         presigned = [f for f in req.files if f.name not in req.inline]
@@ -277,13 +277,13 @@ class ArtifactService(Service):
         assert final is not None
         return self._summary(record, final)
 
-    async def _store_inline(self, req: schemas.CommitRequest, record: schemas.RunRecord) -> None:
+    async def _store_inline(self, req: schemas.CommitRequest) -> None:
         """Store the files a node sent whole with its commit, checked against their entries first. Not for a run
         that is decided or moved on to another attempt (a commit retried after its reply was lost): the files
-        are stored already, and a stale attempt must not overwrite a newer one's."""
+        are stored already, and a stale attempt must not overwrite a newer one's. Each is one of ``files``,
+        whose names the commit checked."""
         entries = {f.name: f for f in req.files}
         for name, data in req.inline.items():
-            check_file_name(name, record.spec)
             entry = entries.get(name)
             if entry is None or not _same(entry, files.digest_bytes(name, data)):
                 raise ValidationError(f"the inline file {name} does not match its entry in files")
@@ -322,7 +322,7 @@ class ArtifactService(Service):
             lost = [ev.node_id for ev in events if isinstance(ev, schemas.NodeLost)]
             if not nodes or not nodes <= committed | set(lost):
                 return
-            held = await self._held(events)
+            held = await self._held(run_id, events)
             decided = decide(events, lost, held)
             if decided.outcome == "failed" and await self._retry(
                 run_id, lifecycle.attempt_of(events[-1]), decided, placement
@@ -339,11 +339,9 @@ class ArtifactService(Service):
             if isinstance(finalizing, schemas.Finalizing):
                 await self._complete(run_id, finalizing, events, held)
 
-    async def _held(self, events: list[schemas.RunEvent]) -> dict[str, schemas.FileEntry | None]:
+    async def _held(self, run_id: str, events: list[schemas.RunEvent]) -> dict[str, schemas.FileEntry | None]:
         """What the store holds of the run's names in doubt (usually none: no request then)."""
-        committed = [ev for ev in events if isinstance(ev, schemas.NodeCommitted)]
-        names = sorted(in_doubt(committed))
-        run_id = events[-1].run_id if events else ""
+        names = sorted(in_doubt([ev for ev in events if isinstance(ev, schemas.NodeCommitted)]))
         stats = await asyncio.gather(*(self.store.stat(subjects.run_file_key(run_id, n)) for n in names))
         return {
             n: None if st is None else schemas.FileEntry(name=n, size=st[0], md5=st[1] or "")
@@ -406,7 +404,7 @@ class ArtifactService(Service):
     ) -> None:
         """Store the logs and the manifest, then end the run. Idempotent: rerun after a crash, it writes the same."""
         events = lifecycle.current_attempt(events if events is not None else await self._history(run_id))
-        held = held if held is not None else await self._held(events)
+        held = held if held is not None else await self._held(run_id, events)
         # Every node has committed or is lost: an upload still open under the run is one that failed or whose
         # agent died half-way. Its parts would sit in the store, unlisted, forever.
         aborting = asyncio.ensure_future(self._abort_incomplete(run_id))  # meanwhile, the logs are stored

@@ -6,7 +6,6 @@ import sys
 from services.scheduler.service import SchedulerService
 from shared import settings
 from shared.service import main
-from shared.settings import BusSettings
 
 
 def parse_grace(argv: list[str]) -> float:
@@ -27,4 +26,4 @@ def parse_grace(argv: list[str]) -> float:
 
 if __name__ == "__main__":
     grace = parse_grace(sys.argv[1:])
-    main(lambda: SchedulerService(BusSettings.from_env(SchedulerService.name), node_grace=grace))
+    main(lambda: SchedulerService.from_env(grace))

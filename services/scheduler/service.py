@@ -60,8 +60,10 @@ class SchedulerService(Service):
         self.events: bus.RunEventLog
 
     @classmethod
-    def from_env(cls) -> SchedulerService:
-        return cls(BusSettings.from_env(cls.name), node_grace=settings.node_grace())
+    def from_env(cls, node_grace: float | None = None) -> SchedulerService:
+        """From the environment; ``node_grace`` (the command line's) wins over CADRE_NODE_GRACE."""
+        grace = settings.node_grace() if node_grace is None else node_grace
+        return cls(BusSettings.from_env(cls.name), node_grace=grace)
 
     async def setup(self) -> None:
         await bus.ensure_topology(self.js)
@@ -114,8 +116,8 @@ class SchedulerService(Service):
                     # order without this node (it would be offered no work until another node joined or left).
                     self._order = None
                     self.log.info("node_joined", node_id=advert.node_id, slots=advert.slots, gpus=len(advert.gpus))
-                    if self._grace(advert) > self.node_grace:
-                        self.log.warning("node_grace_raised", node_id=advert.node_id, grace=self._grace(advert),
+                    if (grace := self._grace(advert)) > self.node_grace:
+                        self.log.warning("node_grace_raised", node_id=advert.node_id, grace=grace,
                                          configured=self.node_grace, heartbeat=advert.heartbeat_interval,
                                          reason="never under two of the node's heartbeats")  # fmt: skip
                     await self._node_event(advert, "joined", f"agent started at {advert.started_at:.3f}")
