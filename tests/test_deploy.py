@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -50,13 +51,10 @@ def _compose_env(service: dict, env: dict[str, str]) -> dict[str, str]:
 def test_the_rendered_bus_takes_each_container_its_own_creds_and_a_host_added_later(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    port, monitor = _local._free_ports(plain=2, with_grpc=0)
-    _render(tmp_path, port, monitor, "agent-0,agent-1")
+    proc, port, monitor = _start_rendered_bus(tmp_path, "agent-0,agent-1")
     conf = (tmp_path / "nats.conf").read_text()
     assert "authorization" not in conf and "operator:" in conf and (tmp_path / "nats.conf").stat().st_mode & 0o077 == 0
     env = render_nats_conf.read_env(tmp_path / ".env")
-    proc = subprocess.Popen([_local._binary("nats-server"), "-c", str(tmp_path / "nats.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"nats://127.0.0.1:{port}"
     try:
         compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -100,6 +98,34 @@ def test_the_rendered_bus_takes_each_container_its_own_creds_and_a_host_added_la
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _start_rendered_bus(tmp: Path, agents: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Render the deployment on free ports and start nats-server from it, until its port answers. A port found
+    free can be taken by another process before the server binds it (a fresh-clone CI run here lost the race
+    once, and the server's words went nowhere): then it is rendered again on other ports; any other exit fails
+    with what the server said."""
+    log = tmp / "nats-server.log"
+    for _ in range(3):
+        port, monitor = _local._free_ports(plain=2, with_grpc=0)
+        _render(tmp, port, monitor, agents)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([_local._binary("nats-server"), "-c", str(tmp / "nats.conf")],
+                                    stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return proc, port, monitor
+            time.sleep(0.1)
+        said = log.read_text(errors="replace")
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"the rendered bus did not listen on {port} within 20 s:\n{said[-2000:]}")
+        if "address already in use" not in said:
+            raise AssertionError(f"the rendered bus exited with code {proc.returncode}:\n{said[-2000:]}")
+    raise AssertionError(f"the rendered bus found its ports taken three times:\n{said[-2000:]}")
 
 
 async def _connects(settings: BusSettings) -> None:
