@@ -131,8 +131,8 @@ def pass_times(n: int, busy: bool, samples: int) -> dict[str, float]:
     if busy:
         _half_full(svc, ads)
 
-    async def assigned(record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> bool:
-        return True  # the bus write is not what is timed
+    async def assigned(placed: list[tuple[schemas.RunRecord, list[schemas.RankSlot]]]) -> None:
+        return None  # the bus write is not what is timed
 
     svc._assign = assigned  # type: ignore[method-assign]
     spec = _spec("1-slot")

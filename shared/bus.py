@@ -303,8 +303,9 @@ class RunEventLog:
     writers racing on one run can never both move it, and no illegal transition is ever stored.
     """
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, pipeline: Pipeline | None = None) -> None:
         self._js = js
+        self._pipeline = pipeline  # for append_many: without one, its appends are sent concurrently instead
 
     async def last(self, run_id: str) -> tuple[schemas.RunEvent | None, int]:
         try:
@@ -352,6 +353,62 @@ class RunEventLog:
                 if exc.err_code not in WRONG_LAST_SEQUENCE:
                     raise
         raise ConflictError(f"run {run_id}: too much contention appending an event")
+
+    async def append_many(
+        self, items: list[tuple[str, EventBuilder, tuple[schemas.RunEvent | None, int] | None]]
+    ) -> list[schemas.RunEvent | BaseException | None]:
+        """``append`` for many runs at once, pipelined: each ``(run_id, build, known)`` with a known last event is
+        published without waiting for the one before; one whose compare-and-set fails (or with nothing known) goes
+        the one-at-a-time way. Each result is what ``append`` would return, or the error it would raise."""
+        results: list[schemas.RunEvent | BaseException | None] = [None] * len(items)
+        slow: list[int] = []
+        batch: list[tuple[int, schemas.RunEvent, tuple[str, bytes, dict[str, str]]]] = []
+        for i, (run_id, build, known) in enumerate(items):
+            if known is None:
+                slow.append(i)
+                continue
+            last, seq = known
+            try:
+                event = build(last)
+                if event is not None:
+                    if event.attempt == 0:
+                        event = msgspec.structs.replace(event, attempt=lifecycle.attempt_of(last) if last else 1)
+                    check_transition(last.state if last else None, event.state)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            if event is not None:
+                headers = {"Nats-Expected-Last-Subject-Sequence": str(seq), "Nats-Msg-Id": event.event_id}
+                batch.append((i, event, (subjects.run_events(run_id), schemas.encode(event), headers)))
+        messages = [message for _, _, message in batch]
+        if self._pipeline is not None:
+            errors = await self._pipeline.publish(messages)
+        else:
+            errors = await asyncio.gather(*(self._publish(*m) for m in messages))
+        for (i, event, _), error in zip(batch, errors, strict=True):
+            if error is None:
+                results[i] = event
+            elif isinstance(error, APIError) and error.err_code in WRONG_LAST_SEQUENCE:
+                slow.append(i)  # someone wrote first: read what they wrote, and decide again
+            else:
+                results[i] = error
+
+        async def one(i: int) -> None:
+            run_id, build, _ = items[i]
+            try:
+                results[i] = await self.append(run_id, build)
+            except Exception as exc:
+                results[i] = exc
+
+        await asyncio.gather(*(one(i) for i in slow))
+        return results
+
+    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> BaseException | None:
+        try:
+            await self._js.publish(subject, payload, headers=headers)
+        except Exception as exc:
+            return exc
+        return None
 
     async def begin(self, run_id: str, events: list[schemas.RunEvent]) -> None:
         """A new run's first events, in order: the first only onto an empty subject, each next one only right after
@@ -499,6 +556,88 @@ async def messages_after(
             return
         seq = raw.seq
         yield raw
+
+
+class _Ack(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_Ack)
+
+
+class Pipeline:
+    """JetStream publishes sent back to back, their acks awaited together (one reply subscription, no timer per
+    message). nats-py's publish_async would do, but an error ack (a failed compare-and-set) never resolves its
+    future there (nats-io/nats.py#985: APIError.from_error raises instead of returning)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._prefix = ""
+        self._next = 0
+        self._waiting: dict[str, asyncio.Future[_Ack]] = {}
+        self._started: asyncio.Lock | None = None
+
+    async def _start(self) -> None:
+        self._started = self._started or asyncio.Lock()
+        async with self._started:
+            if not self._prefix:
+                inbox = self._nc.new_inbox()
+                await self._nc.subscribe(f"{inbox}.*", cb=self._on_ack)
+                self._prefix = f"{inbox}."
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject, None)
+        if future is None or future.done():
+            return  # given up on (timed out)
+        if msg.headers and msg.headers.get("Status") == "503":  # no stream takes the subject
+            future.set_exception(NoStreamResponseError())
+            return
+        try:
+            ack = _ack_decoder.decode(msg.data)
+            if ack.error is not None:
+                APIError.from_error(ack.error)  # raises the error's own class (503: unavailable, 400: bad request)
+            future.set_result(ack)
+        except Exception as exc:
+            future.set_exception(exc)
+
+    async def publish(
+        self, messages: list[tuple[str, bytes, dict[str, str]]], timeout: float = 10.0
+    ) -> list[BaseException | None]:
+        """Publish ``(subject, payload, headers)``: all go out before any ack is awaited, and the acks are
+        awaited together, for ``timeout`` at most. Each result is None (stored) or the error; a missing ack is a
+        TimeoutError (the message may still have been stored: only idempotent writes may be sent again)."""
+        if not messages:
+            return []
+        if not self._prefix:
+            await self._start()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[_Ack]] = []
+        for subject, payload, headers in messages:
+            self._next += 1
+            reply = f"{self._prefix}{self._next}"
+            future = loop.create_future()
+            futures.append(future)
+            self._waiting[reply] = future
+            try:
+                await self._nc.publish(subject, payload, reply=reply, headers=headers)
+            except Exception as exc:  # not sent (the connection is away): the ones after it are tried all the same
+                self._waiting.pop(reply, None)
+                future.set_exception(exc)
+        _, pending = await asyncio.wait(futures, timeout=timeout)
+        results: list[BaseException | None] = []
+        for future in futures:
+            if future in pending:
+                future.cancel()
+                results.append(NatsTimeout())
+            else:
+                results.append(future.exception())
+        if pending:  # their replies will not be waited for
+            for reply in [r for r, f in self._waiting.items() if f.cancelled()]:
+                del self._waiting[reply]
+        return results
 
 
 async def outlast(fn: Callable[[], Awaitable[T]], within: float | None = None) -> T:

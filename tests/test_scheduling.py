@@ -189,3 +189,63 @@ def test_the_scheduler_state_comes_in_pages_that_each_fit_a_nats_message(cluster
 
     asyncio.run(go())
     eventually(lambda: not any(s.advert.compute_target == target for s in ws._scheduler_state().nodes), 30)
+
+
+def test_pipelined_appends_keep_compare_and_set_per_run(cluster_home: Path, ws: Workspace) -> None:
+    """RunEventLog.append_many (the scheduler writes a pass's placements with it): a run whose known last event is
+    current is appended at once, one whose known event is stale or unknown is read again and still appended once,
+    and one that moved on meanwhile (canceled) gets nothing: its guard sees the real last event."""
+    import asyncio
+    import uuid
+
+    from shared import bus, lifecycle, schemas
+    from shared.settings import BusSettings
+    from shared.states import RunState
+
+    env = json.loads((cluster_home / "cluster" / "process-env.json").read_text())["scheduler"]
+    settings = BusSettings(url=env["CADRE_NATS_URL"], user="scheduler", password=env["CADRE_NATS_PASSWORD"])
+    snap = schemas.SnapshotRef(content_hash="0" * 64, size=1, file_count=1, md5="0" * 32)
+    spec = schemas.RunSpec(experiment="pipe", entry_script="t.py", compute_target="nowhere", snapshot=snap)
+
+    async def go() -> None:
+        nc = await bus.connect(settings)
+        pipeline = bus.Pipeline(nc)
+        events = bus.RunEventLog(nc.jetstream(), pipeline)
+        try:
+            # Submitted only: the scheduler acts on queued runs, and these are queued by the appends under test.
+            ids = {k: f"pipe_{k}_{uuid.uuid4().hex[:8]}" for k in ("current", "stale", "unknown", "canceled")}
+            for run_id in ids.values():
+                submitted = lifecycle.event(schemas.Submitted, run_id, experiment="pipe", compute_target="nowhere",
+                                            entry_script="t.py")  # fmt: skip
+                await events.begin(run_id, [submitted])
+            known = {k: await events.last(run_id) for k, run_id in ids.items()}
+            stale = (known["stale"][0], known["stale"][1] + 5)  # a sequence the subject is not at
+            await events.append(ids["canceled"], lifecycle.append_if(lambda _: True, schemas.Canceled,
+                                                                    ids["canceled"]))  # fmt: skip
+
+            def queue(run_id: str):
+                return lifecycle.append_if(lifecycle.in_state(RunState.NOT_STARTED), schemas.Queued, run_id,
+                                           spec=spec, reason="pipelined")  # fmt: skip
+
+            results = await events.append_many([
+                (ids["current"], queue(ids["current"]), known["current"]),
+                (ids["stale"], queue(ids["stale"]), stale),
+                (ids["unknown"], queue(ids["unknown"]), None),
+                (ids["canceled"], queue(ids["canceled"]), known["canceled"]),
+            ])  # fmt: skip
+            assert [type(r).__name__ for r in results] == ["Queued", "Queued", "Queued", "NoneType"], results
+            for key, run_id in ids.items():
+                history = await events.history(run_id)
+                kinds = [type(e).__name__ for e in history]
+                expected = ["Submitted", "Canceled"] if key == "canceled" else ["Submitted", "Queued"]
+                # (what the scheduler makes of a queued run comes after: its own appends are compare-and-set too)
+                ours = [e for e in history if isinstance(e, schemas.Queued) and e.reason == "pipelined"]
+                assert kinds[:2] == expected and len(ours) == (key != "canceled"), (key, kinds)
+            assert await pipeline.publish([]) == []
+        finally:  # no run of this test stays queued for the tests after it (the cluster is shared)
+            for run_id in ids.values():
+                await events.append(run_id, lifecycle.append_if(lifecycle.undecided(), schemas.Canceled, run_id))
+            await nc.close()
+
+    asyncio.run(go())
+    eventually(lambda: not any(q.run_id.startswith("pipe_") for q in ws._scheduler_state().queue))

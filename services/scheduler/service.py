@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import OrderedDict
 
@@ -24,7 +25,7 @@ from shared.service import Service
 from shared.settings import BusSettings
 from shared.states import PLACED_STATES, Cause, RunState
 
-IO_CONCURRENCY = 64  # placements whose events are in flight at once; decisions themselves stay sequential
+ASSIGN_BATCH = 256  # placements whose events are pipelined together; decisions themselves stay sequential
 LOST_CONCURRENCY = 32  # runs whose node losses are being recorded at once
 # A run too big for its compute target fails fast, but only once the target has stopped growing for this long:
 # agents that are still registering (a cluster coming up) must not make a big gang fail as impossible.
@@ -54,10 +55,10 @@ class SchedulerService(Service):
         self._wake = asyncio.Event()
         # The last event (and its stream sequence) of each queued run, for compare-and-set without a lookup.
         self.last_seen: dict[str, tuple[schemas.RunEvent, int]] = {}
-        self._io = asyncio.Semaphore(IO_CONCURRENCY)
         self.runs_kv: KeyValue
         self.nodes_kv: KeyValue
         self.events: bus.RunEventLog
+        self.pipeline: bus.Pipeline
 
     @classmethod
     def from_env(cls, node_grace: float | None = None) -> SchedulerService:
@@ -69,7 +70,8 @@ class SchedulerService(Service):
         await bus.ensure_topology(self.js)
         self.runs_kv = await bus.key_value(self.js, subjects.RUNS_BUCKET)
         self.nodes_kv = await bus.key_value(self.js, subjects.NODES_BUCKET)
-        self.events = bus.RunEventLog(self.js)
+        self.pipeline = bus.Pipeline(self.nc)
+        self.events = bus.RunEventLog(self.js, self.pipeline)
         # Each loop is restarted with backoff when the bus is away (see Service.spawn), so none may hold state
         # across a restart that the restart would not rebuild: they subscribe again, and read from the start.
         self.spawn(self._watch_nodes, "watch_nodes")
@@ -236,7 +238,9 @@ class SchedulerService(Service):
             return  # nothing waits: no table to build (every node joining wakes a pass)
         table = self._node_table(time.time())
         writes = []
+        placed: list[tuple[schemas.RunRecord, list[schemas.RankSlot]]] = []
         recheck = False
+        backoff_ends = math.inf
         for target, queue in self.queues.items():
             nodes = Pool(
                 [
@@ -253,6 +257,10 @@ class SchedulerService(Service):
                 if run_id in self.not_before:
                     until, attempt, cause = self.not_before[run_id]
                     if time.time() < until:
+                        # Looked at again then, whoever else wakes a pass: the wake the Retried event set runs by
+                        # the loop's clock, which can be a hair ahead of this one (uvloop's timers, for one, count
+                        # whole ms), and a run found still waiting would stay queued until some other change.
+                        backoff_ends = min(backoff_ends, until)
                         at = time.strftime("%H:%M:%S", time.gmtime(until))
                         reason = f"attempt {attempt} (after {cause}) waits out its retry backoff until {at} UTC"
                         if reason != self.reasons.get(run_id):
@@ -265,7 +273,7 @@ class SchedulerService(Service):
                     nodes.take(decision.placement)  # on the table's NodeStates, which the pool holds
                     self.allocations[run_id] = decision.placement  # held now; released if the write loses
                     queue.pop(run_id, None)
-                    writes.append(self._assign(record, decision.placement))
+                    placed.append((record, decision.placement))
                 elif decision.impossible is not None and not settling:
                     queue.pop(run_id, None)
                     writes.append(self._unschedulable(record, decision.impossible))
@@ -280,50 +288,75 @@ class SchedulerService(Service):
                     writes.append(self._annotate(run_id, decision.reason or ""))
         if recheck:
             asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._wake.set)
+        if backoff_ends < math.inf:
+            asyncio.get_running_loop().call_later(max(0.0, backoff_ends - time.time()) + 0.005, self._wake.set)
+        writes += [self._assign(placed[i : i + ASSIGN_BATCH]) for i in range(0, len(placed), ASSIGN_BATCH)]
         await asyncio.gather(*writes)
 
-    async def _assign(self, record: schemas.RunRecord, placement: list[schemas.RankSlot]) -> bool:
-        run_id = record.run_id
-
-        # Not if it was canceled or placed meanwhile.
-        build = lifecycle.append_if(lifecycle.in_state(RunState.QUEUED), schemas.Assigned, run_id, placement=placement)
-
-        async with self._io:
-            try:
-                event = await self.events.append(run_id, build, known=self.last_seen.get(run_id))
-            except ConflictError:
-                event = None
-            except Exception as exc:
-                if not bus.is_transient(exc):
-                    raise
+    async def _assign(self, placed: list[tuple[schemas.RunRecord, list[schemas.RankSlot]]]) -> None:
+        """Store the runs' Assigned events (each compare-and-set on the run's last event, pipelined), then hand
+        the ones that were stored to their nodes."""
+        builds = [
+            # Not if it was canceled or placed meanwhile.
+            (record.run_id, lifecycle.append_if(lifecycle.in_state(RunState.QUEUED), schemas.Assigned,
+                                                record.run_id, placement=placement),
+             self.last_seen.get(record.run_id))
+            for record, placement in placed
+        ]  # fmt: skip
+        results = await self.events.append_many(builds)
+        stored: list[tuple[schemas.RunRecord, list[schemas.RankSlot], int]] = []
+        fatal: BaseException | None = None
+        for (record, placement), result in zip(placed, results, strict=True):
+            run_id = record.run_id
+            if isinstance(result, BaseException) and not isinstance(result, ConflictError):
                 self.allocations.pop(run_id, None)
-                self._requeue(record, "assign", exc)
-                return False
-            if event is None:
+                if bus.is_transient(result):
+                    self._requeue(record, "assign", result)
+                else:
+                    fatal = fatal or result
+            elif result is None or isinstance(result, ConflictError):
                 self.allocations.pop(run_id, None)
                 self._wake.set()
-                return False
-            self.reasons.pop(run_id, None)
-            await self._send_assignments(record, placement, lifecycle.attempt_of(event))
-        self.log.info("run_assigned", run_id=run_id, nodes=sorted({s.node_id for s in placement}))
-        return True
+            else:
+                self.reasons.pop(run_id, None)
+                stored.append((record, placement, lifecycle.attempt_of(result)))
+        await self._send_assignments_many(stored)
+        for record, placement, _ in stored:
+            self.log.info("run_assigned", run_id=record.run_id, nodes=sorted({s.node_id for s in placement}))
+        if fatal is not None:
+            raise fatal
+
+    def _assignments(
+        self, record: schemas.RunRecord, placement: list[schemas.RankSlot], attempt: int
+    ) -> list[tuple[str, bytes, dict[str, str]]]:
+        """The run's assignment messages, one per node, each with a message id that deduplicates a resend."""
+        nodes = sorted({s.node_id for s in placement})
+        hosts = {n: self.nodes[n].host_id for n in nodes if n in self.nodes}
+        return [
+            (subjects.node_assignments(node_id),
+             schemas.encode(schemas.Assignment(run_id=record.run_id, node_id=node_id, attempt=attempt,
+                                               spec=record.spec, placement=placement, hosts=hosts)),
+             {"Nats-Msg-Id": f"{record.run_id}:{node_id}:{attempt}"})
+            for node_id in nodes
+        ]  # fmt: skip
+
+    async def _send_assignments_many(self, runs: list[tuple[schemas.RunRecord, list[schemas.RankSlot], int]]) -> None:
+        """Every run's assignments pipelined; a run any of whose messages was not acknowledged is sent again the
+        patient way (_send_assignments)."""
+        messages = [self._assignments(record, placement, attempt) for record, placement, attempt in runs]
+        errors = iter(await self.pipeline.publish([m for run in messages for m in run]))
+        again = [run for run, sent in zip(runs, messages, strict=True) if any([next(errors) for _ in sent])]
+        await asyncio.gather(*(self._send_assignments(*run) for run in again))
 
     async def _send_assignments(
         self, record: schemas.RunRecord, placement: list[schemas.RankSlot], attempt: int
     ) -> None:
         """Hand the run to its nodes. The run is placed already (its Assigned event is stored), so a bus outage
         is waited out: re-sending is safe, each assignment is deduplicated by its message id."""
-        nodes = sorted({s.node_id for s in placement})
-        hosts = {n: self.nodes[n].host_id for n in nodes if n in self.nodes}
-        for node_id in nodes:
-            msg = schemas.Assignment(
-                run_id=record.run_id, node_id=node_id, attempt=attempt, spec=record.spec, placement=placement,
-                hosts=hosts,
-            )  # fmt: skip
-            headers = {"Nats-Msg-Id": f"{record.run_id}:{node_id}:{attempt}"}
+        for subject, payload, headers in self._assignments(record, placement, attempt):
             await bus.outlast(
-                lambda node_id=node_id, msg=msg, headers=headers: self.js.publish(
-                    subjects.node_assignments(node_id), schemas.encode(msg), headers=headers
+                lambda subject=subject, payload=payload, headers=headers: self.js.publish(
+                    subject, payload, headers=headers
                 )
             )
 
