@@ -328,6 +328,18 @@ class RunEventLog:
         saves a round trip, and if it is stale the compare-and-set fails and the real last event is read.
         Raises ConflictError when the event would be an illegal transition.
         """
+        stored = await self.append_at(run_id, build, attempts, known)
+        return None if stored is None else stored[0]
+
+    async def append_at(
+        self,
+        run_id: str,
+        build: EventBuilder,
+        attempts: int = 20,
+        known: tuple[schemas.RunEvent | None, int] | None = None,
+    ) -> tuple[schemas.RunEvent, int, int] | None:
+        """``append``, saying where the event went: ``(event, after, seq)``, the stream sequence of the event it
+        was appended right after (the subject's last then: nothing came in between) and its own."""
         for _ in range(attempts):
             if known is not None:
                 (last, seq), known = known, None
@@ -340,7 +352,7 @@ class RunEventLog:
                 event = msgspec.structs.replace(event, attempt=lifecycle.attempt_of(last) if last else 1)
             check_transition(last.state if last else None, event.state)
             try:
-                await self._js.publish(
+                ack = await self._js.publish(
                     subjects.run_events(run_id),
                     schemas.encode(event),
                     headers={
@@ -348,7 +360,7 @@ class RunEventLog:
                         "Nats-Msg-Id": event.event_id,
                     },
                 )
-                return event
+                return event, seq, ack.seq
             except APIError as exc:
                 if exc.err_code not in WRONG_LAST_SEQUENCE:
                     raise

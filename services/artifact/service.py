@@ -29,6 +29,7 @@ from shared.states import PLACED_STATES, Cause, RunState
 from shared.storage import ObjectStore
 
 USER_DIRS = ("outputs/", "logs/")
+LOG_HELD_MAX = 1 << 20  # a rank's log up to this size is stored side by side with the manifest
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bigger files go up in parallel parts
 PART_SIZE = 16 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's limit: parts grow for very large files
@@ -199,6 +200,18 @@ class ArtifactService(Service):
             self._read.popitem(last=False)
         return events
 
+    async def _append(self, run_id: str, build: bus.EventBuilder) -> schemas.RunEvent | None:
+        """Append with the history read before as the known last event (no read of the subject first); the event,
+        stored right after it, extends that history."""
+        events, seq = self._read.get(run_id, ([], 0))
+        stored = await self.events.append_at(run_id, build, known=(events[-1], seq) if events else None)
+        if stored is None:
+            return None
+        event, after, at = stored
+        if events and after == seq and self._read.get(run_id, (None, 0))[1] == seq:
+            self._read[run_id] = ([*events, event], at)
+        return event
+
     @staticmethod
     def _placement_nodes(history: list[schemas.RunEvent]) -> set[str]:
         for ev in reversed(history):
@@ -271,9 +284,12 @@ class ArtifactService(Service):
             lifecycle.undecided(req.attempt), schemas.NodeCommitted, req.run_id, node_id=req.node_id,
             files=list(req.files), error=error, overwritten=overwritten,
         )  # fmt: skip
-        await self.events.append(req.run_id, build)
-        await self.finalize(req.run_id)
-        final, _ = await self.events.last(req.run_id)
+        if req.run_id not in self._read:  # (read once here, the history saves the append a read of the subject)
+            await self._history(req.run_id)
+        await self._append(req.run_id, build)
+        final = await self.finalize(req.run_id)
+        if final is None:  # not ended here: what it is now
+            final, _ = await self.events.last(req.run_id)
         assert final is not None
         return self._summary(record, final)
 
@@ -312,8 +328,9 @@ class ArtifactService(Service):
             if not entry.users and self._locks.get(run_id) is entry:
                 del self._locks[run_id]
 
-    async def finalize(self, run_id: str) -> None:
-        """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run."""
+    async def finalize(self, run_id: str) -> schemas.RunEvent | None:
+        """Once every node of the run has committed (or was lost): decide the outcome, store logs, end the run.
+        Returns the run's end when it ended here."""
         async with self._exclusive(run_id):
             events = lifecycle.current_attempt(await self._history(run_id))  # an earlier attempt's nodes are done
             placement = next((ev.placement for ev in reversed(events) if isinstance(ev, schemas.Assigned)), [])
@@ -321,13 +338,13 @@ class ArtifactService(Service):
             committed = {ev.node_id for ev in events if isinstance(ev, schemas.NodeCommitted)}
             lost = [ev.node_id for ev in events if isinstance(ev, schemas.NodeLost)]
             if not nodes or not nodes <= committed | set(lost):
-                return
+                return None
             held = await self._held(run_id, events)
             decided = decide(events, lost, held)
             if decided.outcome == "failed" and await self._retry(
                 run_id, lifecycle.attempt_of(events[-1]), decided, placement
             ):
-                return
+                return None
 
             to_finalizing = lifecycle.append_if(
                 lifecycle.undecided(), schemas.Finalizing, run_id, outcome=decided.outcome,
@@ -335,9 +352,10 @@ class ArtifactService(Service):
                 warnings=decided.warnings,
             )  # fmt: skip
 
-            finalizing = await self.events.append(run_id, to_finalizing)
+            finalizing = await self._append(run_id, to_finalizing)
             if isinstance(finalizing, schemas.Finalizing):
-                await self._complete(run_id, finalizing, events, held)
+                return await self._complete(run_id, finalizing, events, held)
+            return None
 
     async def _held(self, run_id: str, events: list[schemas.RunEvent]) -> dict[str, schemas.FileEntry | None]:
         """What the store holds of the run's names in doubt (usually none: no request then)."""
@@ -401,8 +419,9 @@ class ArtifactService(Service):
         decided: schemas.Finalizing,
         events: list[schemas.RunEvent] | None = None,
         held: dict[str, schemas.FileEntry | None] | None = None,
-    ) -> None:
-        """Store the logs and the manifest, then end the run. Idempotent: rerun after a crash, it writes the same."""
+    ) -> schemas.RunEvent | None:
+        """Store the logs and the manifest, then end the run. Idempotent: rerun after a crash, it writes the same.
+        Returns the end it stored (None: the run had ended already)."""
         events = lifecycle.current_attempt(events if events is not None else await self._history(run_id))
         held = held if held is not None else await self._held(run_id, events)
         # Every node has committed or is lost: an upload still open under the run is one that failed or whose
@@ -411,16 +430,22 @@ class ArtifactService(Service):
         committed = [ev for ev in events if isinstance(ev, schemas.NodeCommitted)]
         stored = list(resolve(committed, held)[0].values())  # a name several nodes wrote: the copy the store holds
         try:
-            stored += await self._persist_logs(run_id, decided.log_lines)
+            logs = await self._read_logs(run_id, decided.log_lines)
         finally:
             await aborting
+        stored += [entry for entry, _ in logs]
         unique = {f.name: f for f in stored}
         manifest = schemas.FilesList(
             files=sorted(unique.values(), key=lambda f: f.name), partial=decided.outcome != "succeeded"
         )
-        await self.store.put_bytes(
-            subjects.run_manifest_key(run_id), schemas.encode(manifest), content_type="application/json"
-        )
+        # The logs and the manifest side by side: the run ends only once all are stored, and a rerun after a crash
+        # stores the same again.
+        await asyncio.gather(
+            *(self.store.put_bytes(subjects.run_file_key(run_id, entry.name), data, content_type="text/plain")
+              for entry, data in logs if data is not None),
+            self.store.put_bytes(subjects.run_manifest_key(run_id), schemas.encode(manifest),
+                                 content_type="application/json"),
+        )  # fmt: skip
         if decided.outcome == "succeeded":
             end: schemas.RunEvent = lifecycle.event(
                 schemas.Completed,
@@ -439,9 +464,10 @@ class ArtifactService(Service):
         def to_end(current: schemas.RunEvent | None) -> schemas.RunEvent | None:
             return None if current is None or current.state.is_terminal() else end
 
-        await self.events.append(run_id, to_end)
+        ended = await self._append(run_id, to_end)
         self._read.pop(run_id, None)  # ended: nothing more to read of it here
         self.log.info("run_finalized", run_id=run_id, files=len(manifest.files), state=end.state.value)
+        return ended
 
     async def _watch_run_events(self, psub) -> None:
         """Finishing work the commit path cannot do alone.
@@ -474,9 +500,13 @@ class ArtifactService(Service):
         except CadreError as exc:
             self.log.warning("incomplete_uploads_not_aborted", run_id=run_id, error=str(exc))
 
-    async def _persist_logs(self, run_id: str, line_counts: dict[int, int]) -> list[schemas.FileEntry]:
-        """Copy each rank's log stream into one object, so logs outlive the stream's retention (the ranks
-        four at a time: a run's end waits for the slowest, not for the sum, and memory stays bounded)."""
+    async def _read_logs(
+        self, run_id: str, line_counts: dict[int, int]
+    ) -> list[tuple[schemas.FileEntry, bytes | None]]:
+        """Each rank's log stream as one object (``logs/cadre/rank_<n>.log``), so logs outlive the stream's
+        retention (the ranks four at a time: a run's end waits for the slowest, not for the sum). A log of up to
+        LOG_HELD_MAX comes back with its text, for the caller to store beside the manifest; a longer one is
+        stored here at once (None), so memory stays bounded."""
         room = asyncio.Semaphore(4)
         ranks = [rank for rank, count in sorted(line_counts.items()) if count > 0]
         if not ranks:
@@ -486,14 +516,22 @@ class ArtifactService(Service):
         info = await self.js.stream_info(subjects.LOGS_STREAM, subjects_filter=subjects.run_logs_all_ranks(run_id))
         batches = info.state.subjects or {}
 
-        async def one(rank: int) -> schemas.FileEntry | None:
+        async def one(rank: int) -> tuple[schemas.FileEntry, bytes | None] | None:
             async with room:
-                return await self._persist_log(run_id, rank, batches.get(subjects.run_logs(run_id, rank), 0))
+                log = await self._read_log(run_id, rank, batches.get(subjects.run_logs(run_id, rank), 0))
+                if log is None:
+                    return None
+                name, data = log
+                entry = files.digest_bytes(name, data)
+                if len(data) <= LOG_HELD_MAX:
+                    return entry, data
+                await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")
+                return entry, None
 
-        return [entry for entry in await asyncio.gather(*(one(rank) for rank in ranks)) if entry is not None]
+        return [log for log in await asyncio.gather(*(one(rank) for rank in ranks)) if log is not None]
 
-    async def _persist_log(self, run_id: str, rank: int, batches: int) -> schemas.FileEntry | None:
-        """One rank's log stream into ``logs/cadre/rank_<n>.log`` (None: it never printed)."""
+    async def _read_log(self, run_id: str, rank: int, batches: int) -> tuple[str, bytes] | None:
+        """One rank's log stream: its object's name and text (None: it never printed)."""
         subject = subjects.run_logs(run_id, rank)
         if batches <= 0:
             return None
@@ -510,10 +548,7 @@ class ArtifactService(Service):
         async for msg in msgs:
             lines = cursor.take(schemas.log_batch_decoder.decode(msg.data))
             chunks.extend(line.text + "\n" for line in lines)
-        data = "".join(chunks).encode()
-        name = f"{DRIVER_LOGS}rank_{rank}.log"
-        await self.store.put_bytes(subjects.run_file_key(run_id, name), data, content_type="text/plain")
-        return files.digest_bytes(name, data)
+        return f"{DRIVER_LOGS}rank_{rank}.log", "".join(chunks).encode()
 
     # --- client side ------------------------------------------------------------------------------------
     async def list_files(self, req: schemas.FilesListRequest) -> schemas.FilesList:

@@ -92,6 +92,8 @@ class Execution:
         self.spec = assignment.spec
         self.run_id = assignment.run_id
         self.attempt = assignment.attempt  # events of other attempts are not this execution's business
+        # The run's last event as this node last saw it (what it appended last), and its stream sequence.
+        self._appended: tuple[schemas.RunEvent | None, int] | None = None
         self.runtime = ctx.runtime
         self.my_slots = [s for s in assignment.placement if s.node_id == self.node_id]
         first_rank: dict[str, int] = {}
@@ -105,7 +107,7 @@ class Execution:
         self.shim = RunShim(shim_folder(ctx.config.work_dir, self.run_id))
         self.staging = Staging(ctx, assignment, self.run_dir, self.log)
         self.uploads = Uploads(ctx, assignment, self.run_dir, self.is_master, self.log)
-        self.meeting = Meeting(ctx, assignment, self.nodes, self._stopped, self._give_up)
+        self.meeting = Meeting(ctx, assignment, self.nodes, self._stopped, self._give_up, self._append)
         self.shippers: dict[int, LogShipper] = {}
         self.deaths: dict[int, str | None] = {}  # how each rank died, when its exit code does not say it
         self.group: str | None = None  # the namespaces this node's ranks share (a sandbox container)
@@ -190,8 +192,9 @@ class Execution:
         its Assigned has nothing in its past that the execution acts on (no retry, no cancel, no other node
         started yet): one read instead of one per event, on every run's way to its first line."""
         if self.attempt == 1 and not self.adopted:
-            last, _ = await self.ctx.events.last(self.run_id)
+            last, seq = await self.ctx.events.last(self.run_id)
             if isinstance(last, schemas.Assigned) and lifecycle.attempt_of(last) == 1:
+                self._appended = (last, seq)  # what this node's first append (Starting) goes after, most likely
                 return [last]
         return await self.ctx.events.history(self.run_id)
 
@@ -555,16 +558,28 @@ class Execution:
             return f"the work dir {work_dir} on node {self.node_id} is full ({free >> 10} KiB free)"
         return None
 
+    async def _append(self, build: bus.EventBuilder) -> schemas.RunEvent | None:
+        """Append; on a run of one node, taking the event this node saw or appended last as the run's last one (no
+        read of the subject first: wrong only when a service wrote since, a cancel say, and then the compare-and-set
+        fails and it is read). The nodes of a bigger run write in between each other, so they read first."""
+        known = self._appended if len(self.nodes) == 1 else None
+        stored = await self.ctx.events.append_at(self.run_id, build, known=known)
+        if stored is None:
+            return None
+        event, _, seq = stored
+        self._appended = (event, seq)
+        return event
+
     async def _move(self, cls: type[schemas.RunEventBase]) -> None:
         """Move the run forward (several nodes race to do it: the first wins, the others see it done)."""
         guard = lifecycle.before(lifecycle.MOVES_TO[cls], self.attempt)
-        await self.ctx.events.append(self.run_id, lifecycle.append_if(guard, cls, self.run_id, node_id=self.node_id))
+        await self._append(lifecycle.append_if(guard, cls, self.run_id, node_id=self.node_id))
 
     async def _annotate(self, cls: type[schemas.RunEventBase], **fields: object) -> schemas.RunEvent | None:
         """Append an event that records a fact without moving the run."""
         build = lifecycle.append_if(lifecycle.undecided(self.attempt), cls, self.run_id, **fields)
         # A fact the run cannot end without (this node finished): a bus outage is waited out.
-        return await bus.outlast(lambda: self.ctx.events.append(self.run_id, build), within=FINISH_PATIENCE)
+        return await bus.outlast(lambda: self._append(build), within=FINISH_PATIENCE)
 
     # --- finishing ------------------------------------------------------------------------------------
     async def _report(self, outcome: Outcome, line_counts: dict[int, int]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shared import lifecycle, schemas
+from shared import bus, lifecycle, schemas
 
 if TYPE_CHECKING:
     from services.node_agent.execution import NodeContext
@@ -91,8 +91,10 @@ class Meeting:
         nodes: list[str],
         stopped: Callable[[], Awaitable[None]],
         give_up: Callable[[str], None],
+        append: Callable[[bus.EventBuilder], Awaitable[schemas.RunEvent | None]],
     ) -> None:
         self.ctx = ctx
+        self._append = append  # the execution's: it knows the last event it appended
         self.run_id, self.attempt, self.spec = assignment.run_id, assignment.attempt, assignment.spec
         self.size = len(assignment.placement)
         self.node_id = ctx.config.node_id
@@ -131,7 +133,7 @@ class Meeting:
                 lifecycle.undecided(self.attempt), schemas.Endpoints, self.run_id, node_id=self.node_id,
                 endpoints=self._my_endpoints(),
             )  # fmt: skip
-            await self.ctx.events.append(self.run_id, announce)
+            await self._append(announce)
         if await self._until(self.rendezvous, f"the master node {self.nodes[0]} to start"):
             return Place.of(self.rendezvous.result())
         return None
@@ -143,7 +145,7 @@ class Meeting:
             master_addr=place.master_addr, master_port=place.master_port, pmi_port=place.pmi_port,
             endpoints=place.endpoints,
         )  # fmt: skip
-        return isinstance(await self.ctx.events.append(self.run_id, build), schemas.Rendezvous)
+        return isinstance(await self._append(build), schemas.Rendezvous)
 
     async def _until(self, awaitable: asyncio.Future[Any] | asyncio.Event, what: str) -> bool:
         """Wait for ``awaitable`` unless the run stops first; past RENDEZVOUS_TIMEOUT the run is aborted."""
