@@ -303,9 +303,8 @@ class RunEventLog:
     writers racing on one run can never both move it, and no illegal transition is ever stored.
     """
 
-    def __init__(self, js: JetStreamContext, pipeline: Pipeline | None = None) -> None:
+    def __init__(self, js: JetStreamContext) -> None:
         self._js = js
-        self._pipeline = pipeline  # for append_many: without one, its appends are sent concurrently instead
 
     async def last(self, run_id: str) -> tuple[schemas.RunEvent | None, int]:
         try:
@@ -345,21 +344,12 @@ class RunEventLog:
                 (last, seq), known = known, None
             else:
                 last, seq = await self.last(run_id)
-            event = build(last)
+            event = _built(build, last)
             if event is None:
                 return None
-            if event.attempt == 0:  # it belongs to the run's current attempt
-                event = msgspec.structs.replace(event, attempt=lifecycle.attempt_of(last) if last else 1)
-            check_transition(last.state if last else None, event.state)
             try:
-                ack = await self._js.publish(
-                    subjects.run_events(run_id),
-                    schemas.encode(event),
-                    headers={
-                        "Nats-Expected-Last-Subject-Sequence": str(seq),
-                        "Nats-Msg-Id": event.event_id,
-                    },
-                )
+                subject, payload, headers = _after_message(run_id, event, seq)
+                ack = await self._js.publish(subject, payload, headers=headers)
                 return event, seq, ack.seq
             except APIError as exc:
                 if exc.err_code not in WRONG_LAST_SEQUENCE:
@@ -367,11 +357,12 @@ class RunEventLog:
         raise ConflictError(f"run {run_id}: too much contention appending an event")
 
     async def append_many(
-        self, items: list[tuple[str, EventBuilder, tuple[schemas.RunEvent | None, int] | None]]
+        self, items: list[tuple[str, EventBuilder, tuple[schemas.RunEvent | None, int] | None]], pipeline: Pipeline
     ) -> list[schemas.RunEvent | BaseException | None]:
-        """``append`` for many runs at once, pipelined: each ``(run_id, build, known)`` with a known last event is
-        published without waiting for the one before; one whose compare-and-set fails (or with nothing known) goes
-        the one-at-a-time way. Each result is what ``append`` would return, or the error it would raise."""
+        """``append`` for many runs at once, through ``pipeline``: each ``(run_id, build, known)`` with a known last
+        event is published without waiting for the one before; one whose compare-and-set fails (or with nothing
+        known) goes the one-at-a-time way. Each result is what ``append`` would return, or the error it would
+        raise."""
         results: list[schemas.RunEvent | BaseException | None] = [None] * len(items)
         slow: list[int] = []
         batch: list[tuple[int, schemas.RunEvent, tuple[str, bytes, dict[str, str]]]] = []
@@ -381,22 +372,13 @@ class RunEventLog:
                 continue
             last, seq = known
             try:
-                event = build(last)
-                if event is not None:
-                    if event.attempt == 0:
-                        event = msgspec.structs.replace(event, attempt=lifecycle.attempt_of(last) if last else 1)
-                    check_transition(last.state if last else None, event.state)
+                event = _built(build, last)
             except Exception as exc:
                 results[i] = exc
                 continue
             if event is not None:
-                headers = {"Nats-Expected-Last-Subject-Sequence": str(seq), "Nats-Msg-Id": event.event_id}
-                batch.append((i, event, (subjects.run_events(run_id), schemas.encode(event), headers)))
-        messages = [message for _, _, message in batch]
-        if self._pipeline is not None:
-            errors = await self._pipeline.publish(messages)
-        else:
-            errors = await asyncio.gather(*(self._publish(*m) for m in messages))
+                batch.append((i, event, _after_message(run_id, event, seq)))
+        errors = await pipeline.publish([message for _, _, message in batch])
         for (i, event, _), error in zip(batch, errors, strict=True):
             if error is None:
                 results[i] = event
@@ -414,13 +396,6 @@ class RunEventLog:
 
         await asyncio.gather(*(one(i) for i in slow))
         return results
-
-    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> BaseException | None:
-        try:
-            await self._js.publish(subject, payload, headers=headers)
-        except Exception as exc:
-            return exc
-        return None
 
     async def begin(self, run_id: str, events: list[schemas.RunEvent]) -> None:
         """A new run's first events, in order: the first only onto an empty subject, each next one only right after
@@ -570,6 +545,24 @@ async def messages_after(
         yield raw
 
 
+def _built(build: EventBuilder, last: schemas.RunEvent | None) -> schemas.RunEvent | None:
+    """What ``build`` makes of ``last``, in the run's current attempt, checked as a transition from it."""
+    event = build(last)
+    if event is None:
+        return None
+    if event.attempt == 0:  # it belongs to the run's current attempt
+        event = msgspec.structs.replace(event, attempt=lifecycle.attempt_of(last) if last else 1)
+    check_transition(last.state if last else None, event.state)
+    return event
+
+
+def _after_message(run_id: str, event: schemas.RunEvent, seq: int) -> tuple[str, bytes, dict[str, str]]:
+    """The event as a publish that JetStream stores only right after stream sequence ``seq`` on the run's subject
+    (and once: its message id)."""
+    headers = {"Nats-Expected-Last-Subject-Sequence": str(seq), "Nats-Msg-Id": event.event_id}
+    return subjects.run_events(run_id), schemas.encode(event), headers
+
+
 class _Ack(msgspec.Struct):
     stream: str = ""
     seq: int = 0
@@ -627,11 +620,13 @@ class Pipeline:
             await self._start()
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[_Ack]] = []
+        replies: list[str] = []
         for subject, payload, headers in messages:
             self._next += 1
             reply = f"{self._prefix}{self._next}"
             future = loop.create_future()
             futures.append(future)
+            replies.append(reply)
             self._waiting[reply] = future
             try:
                 await self._nc.publish(subject, payload, reply=reply, headers=headers)
@@ -640,15 +635,13 @@ class Pipeline:
                 future.set_exception(exc)
         _, pending = await asyncio.wait(futures, timeout=timeout)
         results: list[BaseException | None] = []
-        for future in futures:
-            if future in pending:
+        for reply, future in zip(replies, futures, strict=True):
+            if future in pending:  # its reply is not waited for any more
                 future.cancel()
+                self._waiting.pop(reply, None)
                 results.append(NatsTimeout())
             else:
                 results.append(future.exception())
-        if pending:  # their replies will not be waited for
-            for reply in [r for r, f in self._waiting.items() if f.cancelled()]:
-                del self._waiting[reply]
         return results
 
 

@@ -210,7 +210,7 @@ def test_pipelined_appends_keep_compare_and_set_per_run(cluster_home: Path, ws: 
     async def go() -> None:
         nc = await bus.connect(settings)
         pipeline = bus.Pipeline(nc)
-        events = bus.RunEventLog(nc.jetstream(), pipeline)
+        events = bus.RunEventLog(nc.jetstream())
         try:
             # Submitted only: the scheduler acts on queued runs, and these are queued by the appends under test.
             ids = {k: f"pipe_{k}_{uuid.uuid4().hex[:8]}" for k in ("current", "stale", "unknown", "canceled")}
@@ -232,7 +232,7 @@ def test_pipelined_appends_keep_compare_and_set_per_run(cluster_home: Path, ws: 
                 (ids["stale"], queue(ids["stale"]), stale),
                 (ids["unknown"], queue(ids["unknown"]), None),
                 (ids["canceled"], queue(ids["canceled"]), known["canceled"]),
-            ])  # fmt: skip
+            ], pipeline)  # fmt: skip
             assert [type(r).__name__ for r in results] == ["Queued", "Queued", "Queued", "NoneType"], results
             for key, run_id in ids.items():
                 history = await events.history(run_id)

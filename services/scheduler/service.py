@@ -71,7 +71,7 @@ class SchedulerService(Service):
         self.runs_kv = await bus.key_value(self.js, subjects.RUNS_BUCKET)
         self.nodes_kv = await bus.key_value(self.js, subjects.NODES_BUCKET)
         self.pipeline = bus.Pipeline(self.nc)
-        self.events = bus.RunEventLog(self.js, self.pipeline)
+        self.events = bus.RunEventLog(self.js)
         # Each loop is restarted with backoff when the bus is away (see Service.spawn), so none may hold state
         # across a restart that the restart would not rebuild: they subscribe again, and read from the start.
         self.spawn(self._watch_nodes, "watch_nodes")
@@ -303,7 +303,7 @@ class SchedulerService(Service):
              self.last_seen.get(record.run_id))
             for record, placement in placed
         ]  # fmt: skip
-        results = await self.events.append_many(builds)
+        results = await self.events.append_many(builds, self.pipeline)
         stored: list[tuple[schemas.RunRecord, list[schemas.RankSlot], int]] = []
         fatal: BaseException | None = None
         for (record, placement), result in zip(placed, results, strict=True):
@@ -344,8 +344,12 @@ class SchedulerService(Service):
         """Every run's assignments pipelined; a run any of whose messages was not acknowledged is sent again the
         patient way (_send_assignments)."""
         messages = [self._assignments(record, placement, attempt) for record, placement, attempt in runs]
-        errors = iter(await self.pipeline.publish([m for run in messages for m in run]))
-        again = [run for run, sent in zip(runs, messages, strict=True) if any([next(errors) for _ in sent])]
+        errors = await self.pipeline.publish([m for run in messages for m in run])
+        again, at = [], 0
+        for run, sent in zip(runs, messages, strict=True):
+            if any(errors[at : at + len(sent)]):
+                again.append(run)
+            at += len(sent)
         await asyncio.gather(*(self._send_assignments(*run) for run in again))
 
     async def _send_assignments(
