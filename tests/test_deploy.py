@@ -5,6 +5,7 @@ GPU host with the creds file `cadre admin add-agent` writes, and `cadre admin re
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import subprocess
@@ -160,3 +161,35 @@ def test_the_readme_and_the_systemd_example_use_what_the_bus_takes() -> None:
     assert not any(k.startswith("CADRE_NATS_PASSWORD") or k == "CADRE_NATS_USER" for k in example)
     compose = (REPO / "docker-compose.yml").read_text()
     assert "NATS_PASSWORD" not in compose
+
+
+def test_a_local_cluster_whose_s3_port_is_taken_before_weed_binds_it_starts_weed_on_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ports `cadre up` picks are free when picked, but in the ephemeral range: a CI run lost weed's S3 port to
+    another process in between ("Port allocation failed"). weed is started again on other ports."""
+    picked = _local._free_ports
+    blocker = socket.socket()
+    taken: list[int] = []
+
+    def first_s3_port_taken(plain: int, with_grpc: int) -> list[int]:
+        ports = picked(plain, with_grpc)
+        if not taken:  # the first pick: nats-server's 3 ports, then weed's, the S3 port first
+            taken.append(ports[plain])
+            blocker.bind(("127.0.0.1", ports[plain]))
+            blocker.listen()
+        return ports
+
+    monkeypatch.setattr(_local, "_free_ports", first_s3_port_taken)
+    said: list[str] = []
+    try:
+        _local.up(home=tmp_path, agents=0, timeout=120, echo=said.append)
+        try:
+            state = json.loads((tmp_path / "cluster" / "state.json").read_text())
+            assert state["s3_endpoint"] != f"127.0.0.1:{taken[0]}"
+            assert [p["name"] for p in state["processes"]].count("weed") == 1
+            assert any("weed lost a port" in line for line in said), said
+        finally:
+            _local.down(home=tmp_path)
+    finally:
+        blocker.close()
