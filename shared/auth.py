@@ -72,10 +72,7 @@ def agent_permissions(node_id: str, run_writes: bool = True) -> Permissions:
     runs = [s.all_run_events(), s.all_run_logs(), s.all_run_metrics()] if run_writes else []
     return Permissions(
         publish=[
-            s.AgentApi.SNAPSHOT_URL,
-            s.AgentApi.UPLOAD_URLS,
-            s.AgentApi.COMMIT,
-            s.AgentApi.DATASET_URLS,
+            *(s.of_node(api, node_id) for api in s.AgentApi.ALL),  # as itself: the service reads the node off it
             s.agent_registry_credential(node_id),  # its own only: a registry password is for the node that pulls
             s.agent_run_bus(node_id),  # likewise: the credentials of its own runs
             *runs,
@@ -110,10 +107,7 @@ def run_permissions(run_id: str, node_id: str) -> Permissions:
             s.run_events(run_id),
             s.run_logs_all_ranks(run_id),
             s.run_metrics(run_id),
-            s.AgentApi.SNAPSHOT_URL,
-            s.AgentApi.UPLOAD_URLS,
-            s.AgentApi.COMMIT,
-            s.AgentApi.DATASET_URLS,
+            *(s.of_node(api, node_id) for api in s.AgentApi.ALL),
             s.agent_registry_credential(node_id),
             "$JS.FC.>",
             f"{JS}.INFO",

@@ -163,10 +163,29 @@ class Api:
 
 
 class AgentApi:
+    """What a node asks the artifact service. Each is per node (:func:`of_node`): a node's bus user, and a run's
+    credentials for a node, may publish only on their own, so the service reads the caller off the subject."""
+
     SNAPSHOT_URL = f"{PREFIX}.agent.artifacts.snapshot"
     UPLOAD_URLS = f"{PREFIX}.agent.artifacts.upload"
     COMMIT = f"{PREFIX}.agent.artifacts.commit"
     DATASET_URLS = f"{PREFIX}.agent.datasets.urls"
+    ALL = (SNAPSHOT_URL, UPLOAD_URLS, COMMIT, DATASET_URLS)
+
+
+def of_node(api: str, node_id: str) -> str:
+    """``api`` (an :class:`AgentApi` subject) as ``node_id`` asks it."""
+    return f"{api}.{node_id}"
+
+
+def any_node(api: str) -> str:
+    """``api`` from every node (what the serving side subscribes to)."""
+    return f"{api}.*"
+
+
+def node_of(subject: str) -> str:
+    """The node a per-node subject (``of_node``, ``agent_registry_credential``, ``agent_run_bus``) came from."""
+    return subject.rsplit(".", 1)[-1]
 
 
 def agent_registry_credential(node_id: str) -> str:

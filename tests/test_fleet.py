@@ -23,13 +23,13 @@ from typing import TypeVar
 
 import pytest
 from fleet import PORTAL_PORT, Fleet, available
-from helpers import violations
+from helpers import eventually, violations
 
-from cadre import Estimator, Experiment, MpiConfiguration, PyTorchConfiguration, Workspace, _local, admin
+from cadre import Estimator, Experiment, MpiConfiguration, PyTorchConfiguration, Run, Workspace, _local, admin
 from cadre.hyperdrive import GridParameterSampling, HyperDriveConfig, choice
 from shared import bus, schemas, subjects
 from shared.auth import agent_permissions
-from shared.errors import AuthenticationError, NotFoundError, ServiceUnavailableError
+from shared.errors import AuthenticationError, ConflictError, NotFoundError, ServiceUnavailableError, ValidationError
 from shared.procs import is_alive
 from shared.settings import BusSettings
 from shared.trust import Keystore
@@ -419,14 +419,25 @@ def test_a_person_logs_in_to_the_portal_with_their_creds_file_and_a_foreign_one_
 def test_an_agent_writes_only_the_runs_it_was_given(
     fleet: Fleet, fws: Workspace, make_project: Callable[..., Path]
 ) -> None:
-    est = Estimator(make_project(**{"hi.py": "print('mine')"}), "hi.py", node_count=2)
+    # It runs until this test is done with it: what a node may ask about a run is checked while it runs.
+    est = Estimator(make_project(**{"hi.py": "import time; print('mine', flush=True); time.sleep(300)"}), "hi.py",
+                    node_count=2)  # fmt: skip
     # Right after the quorum drill a write may still time out once while the restarted servers catch up: the
     # submitter says so, and the caller tries again (what this test checks comes after).
     run = _once_available(lambda: Experiment(fws, "fleet").submit(est))
-    assert run.wait_for_completion(timeout=90)["status"] == "Completed"
+    try:
+        eventually(lambda: run.get_status() == "Running" or None, timeout=90)
+        _only_as_itself(fleet, run)
+    finally:
+        run.cancel()
+    assert run.wait_for_completion(timeout=60, raise_on_error=False)["status"] == "Canceled"
+
+
+def _only_as_itself(fleet: Fleet, run: Run) -> None:
     on = sorted({slot["node_id"] for slot in run.get_details()["placement"]})
     off = next(f"agent-{i}" for i in range(fleet.agents) if f"agent-{i}" not in on)
     url = fleet.nats_urls()
+    snapshot = subjects.AgentApi.SNAPSHOT_URL
 
     async def go() -> None:
         own = BusSettings(url=url, creds=fleet.creds[on[0]].read_text())
@@ -437,20 +448,45 @@ def test_an_agent_writes_only_the_runs_it_was_given(
             await nc.publish(subjects.run_metrics(run.id), b"{}")
 
         assert len(await violations(own, forge)) == 3
+
+        async def as_another(nc) -> None:  # nor may it ask the artifact service as another node
+            for api in subjects.AgentApi.ALL:
+                await nc.publish(subjects.of_node(api, off), b"{}")
+
+        assert len(await violations(own, as_another)) == len(subjects.AgentApi.ALL)
         nc = await bus.connect(BusSettings(url=url, creds=fleet.creds[off].read_text()))
         try:
             with pytest.raises(NotFoundError, match=f"has no rank on node {off}"):
                 await bus.request(nc, subjects.agent_run_bus(off), schemas.RunRef(run_id=run.id),
                                   schemas.RunBusCredentials)  # fmt: skip
+            # A run's code and files are for the nodes it runs on.
+            with pytest.raises(ConflictError, match=f"node {off} has no ranks of run"):
+                await bus.request(nc, subjects.of_node(snapshot, off), schemas.RunRef(run_id=run.id),
+                                  schemas.SnapshotUrl)  # fmt: skip
+            with pytest.raises(ConflictError, match=f"node {off} has no ranks of run"):
+                req = schemas.UploadUrlsRequest(run_id=run.id, node_id=off, files=[])
+                await bus.request(nc, subjects.of_node(subjects.AgentApi.UPLOAD_URLS, off), req, schemas.UploadUrls)
         finally:
             await nc.close()
         nc = await bus.connect(own)
         try:
             given = await bus.request(nc, subjects.agent_run_bus(on[0]), schemas.RunRef(run_id=run.id),
                                       schemas.RunBusCredentials)  # fmt: skip
+            snap = await bus.request(nc, subjects.of_node(snapshot, on[0]), schemas.RunRef(run_id=run.id),
+                                     schemas.SnapshotUrl)  # fmt: skip
+            assert snap.url.startswith("http")
+            # A node that names another in its request is refused, not trusted: the subject says who asks.
+            with pytest.raises(ValidationError, match=f"node {on[0]} asked on behalf of node {on[1]}"):
+                req = schemas.CommitRequest(run_id=run.id, node_id=on[1], files=[])
+                await bus.request(nc, subjects.of_node(subjects.AgentApi.COMMIT, on[0]), req, schemas.RunSummary)
         finally:
             await nc.close()
         scoped = BusSettings(url=url, creds=given.creds)
+
+        async def scoped_as_another(nc) -> None:  # nor may the run's credentials for this node
+            await nc.publish(subjects.of_node(subjects.AgentApi.COMMIT, off), b"{}")
+
+        assert len(await violations(scoped, scoped_as_another)) == 1
 
         async def elsewhere(nc) -> None:  # the run's credentials write that run alone
             await nc.publish(subjects.run_events("other_1_x"), b"{}")

@@ -33,8 +33,10 @@ ENDPOINTS: list[tuple[str, type[msgspec.Struct]]] = [
     (Api.ENVIRONMENT_LIST, schemas.Empty), (Api.DATASET_UPLOAD, schemas.DatasetUploadRequest),
     (Api.DATASET_REGISTER, schemas.DatasetRegisterRequest), (Api.DATASET_GET, schemas.DatasetRef),
     (Api.DATASET_LIST, schemas.Empty), (Api.SCHEDULER_STATE, schemas.SchedulerStateRequest),
-    (AgentApi.DATASET_URLS, schemas.DatasetUrlsRequest), (AgentApi.SNAPSHOT_URL, schemas.RunRef),
-    (AgentApi.UPLOAD_URLS, schemas.UploadUrlsRequest), (AgentApi.COMMIT, schemas.CommitRequest),
+    (subjects.of_node(AgentApi.DATASET_URLS, "agent-0"), schemas.DatasetUrlsRequest),
+    (subjects.of_node(AgentApi.SNAPSHOT_URL, "agent-0"), schemas.RunRef),
+    (subjects.of_node(AgentApi.UPLOAD_URLS, "agent-0"), schemas.UploadUrlsRequest),
+    (subjects.of_node(AgentApi.COMMIT, "agent-0"), schemas.CommitRequest),
     (subjects.agent_registry_credential("agent-0"), schemas.RegistryCredentialRequest),
 ]  # fmt: skip
 
@@ -112,7 +114,8 @@ def test_files_sent_whole_with_a_commit_are_checked_and_never_rewrite_an_ended_r
 
     def commit(entry: schemas.FileEntry, body: bytes) -> dict:
         req = schemas.CommitRequest(run_id=run.id, node_id=node, files=[entry], inline={entry.name: body})
-        msg = loop.call(nc.request(AgentApi.COMMIT, schemas.encode(req), timeout=10))  # type: ignore[attr-defined]
+        subject = subjects.of_node(AgentApi.COMMIT, node)
+        msg = loop.call(nc.request(subject, schemas.encode(req), timeout=10))  # type: ignore[attr-defined]
         return json.loads(msg.data)
 
     # Content that is not what its entry says is refused, naming the file.

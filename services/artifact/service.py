@@ -161,7 +161,11 @@ class ArtifactService(Service):
         await self.endpoint(subjects.Api.DATASET_REGISTER, schemas.DatasetRegisterRequest, datasets.register)
         await self.endpoint(subjects.Api.DATASET_GET, schemas.DatasetRef, datasets.get)
         await self.endpoint(subjects.Api.DATASET_LIST, schemas.Empty, datasets.list)
-        await self.endpoint(subjects.AgentApi.DATASET_URLS, schemas.DatasetUrlsRequest, datasets.urls_for_run)
+        await self.endpoint(
+            subjects.any_node(subjects.AgentApi.DATASET_URLS), schemas.DatasetUrlsRequest, self.dataset_urls,
+            with_subject=True,
+        )  # fmt: skip
+        self.datasets = datasets
         psub = await self.js.pull_subscribe(
             subjects.all_run_events(),
             durable="artifact",
@@ -169,16 +173,23 @@ class ArtifactService(Service):
             config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW, ack_wait=300),
         )
         self.spawn(self._watch_run_events(psub), "watch_run_events")
-        await self.endpoint(subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef, self.snapshot_url)
-        await self.endpoint(subjects.AgentApi.UPLOAD_URLS, schemas.UploadUrlsRequest, self.upload_urls)
-        await self.endpoint(subjects.AgentApi.COMMIT, schemas.CommitRequest, self.commit)
+        # A node asks as itself: only it may publish on its own subject, which names it.
+        agent_api = [
+            (subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef, self.snapshot_url),
+            (subjects.AgentApi.UPLOAD_URLS, schemas.UploadUrlsRequest, self.upload_urls),
+            (subjects.AgentApi.COMMIT, schemas.CommitRequest, self.commit),
+        ]
+        for api, request_type, handler in agent_api:
+            await self.endpoint(subjects.any_node(api), request_type, handler, with_subject=True)
         await self.endpoint(subjects.Api.FILES_LIST, schemas.FilesListRequest, self.list_files)
         await self.endpoint(subjects.Api.FILE_URL, schemas.FileUrlRequest, self.file_url)
 
-    async def snapshot_url(self, req: schemas.RunRef) -> schemas.SnapshotUrl:
+    async def snapshot_url(self, req: schemas.RunRef, subject: str) -> schemas.SnapshotUrl:
         """What a node fetches to start the run: the snapshot, and for a retried run the checkpoint files that
-        the attempts before it synced (restored into the next attempt's working directory)."""
+        the attempts before it synced (restored into the next attempt's working directory). Only for a node the
+        run is placed on: a run's code and checkpoints are its own."""
         record = await bus.get_record(self.runs_kv, req.run_id)
+        await self._may_write(req.run_id, subjects.node_of(subject), what="fetched")
         url = await self.store.presign_get(subjects.snapshot_key(record.spec.snapshot.content_hash))
         checkpoint: dict[str, str] = {}
         last, _ = await self.events.last(req.run_id)
@@ -219,21 +230,36 @@ class ArtifactService(Service):
                 return {slot.node_id for slot in ev.placement}
         return set()
 
-    async def _may_write(self, run_id: str, node_id: str, attempt: int | None = None) -> None:
+    async def _may_write(self, run_id: str, node_id: str, attempt: int | None = None, what: str = "uploaded") -> None:
         """ConflictError unless ``node_id`` holds ranks of the run, which is placed and (given) at ``attempt``."""
         history = await self._history(run_id)
         last = history[-1] if history else None
         if last is None or last.state not in PLACED_STATES:
             state = last.state.value if last else "unknown"
-            raise ConflictError(f"run {run_id} is {state}: its files can no longer be uploaded")
+            raise ConflictError(f"run {run_id} is {state}: its files can no longer be {what}")
         if attempt is not None and lifecycle.attempt_of(last) != attempt:
-            raise ConflictError(f"run {run_id} moved on from attempt {attempt}: its files can no longer be uploaded")
+            raise ConflictError(f"run {run_id} moved on from attempt {attempt}: its files can no longer be {what}")
         if node_id not in self._placement_nodes(history):
+            self.log.warning("node_refused", run_id=run_id, node_id=node_id, files=what)
             raise ConflictError(f"node {node_id} has no ranks of run {run_id}")
 
-    async def upload_urls(self, req: schemas.UploadUrlsRequest) -> schemas.UploadUrls:
+    @staticmethod
+    def _as_caller(req_node: str, subject: str) -> str:
+        """The node a request came from: the one its subject names (only that node may publish there). A request
+        that names another node in its body is refused, not trusted."""
+        node_id = subjects.node_of(subject)
+        if req_node != node_id:
+            raise ValidationError(f"node {node_id} asked on behalf of node {req_node}: a node asks only as itself")
+        return node_id
+
+    async def dataset_urls(self, req: schemas.DatasetUrlsRequest, subject: str) -> schemas.DatasetFiles:
+        """Download URLs of a dataset the run reads, for a node the run is placed on."""
+        await self._may_write(req.run_id, subjects.node_of(subject), what="fetched")
+        return await self.datasets.urls_for_run(req)
+
+    async def upload_urls(self, req: schemas.UploadUrlsRequest, subject: str) -> schemas.UploadUrls:
         record = await bus.get_record(self.runs_kv, req.run_id)
-        await self._may_write(req.run_id, req.node_id)
+        await self._may_write(req.run_id, self._as_caller(req.node_id, subject))
         urls, multipart = {}, {}
         for f in req.files:
             check_file_name(f.name, record.spec)
@@ -248,8 +274,9 @@ class ArtifactService(Service):
                 urls[f.name] = await self.store.presign_put(key)
         return schemas.UploadUrls(urls=urls, multipart=multipart)
 
-    async def commit(self, req: schemas.CommitRequest) -> schemas.RunSummary:
+    async def commit(self, req: schemas.CommitRequest, subject: str) -> schemas.RunSummary:
         """Verify one node's files and record them; the last node's commit finalizes the run."""
+        self._as_caller(req.node_id, subject)
         record = await bus.get_record(self.runs_kv, req.run_id)
         problems, overwritten = [], []
         for name, done in req.parts.items():

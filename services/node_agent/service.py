@@ -213,7 +213,7 @@ class NodeAgentService(Service):
             if await self._append_for(run_id, build) is not None:
                 await bus.request(
                     self.nc,
-                    subjects.AgentApi.COMMIT,
+                    subjects.of_node(subjects.AgentApi.COMMIT, self.config.node_id),
                     schemas.CommitRequest(run_id=run_id, node_id=self.config.node_id, files=[]),
                     schemas.RunSummary,
                     timeout=60,

@@ -69,8 +69,8 @@ class Staging:
             # to ask the services for.
             if self.a.attempt > 1 or not archive.exists():
                 snap = await bus.request(
-                    self.ctx.nc, subjects.AgentApi.SNAPSHOT_URL, schemas.RunRef(run_id=self.run_id),
-                    schemas.SnapshotUrl,
+                    self.ctx.nc, subjects.of_node(subjects.AgentApi.SNAPSHOT_URL, self.ctx.config.node_id),
+                    schemas.RunRef(run_id=self.run_id), schemas.SnapshotUrl,
                 )  # fmt: skip
                 await asyncio.to_thread(self._fetch_snapshot, snap, archive)
             await asyncio.to_thread(self._unpack, archive)
@@ -84,7 +84,7 @@ class Staging:
         for ds in self.spec.datasets:
             urls = await bus.request(
                 self.ctx.nc,
-                subjects.AgentApi.DATASET_URLS,
+                subjects.of_node(subjects.AgentApi.DATASET_URLS, self.ctx.config.node_id),
                 schemas.DatasetUrlsRequest(run_id=self.run_id, content_hash=ds.content_hash),
                 schemas.DatasetFiles,
                 timeout=30,

@@ -63,7 +63,7 @@ class Uploads:
                 stored, inline = await asyncio.to_thread(self._read_whole, stored)
             elif stored:
                 urls = await self._patiently(
-                    subjects.AgentApi.UPLOAD_URLS,
+                    subjects.of_node(subjects.AgentApi.UPLOAD_URLS, self.node_id),
                     schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=stored),
                     schemas.UploadUrls,
                 )
@@ -85,7 +85,7 @@ class Uploads:
             )
         uploaded = time.monotonic()
         await self._patiently(
-            subjects.AgentApi.COMMIT,
+            subjects.of_node(subjects.AgentApi.COMMIT, self.node_id),
             schemas.CommitRequest(
                 run_id=self.run_id,
                 node_id=self.node_id,
@@ -141,7 +141,7 @@ class Uploads:
                     continue
                 urls = await bus.request(
                     self.ctx.nc,
-                    subjects.AgentApi.UPLOAD_URLS,
+                    subjects.of_node(subjects.AgentApi.UPLOAD_URLS, self.node_id),
                     schemas.UploadUrlsRequest(
                         run_id=self.run_id, node_id=self.node_id, files=changed, allow_multipart=False
                     ),
