@@ -62,6 +62,15 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class AppendInDoubt(TimeoutError):
+    """An append that was sent but never answered (the bus went away, or its answer came too late): the event may
+    be stored or not. Transient like any timeout; ``RunEventLog.stored`` tells which, once the bus answers."""
+
+    def __init__(self, run_id: str, event: schemas.RunEvent, after: int, cause: BaseException) -> None:
+        super().__init__(f"run {run_id}: no answer to appending {type(event).__name__} ({cause!r})")
+        self.run_id, self.event, self.after, self.cause = run_id, event, after, cause
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` comes from the bus being away for a while (retry), not from a bug or bad input."""
     return isinstance(exc, TRANSIENT_ERRORS)
@@ -314,6 +323,19 @@ class RunEventLog:
         assert raw.data is not None and raw.seq is not None
         return schemas.run_event_decoder.decode(raw.data), raw.seq
 
+    async def stored(self, doubt: AppendInDoubt) -> tuple[schemas.RunEvent, int] | None:
+        """The event of an append in doubt and its stream sequence, if it was stored; else None. Compare-and-set
+        means it can only be the run's first event after the one it was appended to."""
+        try:
+            raw = await self._js.get_msg(
+                subjects.EVENTS_STREAM, seq=doubt.after + 1, subject=subjects.run_events(doubt.run_id), next=True
+            )
+        except JsNotFound:
+            return None
+        assert raw.data is not None and raw.seq is not None
+        event = schemas.run_event_decoder.decode(raw.data)
+        return (event, raw.seq) if event.event_id == doubt.event.event_id else None
+
     async def append(
         self,
         run_id: str,
@@ -325,7 +347,8 @@ class RunEventLog:
 
         ``known`` is the caller's idea of the last event and its stream sequence (a consumer has it already): it
         saves a round trip, and if it is stale the compare-and-set fails and the real last event is read.
-        Raises ConflictError when the event would be an illegal transition.
+        Raises ConflictError when the event would be an illegal transition, and AppendInDoubt when the event was
+        sent but its answer never came.
         """
         stored = await self.append_at(run_id, build, attempts, known)
         return None if stored is None else stored[0]
@@ -354,6 +377,8 @@ class RunEventLog:
             except APIError as exc:
                 if exc.err_code not in WRONG_LAST_SEQUENCE:
                     raise
+            except TRANSIENT_ERRORS as exc:
+                raise AppendInDoubt(run_id, event, seq, exc) from exc
         raise ConflictError(f"run {run_id}: too much contention appending an event")
 
     async def append_many(
@@ -365,7 +390,7 @@ class RunEventLog:
         raise."""
         results: list[schemas.RunEvent | BaseException | None] = [None] * len(items)
         slow: list[int] = []
-        batch: list[tuple[int, schemas.RunEvent, tuple[str, bytes, dict[str, str]]]] = []
+        batch: list[tuple[int, schemas.RunEvent, int, tuple[str, bytes, dict[str, str]]]] = []
         for i, (run_id, build, known) in enumerate(items):
             if known is None:
                 slow.append(i)
@@ -377,13 +402,15 @@ class RunEventLog:
                 results[i] = exc
                 continue
             if event is not None:
-                batch.append((i, event, _after_message(run_id, event, seq)))
-        errors = await pipeline.publish([message for _, _, message in batch])
-        for (i, event, _), error in zip(batch, errors, strict=True):
+                batch.append((i, event, seq, _after_message(run_id, event, seq)))
+        errors = await pipeline.publish([message for *_, message in batch])
+        for (i, event, seq, _), error in zip(batch, errors, strict=True):
             if error is None:
                 results[i] = event
             elif isinstance(error, APIError) and error.err_code in WRONG_LAST_SEQUENCE:
                 slow.append(i)  # someone wrote first: read what they wrote, and decide again
+            elif is_transient(error):
+                results[i] = AppendInDoubt(items[i][0], event, seq, error)
             else:
                 results[i] = error
 
@@ -578,8 +605,9 @@ class Pipeline:
     message). nats-py's publish_async would do, but an error ack (a failed compare-and-set) never resolves its
     future there (nats-io/nats.py#985: APIError.from_error raises instead of returning)."""
 
-    def __init__(self, nc: NATS) -> None:
+    def __init__(self, nc: NATS, timeout: float = 10.0) -> None:
         self._nc = nc
+        self.timeout = timeout  # for a batch's acks, all together
         self._prefix = ""
         self._next = 0
         self._waiting: dict[str, asyncio.Future[_Ack]] = {}
@@ -608,9 +636,7 @@ class Pipeline:
         except Exception as exc:
             future.set_exception(exc)
 
-    async def publish(
-        self, messages: list[tuple[str, bytes, dict[str, str]]], timeout: float = 10.0
-    ) -> list[BaseException | None]:
+    async def publish(self, messages: list[tuple[str, bytes, dict[str, str]]]) -> list[BaseException | None]:
         """Publish ``(subject, payload, headers)``: all go out before any ack is awaited, and the acks are
         awaited together, for ``timeout`` at most. Each result is None (stored) or the error; a missing ack is a
         TimeoutError (the message may still have been stored: only idempotent writes may be sent again)."""
@@ -633,7 +659,7 @@ class Pipeline:
             except Exception as exc:  # not sent (the connection is away): the ones after it are tried all the same
                 self._waiting.pop(reply, None)
                 future.set_exception(exc)
-        _, pending = await asyncio.wait(futures, timeout=timeout)
+        _, pending = await asyncio.wait(futures, timeout=self.timeout)
         results: list[BaseException | None] = []
         for reply, future in zip(replies, futures, strict=True):
             if future in pending:  # its reply is not waited for any more

@@ -191,6 +191,19 @@ def test_the_scheduler_state_comes_in_pages_that_each_fit_a_nats_message(cluster
     eventually(lambda: not any(s.advert.compute_target == target for s in ws._scheduler_state().nodes), 30)
 
 
+def _as_the_scheduler(home: Path, experiment: str):
+    """The scheduler's bus user, and the spec of a run for a compute target no node serves (it stays queued)."""
+    from shared import schemas
+    from shared.settings import BusSettings
+
+    env = json.loads((home / "cluster" / "process-env.json").read_text())["scheduler"]
+    settings = BusSettings(url=env["CADRE_NATS_URL"], user="scheduler", password=env["CADRE_NATS_PASSWORD"])
+    snap = schemas.SnapshotRef(content_hash="0" * 64, size=1, file_count=1, md5="0" * 32)
+    return settings, schemas.RunSpec(
+        experiment=experiment, entry_script="t.py", compute_target="nowhere", snapshot=snap
+    )
+
+
 def test_pipelined_appends_keep_compare_and_set_per_run(cluster_home: Path, ws: Workspace) -> None:
     """RunEventLog.append_many (the scheduler writes a pass's placements with it): a run whose known last event is
     current is appended at once, one whose known event is stale or unknown is read again and still appended once,
@@ -199,13 +212,9 @@ def test_pipelined_appends_keep_compare_and_set_per_run(cluster_home: Path, ws: 
     import uuid
 
     from shared import bus, lifecycle, schemas
-    from shared.settings import BusSettings
     from shared.states import RunState
 
-    env = json.loads((cluster_home / "cluster" / "process-env.json").read_text())["scheduler"]
-    settings = BusSettings(url=env["CADRE_NATS_URL"], user="scheduler", password=env["CADRE_NATS_PASSWORD"])
-    snap = schemas.SnapshotRef(content_hash="0" * 64, size=1, file_count=1, md5="0" * 32)
-    spec = schemas.RunSpec(experiment="pipe", entry_script="t.py", compute_target="nowhere", snapshot=snap)
+    settings, spec = _as_the_scheduler(cluster_home, "pipe")
 
     async def go() -> None:
         nc = await bus.connect(settings)
@@ -249,3 +258,63 @@ def test_pipelined_appends_keep_compare_and_set_per_run(cluster_home: Path, ws: 
 
     asyncio.run(go())
     eventually(lambda: not any(q.run_id.startswith("pipe_") for q in ws._scheduler_state().queue))
+
+
+def test_an_append_whose_ack_is_lost_is_in_doubt_until_the_log_says_whether_it_was_stored(
+    cluster_home: Path, ws: Workspace
+) -> None:
+    """The scheduler's Assigned whose ack never came (the bus went away after storing it) must not leave the run
+    placed with no node told: the append says it is in doubt, and RunEventLog.stored settles it from the log.
+    Here the acks are lost for real: the pipeline stops waiting for them before they can arrive."""
+    import asyncio
+    import uuid
+
+    from shared import bus, lifecycle, schemas
+    from shared.states import RunState
+
+    settings, spec = _as_the_scheduler(cluster_home, "doubt")
+
+    async def go() -> None:
+        nc = await bus.connect(settings)
+        events = bus.RunEventLog(nc.jetstream())
+        ids = [f"doubt_{k}_{uuid.uuid4().hex[:8]}" for k in ("stored", "overtaken")]
+        try:
+            for run_id in ids:
+                submitted = lifecycle.event(schemas.Submitted, run_id, experiment="doubt", compute_target="nowhere",
+                                            entry_script="t.py")  # fmt: skip
+                await events.begin(run_id, [submitted])
+            known = [await events.last(run_id) for run_id in ids]
+
+            def queue(run_id: str):
+                return lifecycle.append_if(lifecycle.in_state(RunState.NOT_STARTED), schemas.Queued, run_id,
+                                           spec=spec, reason="in doubt")  # fmt: skip
+
+            lost = await events.append_many([(r, queue(r), k) for r, k in zip(ids, known, strict=True)],
+                                            bus.Pipeline(nc, timeout=0))  # fmt: skip
+            assert all(isinstance(d, bus.AppendInDoubt) and bus.is_transient(d) for d in lost), lost
+            doubts: list[bus.AppendInDoubt] = lost  # type: ignore[assignment]
+            assert [d.after for d in doubts] == [k[1] for k in known]
+            # Stored after all: the log says so, with the event as it was sent and where it went.
+            stored = await eventually_async(lambda: events.stored(doubts[0]))
+            assert stored[0] == doubts[0].event and stored[1] > known[0][1]
+            # An event that never went out, where the run moved on without it (canceled): not stored.
+            never = lifecycle.event(schemas.Queued, ids[1], spec=spec, reason="never sent")
+            moved = bus.AppendInDoubt(ids[1], never, (await events.last(ids[1]))[1], TimeoutError())
+            await events.append(ids[1], lifecycle.append_if(lifecycle.undecided(), schemas.Canceled, ids[1]))
+            assert await events.stored(moved) is None
+            nothing_after = bus.AppendInDoubt(ids[1], never, (await events.last(ids[1]))[1], TimeoutError())
+            assert await events.stored(nothing_after) is None
+        finally:  # no run of this test stays queued for the tests after it (the cluster is shared)
+            for run_id in ids:
+                await events.append(run_id, lifecycle.append_if(lifecycle.undecided(), schemas.Canceled, run_id))
+            await nc.close()
+
+    async def eventually_async(fn, timeout: float = 10.0):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (value := await fn()) is None:
+            assert asyncio.get_running_loop().time() < deadline, "not stored"
+            await asyncio.sleep(0.02)
+        return value
+
+    asyncio.run(go())
+    eventually(lambda: not any(q.run_id.startswith("doubt_") for q in ws._scheduler_state().queue))

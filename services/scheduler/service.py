@@ -308,7 +308,9 @@ class SchedulerService(Service):
         fatal: BaseException | None = None
         for (record, placement), result in zip(placed, results, strict=True):
             run_id = record.run_id
-            if isinstance(result, BaseException) and not isinstance(result, ConflictError):
+            if isinstance(result, bus.AppendInDoubt):  # its slots stay held until the log says whether it is placed
+                self.spawn(self._settle(record, placement, result), f"settle_{run_id}")
+            elif isinstance(result, BaseException) and not isinstance(result, ConflictError):
                 self.allocations.pop(run_id, None)
                 if bus.is_transient(result):
                     self._requeue(record, "assign", result)
@@ -325,6 +327,21 @@ class SchedulerService(Service):
             self.log.info("run_assigned", run_id=record.run_id, nodes=sorted({s.node_id for s in placement}))
         if fatal is not None:
             raise fatal
+
+    async def _settle(
+        self, record: schemas.RunRecord, placement: list[schemas.RankSlot], doubt: bus.AppendInDoubt
+    ) -> None:
+        """An Assigned event whose answer was lost may have been stored. If it was, the run is placed and its nodes
+        must hear of it (the event watcher may have seen it already, while the slots were still held for it: it
+        sends nothing then); if not, the run goes back to its place in the queue. Read once the bus answers."""
+        stored = await bus.outlast(lambda: self.events.stored(doubt))
+        run_id = record.run_id
+        if stored is None:
+            self.allocations.pop(run_id, None)
+            self._requeue(record, "assign", doubt.cause)
+        elif self.allocations.get(run_id) is not None:  # (not if the run ended meanwhile)
+            self.log.info("assignment_settled", run_id=run_id)
+            await self._send_assignments(record, placement, lifecycle.attempt_of(stored[0]))
 
     def _assignments(
         self, record: schemas.RunRecord, placement: list[schemas.RankSlot], attempt: int
