@@ -118,7 +118,8 @@ def flood_ranks(ranks: int = 16, lines: int = 1_000_000) -> list[dict[str, objec
 
 def upload(ws: Workspace, home: Path, mb: int, repeats: int = 3) -> list[dict[str, object]]:
     """The upload phase of a run (node finished -> files verified and committed) against a raw fput_object of a
-    file of the same size to the same server; medians over ``repeats`` alternating samples."""
+    file of the same size to the same server; medians over ``repeats`` alternating samples. Both upload a file
+    written just before, as a job's output is: the page cache still writes it back while it uploads."""
     env = json.loads((home / "cluster" / "process-env.json").read_text())["artifact"]
     client = Minio(env["CADRE_S3_ENDPOINT"], env["CADRE_S3_ACCESS_KEY"], env["CADRE_S3_SECRET_KEY"],
                    secure=False, region="us-east-1")  # fmt: skip
@@ -126,21 +127,25 @@ def upload(ws: Workspace, home: Path, mb: int, repeats: int = 3) -> list[dict[st
     with tempfile.TemporaryDirectory() as src, tempfile.TemporaryDirectory() as tmp:
         Path(src, "write.py").write_text(WRITE.format(mb=mb))  # the job's folder holds only the script
         raw = Path(tmp, "raw.bin")
-        block = os.urandom(1 << 20)
-        with open(raw, "wb") as fh:
-            for _ in range(mb):
-                fh.write(block)
 
-        def timed(fn: Callable[[], object]) -> float:
+        def timed(fn: Callable[[], object], written_first: bool = False) -> float:
             os.sync()  # no sample pays for the dirty pages of the one before it
+            if written_first:  # as the job writes its output (WRITE), right before it is uploaded
+                block = os.urandom(1 << 20)
+                with open(raw, "wb") as fh:
+                    for _ in range(mb):
+                        fh.write(block)
             t0 = time.perf_counter()
             fn()
             return time.perf_counter() - t0
 
+        def raw_upload() -> float:
+            return timed(lambda: client.fput_object("cadre", "bench/raw.bin", str(raw)), written_first=True)
+
         for i in range(repeats):
             raw_first = i % 2 == 1  # alternate which goes first
             if raw_first:
-                raw_s.append(timed(lambda: client.fput_object("cadre", "bench/raw.bin", str(raw))))
+                raw_s.append(raw_upload())
             os.sync()
             run = Experiment(ws, "bench-upload").submit(Estimator(source_directory=src, entry_script="write.py"))
             run.wait_for_completion()
@@ -149,7 +154,7 @@ def upload(ws: Workspace, home: Path, mb: int, repeats: int = 3) -> list[dict[st
             committed = next(e.at for e in events if isinstance(e, schemas.NodeCommitted))
             cadre_s.append(committed - finished)
             if not raw_first:
-                raw_s.append(timed(lambda: client.fput_object("cadre", "bench/raw.bin", str(raw))))
+                raw_s.append(raw_upload())
             # streamed, SHA-256 verified
             cadre_down = timed(lambda run=run: run.download_file("outputs/big.bin", Path(tmp, "down.bin")))
             raw_down = timed(lambda: client.fget_object("cadre", "bench/raw.bin", str(Path(tmp, "raw-down.bin"))))
@@ -169,7 +174,7 @@ def upload(ws: Workspace, home: Path, mb: int, repeats: int = 3) -> list[dict[st
         {"metric": f"artifact upload of a {mb} MB output vs raw fput_object", "value": ratio, "unit": "x",
          "target": ">= 0.95", "ok": ratio >= 0.95,  # issue #16: uploads stay at least 0.95x
          "note": f"medians of {repeats}: cadre {mb / c:.0f} MB/s (sha256 while uploading, presigned multipart, "
-                 f"verify, commit) vs raw {mb / r:.0f} MB/s"},
+                 f"verify, commit) vs raw {mb / r:.0f} MB/s, each of a file just written"},
     ]  # fmt: skip
 
 
