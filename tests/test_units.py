@@ -524,3 +524,27 @@ def test_a_copy_replaced_by_another_nodes_is_a_warning_and_one_nobody_wrote_fail
                {"outputs/m.txt": broken})  # fmt: skip
     assert d.outcome == "failed" and d.error is not None and d.error.code == "upload_failed"
     assert d.error.message == "files from n0 failed verification: outputs/m.txt does not match what n0 uploaded"
+
+
+def test_the_live_log_sync_ends_once_stopped_even_if_its_cancel_was_lost(tmp_path: Path) -> None:
+    """A run's end waits for its live sync: on Python 3.11 a cancel that comes as a reply does is dropped by
+    asyncio.wait_for (inside nats' request), so the loop must end on its stop flag alone, or the run waits forever
+    (seen: a node's run retried on the same node sat for 60 s, then the old attempt stopped the new one's rank)."""
+    from services.node_agent import uploads
+
+    snap = schemas.SnapshotRef(content_hash="0" * 64, size=1, file_count=1, md5="0" * 32)
+    spec = schemas.RunSpec(experiment="e", entry_script="t.py", snapshot=snap)
+    assignment = schemas.Assignment(run_id="r_1_x", node_id="n", spec=spec, placement=[])
+    ctx = types.SimpleNamespace(config=types.SimpleNamespace(node_id="n"))
+    sync = uploads.Uploads(ctx, assignment, tmp_path, is_master=True, log=None)  # type: ignore[arg-type]
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(sync.sync_loop())
+        await asyncio.sleep(0.1)
+        t0 = loop.time()
+        sync.stop_sync()  # and no cancel: as if it had been lost
+        await asyncio.wait_for(task, uploads.LOG_SYNC_INTERVAL + 1)
+        return loop.time() - t0
+
+    assert asyncio.run(go()) <= uploads.LOG_SYNC_INTERVAL + 0.5

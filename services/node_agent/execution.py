@@ -472,6 +472,7 @@ class Execution:
                 self.shim.kill()
                 await forwarder
         finally:
+            self.uploads.stop_sync()
             for task in (*stoppers, syncer, watcher):
                 task.cancel()
             if not all_done.done():

@@ -129,12 +129,16 @@ class Uploads:
     async def sync_loop(self) -> None:
         """While the ranks run, upload what changed under logs/ every few seconds (TensorBoard reads it live).
 
-        Cancelled once the ranks are done; it returns only after its PUTs in flight have landed, so none of them
-        can overwrite the final upload of the same file with an older, shorter copy.
+        Stopped (``stop_sync``, then cancelled) once the ranks are done; it returns only after its PUTs in flight
+        have landed, so none of them can overwrite the final upload of the same file with an older, shorter copy.
+        The flag, not the cancel alone, ends it: asyncio.wait_for on Python 3.11 (inside nats' request) drops a
+        cancel that comes as its reply does, and the loop went on syncing, its run waiting for it forever.
         """
         seen: dict[str, tuple[int, int]] = {}
-        while True:
+        while not self._sync_stopped.is_set():
             await asyncio.sleep(LOG_SYNC_INTERVAL)
+            if self._sync_stopped.is_set():
+                return
             try:
                 changed = await asyncio.to_thread(self._changed_logs, seen)
                 if not changed:
@@ -157,6 +161,10 @@ class Uploads:
                     raise
             except (CadreError, OSError) as exc:  # the final upload at the end stores everything anyway
                 self.log.warning("logs_sync_failed", error=str(exc))
+
+    def stop_sync(self) -> None:
+        """The ranks are done: the live sync starts no new request (and its threads no new PUT)."""
+        self._sync_stopped.set()
 
     def _changed_logs(self, seen: dict[str, tuple[int, int]]) -> list[schemas.FileEntry]:
         """What changed under logs/ and the checkpoint folder (a retry restores the latter)."""
