@@ -326,15 +326,11 @@ class RunEventLog:
     async def stored(self, doubt: AppendInDoubt) -> tuple[schemas.RunEvent, int] | None:
         """The event of an append in doubt and its stream sequence, if it was stored; else None. Compare-and-set
         means it can only be the run's first event after the one it was appended to."""
-        try:
-            raw = await self._js.get_msg(
-                subjects.EVENTS_STREAM, seq=doubt.after + 1, subject=subjects.run_events(doubt.run_id), next=True
-            )
-        except JsNotFound:
-            return None
-        assert raw.data is not None and raw.seq is not None
-        event = schemas.run_event_decoder.decode(raw.data)
-        return (event, raw.seq) if event.event_id == doubt.event.event_id else None
+        subject = subjects.run_events(doubt.run_id)
+        async for raw in messages_after(self._js, subjects.EVENTS_STREAM, subject, doubt.after):
+            event = schemas.run_event_decoder.decode(raw.data)
+            return (event, raw.seq) if event.event_id == doubt.event.event_id else None
+        return None
 
     async def append(
         self,

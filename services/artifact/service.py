@@ -161,11 +161,11 @@ class ArtifactService(Service):
         await self.endpoint(subjects.Api.DATASET_REGISTER, schemas.DatasetRegisterRequest, datasets.register)
         await self.endpoint(subjects.Api.DATASET_GET, schemas.DatasetRef, datasets.get)
         await self.endpoint(subjects.Api.DATASET_LIST, schemas.Empty, datasets.list)
+        self.datasets = datasets
         await self.endpoint(
             subjects.any_node(subjects.AgentApi.DATASET_URLS), schemas.DatasetUrlsRequest, self.dataset_urls,
             with_subject=True,
         )  # fmt: skip
-        self.datasets = datasets
         psub = await self.js.pull_subscribe(
             subjects.all_run_events(),
             durable="artifact",
@@ -189,11 +189,10 @@ class ArtifactService(Service):
         the attempts before it synced (restored into the next attempt's working directory). Only for a node the
         run is placed on: a run's code and checkpoints are its own."""
         record = await bus.get_record(self.runs_kv, req.run_id)
-        await self._may_write(req.run_id, subjects.node_of(subject), what="fetched")
+        last = await self._placed_on(req.run_id, subjects.node_of(subject), what="fetched")
         url = await self.store.presign_get(subjects.snapshot_key(record.spec.snapshot.content_hash))
         checkpoint: dict[str, str] = {}
-        last, _ = await self.events.last(req.run_id)
-        if last is not None and lifecycle.attempt_of(last) > 1:
+        if lifecycle.attempt_of(last) > 1:
             prefix = subjects.run_file_prefix(req.run_id)
             for key, _size, _etag in await self.store.list(f"{prefix}{record.spec.checkpoint_folder}/"):
                 checkpoint[key[len(prefix) :]] = await self.store.presign_get(key)
@@ -230,8 +229,11 @@ class ArtifactService(Service):
                 return {slot.node_id for slot in ev.placement}
         return set()
 
-    async def _may_write(self, run_id: str, node_id: str, attempt: int | None = None, what: str = "uploaded") -> None:
-        """ConflictError unless ``node_id`` holds ranks of the run, which is placed and (given) at ``attempt``."""
+    async def _placed_on(
+        self, run_id: str, node_id: str, attempt: int | None = None, what: str = "uploaded"
+    ) -> schemas.RunEvent:
+        """The run's last event; ConflictError unless ``node_id`` holds ranks of the run, which is placed and
+        (given) at ``attempt``. ``what`` the node may do with the run's files then: they are no longer ``what``."""
         history = await self._history(run_id)
         last = history[-1] if history else None
         if last is None or last.state not in PLACED_STATES:
@@ -242,6 +244,7 @@ class ArtifactService(Service):
         if node_id not in self._placement_nodes(history):
             self.log.warning("node_refused", run_id=run_id, node_id=node_id, files=what)
             raise ConflictError(f"node {node_id} has no ranks of run {run_id}")
+        return last
 
     @staticmethod
     def _as_caller(req_node: str, subject: str) -> str:
@@ -254,12 +257,12 @@ class ArtifactService(Service):
 
     async def dataset_urls(self, req: schemas.DatasetUrlsRequest, subject: str) -> schemas.DatasetFiles:
         """Download URLs of a dataset the run reads, for a node the run is placed on."""
-        await self._may_write(req.run_id, subjects.node_of(subject), what="fetched")
+        await self._placed_on(req.run_id, subjects.node_of(subject), what="fetched")
         return await self.datasets.urls_for_run(req)
 
     async def upload_urls(self, req: schemas.UploadUrlsRequest, subject: str) -> schemas.UploadUrls:
         record = await bus.get_record(self.runs_kv, req.run_id)
-        await self._may_write(req.run_id, self._as_caller(req.node_id, subject))
+        await self._placed_on(req.run_id, self._as_caller(req.node_id, subject))
         urls, multipart = {}, {}
         for f in req.files:
             check_file_name(f.name, record.spec)
@@ -331,7 +334,7 @@ class ArtifactService(Service):
             if entry is None or not _same(entry, files.digest_bytes(name, data)):
                 raise ValidationError(f"the inline file {name} does not match its entry in files")
         try:
-            await self._may_write(req.run_id, req.node_id, req.attempt)
+            await self._placed_on(req.run_id, req.node_id, req.attempt)
         except ConflictError as exc:
             self.log.info("inline_files_not_stored", run_id=req.run_id, node_id=req.node_id, reason=str(exc))
             return

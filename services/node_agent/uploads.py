@@ -135,7 +135,7 @@ class Uploads:
         cancel that comes as its reply does, and the loop went on syncing, its run waiting for it forever.
         """
         seen: dict[str, tuple[int, int]] = {}
-        while not self._sync_stopped.is_set():
+        while True:
             await asyncio.sleep(LOG_SYNC_INTERVAL)
             if self._sync_stopped.is_set():
                 return
