@@ -126,7 +126,7 @@ def main() -> int:
             rows += scheduler.run(home, quick)
         finally:
             _local.down(home=home)
-    rows += cluster_costs.idle_cost(10 if quick else 30)
+    rows += cluster_costs.idle_cost(30)  # 100 Hz ticks: a shorter window is too coarse for a 1% target
     rows += transfer.flood_ranks()
     rows += decisions.run(quick)
     add_ray(rows, quick)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import os
+import selectors
+import socket
 import statistics
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -36,6 +37,15 @@ def _opener(ws: Workspace, next_page: str = "/") -> urllib.request.OpenerDirecto
     body = body.encode()
     opener.open(urllib.request.Request(f"{ws.profile.portal_url}/login", data=body), timeout=10)
     return opener
+
+
+def _cookie(ws: Workspace) -> str:
+    """A logged-in browser's session cookie (``name=value``)."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    body = urllib.parse.urlencode({"user": ws.profile.user, "password": ws.profile.password, "next": "/login"})
+    opener.open(urllib.request.Request(f"{ws.profile.portal_url}/login", data=body.encode()), timeout=10)
+    return "; ".join(f"{c.name}={c.value}" for c in jar)
 
 
 def experiment_page(ws: Workspace, project: Path, runs: int) -> list[float]:
@@ -86,52 +96,99 @@ def browser_latency(ws: Workspace, project: Path) -> list[float]:
     return delays
 
 
+class _Follower:
+    """One browser's log stream, read raw off its socket: the HTTP/1.1 chunked body, split into SSE lines."""
+
+    def __init__(self, base: str, path: str, cookie: str) -> None:
+        url = urllib.parse.urlsplit(base)
+        self.sock = socket.create_connection((url.hostname, url.port or 80), timeout=10)
+        request = f"GET {path} HTTP/1.1\r\nHost: {url.netloc}\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n"
+        self.sock.sendall(request.encode())
+        self.sock.setblocking(False)
+        self.raw = b""
+        self.body = b""
+        self.headers_done = False
+        self.lines = 0
+
+    def read(self) -> bool:
+        """What arrived; False once the server closed the stream."""
+        try:
+            data = self.sock.recv(1 << 16)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self.raw += data
+        if not self.headers_done:
+            head, sep, rest = self.raw.partition(b"\r\n\r\n")
+            if not sep:
+                return True
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"the portal answered the log stream with {head.splitlines()[0]!r}")
+            self.raw, self.headers_done = rest, True
+        while True:  # chunked transfer coding: <hex size>\r\n<data>\r\n
+            size_line, sep, rest = self.raw.partition(b"\r\n")
+            if not sep:
+                break
+            size = int(size_line.split(b";")[0], 16)
+            if len(rest) < size + 2:
+                break
+            self.body += rest[:size]
+            self.raw = rest[size + 2 :]
+        *complete, self.body = self.body.split(b"\n")
+        for line in complete:
+            if line.startswith(b"data: "):
+                self.lines += len(json.loads(line[6:])["lines"])
+        return True
+
+
 def followers_cost(
     ws: Workspace, home: Path, project: Path, clients: int, seconds: float, repeats: int = 3
 ) -> tuple[float, int]:
     """CPU of every process of the cluster (the services, the agents, nats-server and the S3 server) while
     ``clients`` follow one run's log stream, minus the same run alone. What is measured is following: the browsers
-    have logged in before, and each has had its first lines (its replay is done) when the measurement starts."""
+    have logged in before, and each has had its first lines (its replay is done) when the measurement starts.
+    The browsers are one thread reading every stream off its socket (a selector): fifty reading threads on a
+    2-CPU machine took CPU from what they measured, and their switches made its work slower."""
     procs = json.loads((home / "cluster" / "state.json").read_text())["processes"]
     pids = [p["pid"] for p in procs]
 
     def cpu_during(followers: int) -> tuple[float, int]:
-        openers = [_opener(ws, next_page="/login") for _ in range(followers)]  # (a login lands on a light page)
+        cookies = [_cookie(ws) for _ in range(followers)]
         run = Experiment(ws, "bench-portal").submit(Estimator(project, "printer.py"))
-        got = [0] * followers
-        stop = threading.Event()
-        following = threading.Semaphore(0)
+        streams = [_Follower(ws.profile.portal_url or "", f"/runs/{run.id}/logs/stream", c) for c in cookies]
+        selector = selectors.DefaultSelector()
+        for stream in streams:
+            selector.register(stream.sock, selectors.EVENT_READ, stream)
 
-        def follow(i: int) -> None:
-            with openers[i].open(f"{ws.profile.portal_url}/runs/{run.id}/logs/stream", timeout=60) as stream:
-                while not stop.is_set():
-                    line = stream.readline()
-                    if not line:
-                        return
-                    if line.startswith(b"data: "):
-                        if not got[i]:
-                            following.release()
-                        got[i] += len(json.loads(line[6:])["lines"])
+        def pump(until: float, stop_when_all_had_lines: bool = False) -> None:
+            while time.monotonic() < until:
+                if stop_when_all_had_lines and all(s.lines for s in streams):
+                    return
+                for key, _ in selector.select(timeout=0.5):
+                    if not key.data.read():
+                        raise RuntimeError(f"the portal closed a log stream of run {run.id}")
 
-        threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(followers)]
-        for t in threads:
-            t.start()
-        for _ in range(followers):
-            if not following.acquire(timeout=60):
+        try:
+            pump(time.monotonic() + 60, stop_when_all_had_lines=True)
+            if not all(s.lines for s in streams):
                 raise RuntimeError(f"not every one of {followers} browsers got a line of run {run.id} within 60 s")
-        time.sleep(2)  # the run (and, alone, its start) is past its first lines
-        before = sum(_ticks_and_rss(pid)[0] for pid in pids)
-        t0 = time.monotonic()
-        time.sleep(seconds)
-        used = (sum(_ticks_and_rss(pid)[0] for pid in pids) - before) / os.sysconf("SC_CLK_TCK")
-        elapsed = time.monotonic() - t0
-        stop.set()
-        run.cancel()
-        run.wait_for_completion(raise_on_error=False)
-        return used / elapsed * 100, min(got) if got else 0
+            pump(time.monotonic() + 2)  # the run (and, alone, its start) is past its first lines
+            before = sum(_ticks_and_rss(pid)[0] for pid in pids)
+            t0 = time.monotonic()
+            pump(t0 + seconds)
+            used = (sum(_ticks_and_rss(pid)[0] for pid in pids) - before) / os.sysconf("SC_CLK_TCK")
+            elapsed = time.monotonic() - t0
+        finally:
+            for stream in streams:
+                selector.unregister(stream.sock)
+                stream.sock.close()
+            selector.close()
+            run.cancel()
+            run.wait_for_completion(raise_on_error=False)
+        return used / elapsed * 100, min((s.lines for s in streams), default=0)
 
-    # Alternating pairs, the median of their differences: one pair swings 3-12 % on a 2-CPU machine, where the
-    # 50 reading clients share the CPUs with what they measure.
+    # Alternating pairs, the median of their differences: one pair swings 3-12 % on a 2-CPU machine.
     costs, least = [], None
     for _ in range(repeats):
         alone, _ = cpu_during(0)

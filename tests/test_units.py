@@ -451,7 +451,9 @@ def test_allocations_keep_each_nodes_use_as_runs_come_and_go() -> None:
     allocations["gang"] = gang
     assert (state.used_slots, state.used_gpus, allocations.state_of(b).used_slots) == (3, {1, 2, 3}, 2)
     allocations["gang"] = gang  # written again (a restarted scheduler re-reads it): counted once
+    assert allocations.runs_on({"a"}) == {"early", "gang"} and allocations.runs_on({"b", "c"}) == {"gang"}
     assert state.used_slots == 3 and allocations.pop("gang") is gang and allocations.pop("gang") is None
+    assert allocations.runs_on({"a", "b"}) == {"early"}
     assert (state.used_slots, state.used_gpus, allocations.state_of(b).free_slots) == (1, {1}, 4)
     newer = msgspec.structs.replace(a, heartbeat_at=a.heartbeat_at + 2)
     assert allocations.state_of(newer) is state and state.advert is newer

@@ -26,4 +26,4 @@ def parse_grace(argv: list[str]) -> float:
 
 if __name__ == "__main__":
     grace = parse_grace(sys.argv[1:])
-    main(lambda: SchedulerService.from_env(grace))
+    main(lambda: SchedulerService.from_env(grace), uvloop=True)

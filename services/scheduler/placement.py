@@ -196,20 +196,25 @@ class Allocations(dict[str, list[schemas.RankSlot]]):
         self.slots: dict[str, int] = {}
         self.gpus: dict[str, dict[int, int]] = {}  # node -> GPU index -> how many placements hold it
         self.states: dict[str, NodeState] = {}
+        self._runs: dict[str, set[str]] = {}  # node -> the runs with ranks on it (a node lost touches only those)
 
     def __setitem__(self, run_id: str, placement: list[schemas.RankSlot]) -> None:
         self.pop(run_id, None)
         super().__setitem__(run_id, placement)
-        self._count(placement, 1)
+        self._count(run_id, placement, 1)
 
     def pop(self, run_id: str, default: Any = None) -> Any:
         placement = super().pop(run_id, _MISSING)
         if placement is _MISSING:
             return default
-        self._count(placement, -1)
+        self._count(run_id, placement, -1)
         return placement
 
-    def _count(self, placement: list[schemas.RankSlot], step: int) -> None:
+    def runs_on(self, nodes: set[str]) -> set[str]:
+        """The runs holding slots on any of ``nodes``."""
+        return set().union(*(self._runs.get(node, ()) for node in nodes))
+
+    def _count(self, run_id: str, placement: list[schemas.RankSlot], step: int) -> None:
         touched = set()
         for slot in placement:
             node = slot.node_id
@@ -222,6 +227,12 @@ class Allocations(dict[str, list[schemas.RankSlot]]):
                     if not held[gpu]:
                         del held[gpu]
         for node in touched:
+            if step > 0:
+                self._runs.setdefault(node, set()).add(run_id)
+            elif (runs := self._runs.get(node)) is not None:
+                runs.discard(run_id)
+                if not runs:
+                    del self._runs[node]
             if not self.slots.get(node):
                 self.slots.pop(node, None)
             if node in self.gpus and not self.gpus[node]:

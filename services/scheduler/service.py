@@ -552,10 +552,10 @@ class SchedulerService(Service):
 
     async def _nodes_gone(self, gone: set[str]) -> None:
         """Record the loss on every run that had ranks there: runs concurrently, each run's losses in order."""
+        # Through the node -> runs index: a fleet that loses a thousand nodes at once must not go over every
+        # running run for each of them.
         affected = [
-            (run_id, nodes)
-            for run_id, placement in list(self.allocations.items())
-            if (nodes := {s.node_id for s in placement}) & gone
+            (run_id, {s.node_id for s in self.allocations[run_id]}) for run_id in sorted(self.allocations.runs_on(gone))
         ]
         limit = asyncio.Semaphore(LOST_CONCURRENCY)
 
