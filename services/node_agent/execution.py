@@ -49,8 +49,8 @@ from services.node_agent.supervision import (
 )
 from services.node_agent.uploads import FINISH_PATIENCE, Uploads
 from shared import bus, lifecycle, schemas, subjects
-from shared.errors import CadreError, ConflictError
-from shared.states import Cause, RunState
+from shared.errors import CadreError, ConflictError, NotFoundError
+from shared.states import PLACED_STATES, Cause, RunState
 
 RENDEZVOUS_TIMEOUT = 120.0
 DISK_FULL_BYTES = 1 << 20  # a rank's failure with less than this free in the work dir is the disk's
@@ -80,6 +80,15 @@ class NodeContext:
     host_id: str  # which machine this is (agents sharing one host share it)
     launcher: ShimLauncher  # forks the runs' shims
     run_bus: Callable[[str], Awaitable[Client]] | None = None  # a run's own connection; None: the agent's
+
+
+def placed_here(history: list[schemas.RunEvent], node_id: str, attempt: int) -> bool:
+    """Whether an assignment of ``attempt`` is still this node's to run: the run is placed, in that attempt, and
+    this node has not finished its part of it."""
+    if not history or history[-1].state not in PLACED_STATES or lifecycle.attempt_of(history[-1]) != attempt:
+        return False
+    current = lifecycle.current_attempt(history)
+    return not any(isinstance(e, schemas.NodeFinished) and e.node_id == node_id for e in current)
 
 
 class Execution:
@@ -123,6 +132,7 @@ class Execution:
         self.line_base: dict[int, int] = {}  # each rank's number of the first line its shim wrote down
         self.launched = False  # the shim runs the ranks: from here on they outlive this agent
         self.detached = False  # the agent stopped and left the ranks to their shim
+        self.stale = False  # the assignment was out of date when this execution read the run's events
         self.finished_here = False  # this node reported NodeFinished for this attempt (a previous life did)
         self.recorded_exits: set[int] = set()  # ranks whose RankExited is in the history already
         self.adopted = kept is not None and kept.launched
@@ -137,7 +147,12 @@ class Execution:
     async def run(self) -> None:
         own = None
         if self.ctx.run_bus is not None:
-            own = await self.ctx.run_bus(self.run_id)
+            try:
+                own = await self.ctx.run_bus(self.run_id)
+            except NotFoundError:  # the submitter signs for runs placed on this node only: it moved on
+                self.stale = True
+                self.log.info("assignment_stale", state=None)
+                return
             self.ctx.nc, self.ctx.js = own, own.jetstream()
             self.ctx.events = bus.RunEventLog(self.ctx.js)
         try:
@@ -151,6 +166,12 @@ class Execution:
         sub = await self.ctx.nc.subscribe(subjects.run_events(self.run_id), cb=self._on_msg)
         try:
             history = await self._history()
+            if not self.adopted and not placed_here(history, self.node_id, self.attempt):
+                self.stale = True  # others moved the run on (or this node finished it): nothing to do or clean
+                self.log.info("assignment_stale", state=history[-1].state.value if history else None)
+                return
+            if not self.adopted:
+                self.log.info("assignment_taken")
             for event in history:  # what happened before we listened
                 self._observe(event)
             await self._open_shippers(history)
@@ -184,7 +205,7 @@ class Execution:
             for shipper in self.shippers.values():
                 shipper.cancel()
             self.shim.close()
-            if not self.detached:
+            if not self.detached and not self.stale:
                 await self._clean_up()
 
     async def _history(self) -> list[schemas.RunEvent]:

@@ -30,7 +30,7 @@ from shared.environments import PULL_POLICIES
 from shared.errors import CadreError, NotFoundError, NotSupportedError, ValidationError
 from shared.service import Service
 from shared.settings import BusSettings
-from shared.states import PLACED_STATES, Cause
+from shared.states import Cause
 
 
 def check_config(config: AgentConfig) -> None:
@@ -319,15 +319,8 @@ class NodeAgentService(Service):
                 return  # a redelivery of a run we already run
             # The attempt before is ending here (it has reported; it is cleaning up): the next one starts after it.
             await asyncio.wait([task], timeout=60)
-        history = await self.events.history(run_id)
-        state = history[-1].state if history else None
-        attempt = lifecycle.current_attempt(history)
-        done_here = any(isinstance(e, schemas.NodeFinished) and e.node_id == self.config.node_id for e in attempt)
-        stale = not history or lifecycle.attempt_of(history[-1]) != assignment.attempt
-        if state not in PLACED_STATES or done_here or stale:  # others may have moved it on
-            self.log.info("assignment_stale", run_id=run_id, state=state.value if state else None)
-            return
-        self.log.info("assignment_taken", run_id=run_id)
+        # The execution reads the run's events once it listens to them, and goes no further if the run moved on
+        # (or this node finished its part): one read on the way to the first line, not two.
         self._start(Execution(self.ctx, assignment))
 
     def _start(self, execution: Execution) -> None:

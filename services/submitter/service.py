@@ -106,14 +106,20 @@ class SubmitterService(Service):
         spec = req.spec
         runs.validate_spec(spec)
         self._check_snapshot_limits(spec.snapshot)
-        try:
-            await self.targets_kv.get(spec.compute_target)
-        except KeyNotFoundError:
+        # Both checks at once: each is a round trip (the store's an HTTP one) on the way to every run's first line.
+        snapshot_key = subjects.snapshot_key(spec.snapshot.content_hash)
+        target, stat = await asyncio.gather(
+            self.targets_kv.get(spec.compute_target), self.store.stat(snapshot_key), return_exceptions=True
+        )
+        if isinstance(target, KeyNotFoundError):
             known = sorted(await self._target_names())
             raise ValidationError(
                 f"unknown compute target {spec.compute_target!r}; known targets: {', '.join(known) or 'none'}"
             ) from None
-        stat = await self.store.stat(subjects.snapshot_key(spec.snapshot.content_hash))
+        for failed in (target, stat):
+            if isinstance(failed, BaseException):
+                raise failed
+        assert not isinstance(stat, BaseException)
         if stat is None:
             raise NotFoundError(
                 f"snapshot {spec.snapshot.content_hash[:12]} is not in the store: upload it (the snapshot prepare "
