@@ -318,3 +318,49 @@ def test_an_append_whose_ack_is_lost_is_in_doubt_until_the_log_says_whether_it_w
 
     asyncio.run(go())
     eventually(lambda: not any(q.run_id.startswith("doubt_") for q in ws._scheduler_state().queue))
+
+
+def test_an_assignment_that_comes_after_its_run_ended_starts_nothing(
+    cluster_home: Path, ws: Workspace, make_project: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A late assignment (a redelivery after the run ended) is checked against the run's events before anything
+    starts on the node: the script does not run again, the run gains no event, and the node takes the next run."""
+    import asyncio
+
+    from shared import bus, schemas, subjects
+
+    marker = tmp_path / "ran"
+    project = make_project(**{"t.py": f"open({str(marker)!r}, 'a').write('x')\nprint('ran')"})
+    exp = Experiment(ws, "late-assignment")
+    run = exp.submit(Estimator(source_directory=project, entry_script="t.py"))
+    assert run.wait_for_completion(timeout=60)["status"] == "Completed"
+    settings, _ = _as_the_scheduler(cluster_home, "late-assignment")
+    agent_log = cluster_home / "cluster" / "logs" / "agent-0.log"
+
+    async def resend() -> int:
+        nc = await bus.connect(settings)
+        try:
+            history = await bus.RunEventLog(nc.jetstream()).history(run.id)
+            queued = next(e for e in history if isinstance(e, schemas.Queued) and e.spec is not None)
+            assigned = next(e for e in history if isinstance(e, schemas.Assigned))
+            node = assigned.placement[0].node_id
+            late = schemas.Assignment(run_id=run.id, node_id=node, spec=queued.spec, placement=assigned.placement)
+            await nc.jetstream().publish(subjects.node_assignments(node), schemas.encode(late),
+                                         headers={"Nats-Msg-Id": f"late-{run.id}"})  # fmt: skip
+            return len(history)
+        finally:
+            await nc.close()
+
+    async def events_now() -> int:
+        nc = await bus.connect(settings)
+        try:
+            return len(await bus.RunEventLog(nc.jetstream()).history(run.id))
+        finally:
+            await nc.close()
+
+    before = asyncio.run(resend())
+    eventually(lambda: any(run.id in line and "assignment_stale" in line
+                           for line in agent_log.read_text().splitlines()), 30)  # fmt: skip
+    assert asyncio.run(events_now()) == before
+    assert marker.read_text() == "x"
+    assert quick(ws, make_project, "after-late").wait_for_completion(timeout=60)["status"] == "Completed"
