@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
@@ -91,41 +92,54 @@ class Tap:
         self.flush_at: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def take(msg: Msg) -> None:
+            # A callback, not a loop on next_msg: nats-py makes two tasks, a timer and a uuid for every next_msg,
+            # and with a job printing 100 lines a second that was most of what following a run cost the portal.
+            if self.ready.is_set():
+                self._take(msg, loop)
+            else:
+                early.append(msg)
+
+        early: list[Msg] = []  # what came before the stream's position was known
         sub = await self.js.subscribe(
-            self.subject, stream=self.stream, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.NEW,
+            self.subject, stream=self.stream, cb=take, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.NEW,
             pending_msgs_limit=4096,
         )  # fmt: skip
-        loop = asyncio.get_running_loop()
         try:
             info = await self.js.stream_info(self.stream)
             self.seq = info.state.last_seq  # NEW: everything after this comes here
             self.ready.set()
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=60)
-                except TimeoutError:
-                    continue
-                seq = msg.metadata.sequence.stream
-                batch = schemas.log_batch_decoder.decode(msg.data)
-                cursor = self.cursors.get(batch.rank)
-                if cursor is None:  # first seen here: what came before was replayed by each browser
-                    cursor = self.cursors[batch.rank] = LogCursor()
-                    cursor.have, cursor.newest = batch.first_line, batch.attempt
-                taken = cursor.take(batch)
-                if not taken:
-                    continue
-                self.pending.append((seq, Batch(batch, taken)))
-                self.pending_bytes += len(msg.data)
-                if len(self.pending) >= CHUNK_BATCHES or self.pending_bytes >= CHUNK_BYTES:
-                    self.flush()
-                elif self.flush_at is None:
-                    window = COALESCE_CROWD if len(self.followers) > CROWD else COALESCE
-                    self.flush_at = loop.call_later(window, self.flush)
+            for msg in early:
+                self._take(msg, loop)
+            early.clear()
+            await asyncio.Event().wait()  # the messages come to ``take`` until the tap is closed (cancelled)
         finally:
             if self.flush_at is not None:
                 self.flush_at.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.shield(bus.unsubscribe_and_drop(self.js, sub, self.stream))
+
+    def _take(self, msg: Msg, loop: asyncio.AbstractEventLoop) -> None:
+        seq = msg.metadata.sequence.stream
+        if seq <= self.seq:
+            return  # a browser that joins reads it from the stream (its replay goes up to self.seq)
+        batch = schemas.log_batch_decoder.decode(msg.data)
+        cursor = self.cursors.get(batch.rank)
+        if cursor is None:  # first seen here: what came before was replayed by each browser
+            cursor = self.cursors[batch.rank] = LogCursor()
+            cursor.have, cursor.newest = batch.first_line, batch.attempt
+        taken = cursor.take(batch)
+        if not taken:
+            return
+        self.pending.append((seq, Batch(batch, taken)))
+        self.pending_bytes += len(msg.data)
+        if len(self.pending) >= CHUNK_BATCHES or self.pending_bytes >= CHUNK_BYTES:
+            self.flush()
+        elif self.flush_at is None:
+            window = COALESCE_CROWD if len(self.followers) > CROWD else COALESCE
+            self.flush_at = loop.call_later(window, self.flush)
 
     def flush(self) -> None:
         """Hand the batches gathered so far to every live follower, as one chunk."""
