@@ -28,24 +28,19 @@ for i in range({lines}):
 """
 
 
-def _opener(ws: Workspace, next_page: str = "/") -> urllib.request.OpenerDirector:
-    """A logged-in client of the portal; the login's redirect to ``next_page`` is followed ("/": the experiments
-    page, which lists every run)."""
+def _login(ws: Workspace, next_page: str = "/") -> tuple[urllib.request.OpenerDirector, http.cookiejar.CookieJar]:
+    """A logged-in client of the portal and its cookies; the login's redirect to ``next_page`` is followed ("/":
+    the experiments page, which lists every run)."""
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     body = urllib.parse.urlencode({"user": ws.profile.user, "password": ws.profile.password, "next": next_page})
-    body = body.encode()
-    opener.open(urllib.request.Request(f"{ws.profile.portal_url}/login", data=body), timeout=10)
-    return opener
+    opener.open(urllib.request.Request(f"{ws.profile.portal_url}/login", data=body.encode()), timeout=10)
+    return opener, jar
 
 
 def _cookie(ws: Workspace) -> str:
-    """A logged-in browser's session cookie (``name=value``)."""
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    body = urllib.parse.urlencode({"user": ws.profile.user, "password": ws.profile.password, "next": "/login"})
-    opener.open(urllib.request.Request(f"{ws.profile.portal_url}/login", data=body.encode()), timeout=10)
-    return "; ".join(f"{c.name}={c.value}" for c in jar)
+    """A logged-in browser's session cookie (``name=value``); its login lands on a light page."""
+    return "; ".join(f"{c.name}={c.value}" for c in _login(ws, "/login")[1])
 
 
 def experiment_page(ws: Workspace, project: Path, runs: int) -> list[float]:
@@ -54,7 +49,7 @@ def experiment_page(ws: Workspace, project: Path, runs: int) -> list[float]:
     submitted = [exp.submit(est) for _ in range(runs)]
     for r in submitted:
         r.wait_for_completion(raise_on_error=False)  # a failed run is listed all the same
-    opener = _opener(ws)
+    opener, _ = _login(ws)
     times = []
     for _ in range(10):
         t0 = time.perf_counter()

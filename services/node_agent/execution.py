@@ -150,7 +150,6 @@ class Execution:
             try:
                 own = await self.ctx.run_bus(self.run_id)
             except NotFoundError:  # the submitter signs for runs placed on this node only: it moved on
-                self.stale = True
                 self.log.info("assignment_stale", state=None)
                 return
             self.ctx.nc, self.ctx.js = own, own.jetstream()
