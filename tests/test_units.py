@@ -550,3 +550,15 @@ def test_the_live_log_sync_ends_once_stopped_even_if_its_cancel_was_lost(tmp_pat
         return loop.time() - t0
 
     assert asyncio.run(go()) <= uploads.LOG_SYNC_INTERVAL + 0.5
+
+
+def test_a_warm_interpreter_is_used_only_for_a_rank_that_python_would_start_the_same_way() -> None:
+    from services.node_agent.warm import starts_alike, startup_env
+
+    warm = startup_env({"PATH": "/bin", "LANG": "C.UTF-8"})
+    rank = {**warm, "RANK": "0", "CADRE_RUN_ID": "r", "PYTHONPATH": "/job/python"}  # set as start-up would
+    assert starts_alike(warm, rank)
+    assert not starts_alike(warm, {**rank, "PYTHONHASHSEED": "0"})  # read at start-up only
+    assert not starts_alike(warm, {**rank, "LC_ALL": "de_DE.UTF-8"})  # the locale: stdio's encoding
+    assert not starts_alike(warm, {k: v for k, v in rank.items() if k != "LANG"})
+    assert not starts_alike(warm, {**rank, "PYTHONUNBUFFERED": ""})

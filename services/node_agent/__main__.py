@@ -48,6 +48,8 @@ def parse() -> AgentConfig:
     opt(g, "--pull", "image pull policy", choices=PULL_POLICIES, default="if-not-present")
     opt(g, "--docker-host", "Docker API address (default: DOCKER_HOST, else the local socket)", default=None)
     opt(g, "--container-python", "the interpreter inside job images", default="python3")
+    opt(g, "--warm-ranks", "Python interpreters kept started for the next run's ranks, process runtime (default: "
+        "the slots, at most 8; 0: none)", type=int, default=None)  # fmt: skip
     for var, flag in PIP_OPTIONS.items():
         g.add_argument(flag, default=None, help=f"{var} for environment builds [env CADRE_{var}, or CADRE_{var}_FILE]")
     a = p.parse_args()
@@ -72,6 +74,7 @@ def parse() -> AgentConfig:
         pull_policy=a.pull,
         docker_host=a.docker_host or os.environ.get("DOCKER_HOST"),
         container_python=a.container_python,
+        warm_ranks=a.warm_ranks,
         pip_options=pip_options,
         cache_bytes=parse_size(a.cache_size, "--cache-size"),
     )

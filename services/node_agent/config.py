@@ -24,6 +24,7 @@ class AgentConfig:
     pull_policy: str = "if-not-present"
     docker_host: str | None = None  # default: DOCKER_HOST, else the local socket
     container_python: str = "python3"
+    warm_ranks: int | None = None  # interpreters started ahead for the process runtime's ranks; None: the slots
     cache_bytes: int = 100 << 30  # snapshots, datasets and venvs kept on this node, least recently used go first
     # Cut off from the bus this long, the agent stops its ranks itself: by then the scheduler has given the node
     # up (its --node-grace), so no rank writes on after the run was decided. Long enough to outlast a bus restart.

@@ -20,12 +20,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from shared.environments import Environment
 from shared.errors import CadreError
 from shared.schemas import RegistryCredential
 from shared.states import Cause
+
+if TYPE_CHECKING:
+    from services.node_agent.warm import WarmPool
 
 LINE_LIMIT = 1 << 20  # a single line longer than this is split, not fatal
 PR_SET_PDEATHSIG = 1
@@ -181,8 +184,36 @@ def _lines(raw: bytes) -> list[str]:
     return [line.rstrip("\r") for line in lines] if "\r" in text else lines
 
 
+async def merged_lines(
+    stdout: asyncio.StreamReader | None, stderr: asyncio.StreamReader | None
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """A process's output as it comes: ("o" or "e", the whole lines of one read), until both pipes close."""
+    queue: asyncio.Queue[tuple[str, list[str]] | None] = asyncio.Queue(64)
+
+    async def pump(reader: asyncio.StreamReader | None, tag: str) -> None:
+        if reader is None:
+            return
+        split = LineSplitter()
+        while chunk := await reader.read(READ_SIZE):
+            if got := split.feed(chunk):
+                await queue.put((tag, got))
+        if rest := split.rest():
+            await queue.put((tag, rest))
+
+    async def both() -> None:
+        await asyncio.gather(pump(stdout, "o"), pump(stderr, "e"))
+        await queue.put(None)
+
+    task = asyncio.create_task(both())
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+    finally:
+        task.cancel()
+
+
 class _Process:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process | subprocess.Popen[bytes]) -> None:
         self._proc = proc
 
     @property
@@ -194,30 +225,12 @@ class _Process:
         return None
 
     async def lines(self) -> AsyncIterator[tuple[str, list[str]]]:
-        queue: asyncio.Queue[tuple[str, list[str]] | None] = asyncio.Queue(64)
-
-        async def pump(reader: asyncio.StreamReader | None, tag: str) -> None:
-            if reader is None:
-                return
-            split = LineSplitter()
-            while chunk := await reader.read(READ_SIZE):
-                if got := split.feed(chunk):
-                    await queue.put((tag, got))
-            if rest := split.rest():
-                await queue.put((tag, rest))
-
-        async def both() -> None:
-            await asyncio.gather(pump(self._proc.stdout, "o"), pump(self._proc.stderr, "e"))
-            await queue.put(None)
-
-        task = asyncio.create_task(both())
-        try:
-            while (item := await queue.get()) is not None:
-                yield item
-        finally:
-            task.cancel()
+        assert isinstance(self._proc, asyncio.subprocess.Process)
+        async for item in merged_lines(self._proc.stdout, self._proc.stderr):
+            yield item
 
     async def wait(self) -> int:
+        assert isinstance(self._proc, asyncio.subprocess.Process)
         return await self._proc.wait()
 
     async def terminate(self, grace: float) -> None:
@@ -225,10 +238,10 @@ class _Process:
             return
         self._signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self._proc.wait(), timeout=grace)
+            await asyncio.wait_for(self.wait(), timeout=grace)
         except TimeoutError:
             self._signal(signal.SIGKILL)
-            await self._proc.wait()
+            await self.wait()
 
     async def cleanup(self) -> None:
         self._signal(signal.SIGKILL)
@@ -274,11 +287,14 @@ class ProcessRuntime:
 
     kind = "process"
 
-    def __init__(self, work_dir: Path, pip_options: dict[str, str] | None = None, reason: str = "") -> None:
+    def __init__(
+        self, work_dir: Path, pip_options: dict[str, str] | None = None, reason: str = "", warm: WarmPool | None = None
+    ) -> None:
         self.envs_dir = work_dir / "envs"
         self.pip_options = dict(pip_options or {})
         self.reason = reason or "configured with --runtime process"
         self._locks: dict[str, asyncio.Lock] = {}
+        self.warm = warm  # in a shim forked by the launcher: its warm interpreters
 
     def describe(self) -> str:
         return f"process runtime ({self.reason}): ranks run as child processes of the agent, with its Python"
@@ -318,7 +334,7 @@ class ProcessRuntime:
         bases = [p for p in site.getsitepackages() if Path(p).is_dir()]
         layer = f"import site; list(map(site.addsitedir, {bases!r}))\n"
         (Path(_site_packages(python)) / "_cadre_base.pth").write_text(layer)
-        pip_env = {**_passthrough_env(), **self.pip_options}
+        pip_env = {**passthrough_env(), **self.pip_options}
         pip_env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         argv = [sys.executable, "-m", "pip", "--python", str(python), "install", "--progress-bar", "off"]
         code, tail = await _stream([*argv, *env.pip_packages], say, pip_env)
@@ -330,9 +346,11 @@ class ProcessRuntime:
         return Prepared(python=str(python), key=key, cache_path=home)
 
     async def start(self, spec: ProcessSpec) -> ProcessHandle:
-        env = {**_passthrough_env(), **spec.env}
+        env = {**passthrough_env(), **spec.env}
         if spec.python_path:
             env["PYTHONPATH"] = spec.pythonpath(spec.env.get("PYTHONPATH"))
+        if self.warm is not None and (started := self.warm.take(spec.argv, str(spec.cwd), env)) is not None:
+            return started  # an interpreter the spare shim started before the run came (warm.py)
         # If the shim dies (even by SIGKILL), the kernel kills the rank too.
         wrapper = PDEATHSIG_WRAPPER or []
         proc = await asyncio.create_subprocess_exec(
@@ -440,5 +458,5 @@ async def _stream(argv: list[str], say: Say, env: dict[str, str], keep: int = 40
     return await proc.wait(), list(tail)
 
 
-def _passthrough_env() -> dict[str, str]:
+def passthrough_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in PASSTHROUGH_ENV}

@@ -25,6 +25,7 @@ from services.node_agent.runcontext import job_package
 from services.node_agent.runtime import ProcessRuntime, Runtime
 from services.node_agent.supervision import RunShim, ShimLauncher
 from services.node_agent.uploads import FINISH_PATIENCE
+from services.node_agent.warm import WARM_MAX
 from shared import bus, lifecycle, schemas, subjects
 from shared.environments import PULL_POLICIES
 from shared.errors import CadreError, NotFoundError, NotSupportedError, ValidationError
@@ -115,6 +116,13 @@ class NodeAgentService(Service):
         self.events: bus.RunEventLog
         self.ctx: NodeContext  # what an execution may use of this agent
 
+    def _warm_ranks(self) -> int:
+        """How many interpreters each spare shim starts ahead of its ranks (warm.py): none for containers."""
+        if self.runtime.kind != "process":
+            return 0
+        wanted = self.config.warm_ranks
+        return min(WARM_MAX, self.base_advert["slots"]) if wanted is None else max(0, wanted)
+
     async def setup(self) -> None:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self.events = bus.RunEventLog(self.js)
@@ -122,7 +130,10 @@ class NodeAgentService(Service):
         self.ctx = NodeContext(
             config=self.config, nc=self.nc, js=self.js, events=self.events, cache=self.cache, runtime=self.runtime,
             job_python=job_python, host_id=self.base_advert["host_id"],
-            launcher=ShimLauncher(self.config.work_dir / "shim-launcher.log"),
+            launcher=ShimLauncher(
+                self.config.work_dir / "shim-launcher.log",
+                warm=self._warm_ranks(),
+            ),
             run_bus=self._run_bus if self.bus_settings.creds else None,
         )  # fmt: skip
         if self.bus_settings.creds:

@@ -41,7 +41,15 @@ import msgspec
 
 from services.node_agent.pmi import PmiServer
 from services.node_agent.runcontext import RunContextServer
-from services.node_agent.runtime import ProcessHandle, ProcessRuntime, ProcessSpec, Runtime
+from services.node_agent.runtime import (
+    PDEATHSIG_WRAPPER,
+    ProcessHandle,
+    ProcessRuntime,
+    ProcessSpec,
+    Runtime,
+    passthrough_env,
+)
+from services.node_agent.warm import WarmPool, startup_env
 from shared import schemas
 from shared.procs import is_alive, start_time
 
@@ -165,12 +173,15 @@ class ShimFiles:
         return proc is not None and is_alive(*proc)
 
 
+_WARM: WarmPool | None = None  # a spare shim's warm interpreters (warm.py), started before its run came
+
+
 def _runtime(spec: ShimSpec) -> Runtime:
     if spec.runtime == "docker":
         from services.node_agent.docker_runtime import DockerRuntime
 
         return DockerRuntime("", base_url=spec.docker_host, gpu_devices=spec.gpu_devices, reason="shim")
-    return ProcessRuntime(Path(spec.run_dir).parent)
+    return ProcessRuntime(Path(spec.run_dir).parent, warm=_WARM)
 
 
 class Shim:
@@ -243,9 +254,13 @@ class Shim:
         pids = {rank: handle.pid for rank, handle in self.handles.items()}
         self.files.write(self.files.ready, json.dumps({"pids": pids, "at": time.time()}).encode())
         self.notify()
+        if _WARM is not None:  # the warm ranks the run did not take exit (and are reaped) while it runs
+            released = asyncio.create_task(_WARM.release())
         watcher = asyncio.create_task(self._watch())
         await asyncio.gather(*(self._keep(rank, handle) for rank, handle in self.handles.items()))
         watcher.cancel()
+        if _WARM is not None:
+            await released
         await context.close()  # what the ranks sent last is in context.jsonl before ``done``
         self._context_out.close()
         self.files.write(self.files.done, b"")
@@ -343,13 +358,14 @@ class Shim:
         await asyncio.gather(*(h.terminate(grace) for h in handles), return_exceptions=True)
 
 
-def zygote(fd: int) -> None:
+def zygote(fd: int, warm: int = 0) -> None:
     """Hand each request on the socket ``fd`` (a run's folder, with its notify pipe) to a shim forked ahead of
     time: the imports are paid once per agent, and the fork and the shim's event loop before the run asks. Its
-    shims outlive it: they are sessions of their own."""
+    shims outlive it: they are sessions of their own. ``warm``: how many interpreters each spare starts ahead of
+    its ranks (warm.py; 0 for none)."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited shims; the agent follows them by pid
     sock = socket.socket(fileno=fd)
-    spare = _spare(sock)
+    spare = _spare(sock, warm)
     try:
         while True:
             try:
@@ -363,19 +379,21 @@ def zygote(fd: int) -> None:
                 socket.send_fds(ctl, [data], fds)
             except OSError:  # the spare died (killed by hand, say): a fresh one takes the run
                 ctl.close()
-                pid, ctl = _spare(sock)
+                pid, ctl = _spare(sock, warm)
                 socket.send_fds(ctl, [data], fds)
             ctl.close()
             for passed in fds:
                 os.close(passed)
             sock.sendall(f"{pid}\n".encode())
-            spare = _spare(sock)  # ready for the next run
+            spare = _spare(sock, warm)  # ready for the next run
     finally:
         spare[1].close()  # a spare left waiting reads end-of-file and exits
 
 
-def _spare(agent: socket.socket) -> tuple[int, socket.socket]:
-    """A shim forked now that waits for its run: (its pid, the socket its run's folder comes through)."""
+def _spare(agent: socket.socket, warm: int) -> tuple[int, socket.socket]:
+    """A shim forked now that waits for its run, with ``warm`` interpreters started for its ranks: (its pid, the
+    socket its run's folder comes through)."""
+    global _WARM
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid != 0:
@@ -385,6 +403,12 @@ def _spare(agent: socket.socket) -> tuple[int, socket.socket]:
     try:
         agent.close()
         ours.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own children (warm ranks, then ranks)
+        if warm > 0 and PDEATHSIG_WRAPPER:  # (a warm rank must die with its shim, as a cold one does)
+            try:
+                _WARM = WarmPool(sys.executable, startup_env(passthrough_env()), warm, PDEATHSIG_WRAPPER)
+            except OSError:  # out of processes or descriptors: its ranks start cold, as they would anyway
+                _WARM = None
         runner = asyncio.Runner()
         runner.get_loop()  # made while waiting, not once the run is here
         data, fds, _, _ = socket.recv_fds(theirs, 4096, 2)
@@ -397,7 +421,6 @@ def _spare(agent: socket.socket) -> tuple[int, socket.socket]:
             os.dup2(out, 2)
             os.environ[NOTIFY_FD_ENV] = str(fds[0]) if fds else "-1"
             os.environ[PMI_FD_ENV] = str(fds[1]) if len(fds) > 1 else "-1"
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own ranks
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             with runner:
                 code = runner.run(main(folder))
@@ -422,6 +445,6 @@ async def main(folder: Path) -> int:
 if __name__ == "__main__":
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the agent's terminal going away is not the run's end
     if sys.argv[1] == "--zygote":
-        zygote(int(sys.argv[2]))
+        zygote(int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
     else:
         sys.exit(asyncio.run(main(Path(sys.argv[1]))))

@@ -64,8 +64,11 @@ class ShimLauncher:
     """One per agent: a process that has done the shim's imports and forks a shim per run (milliseconds, where a
     fresh interpreter takes ~80 ms). It dies with the agent; the shims it forked do not."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, warm: int = 0) -> None:
+        """``warm``: interpreters each spare shim starts ahead of its ranks (warm.py): the node's slots, for the
+        process runtime."""
         self.log = log
+        self.warm = warm
         self._popen: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
@@ -77,7 +80,7 @@ class ShimLauncher:
         with open(self.log, "ab") as out:
             # Not asyncio's subprocess: it kills its children when the loop closes.
             self._popen = subprocess.Popen(
-                [sys.executable, "-m", "services.node_agent.shim", "--zygote", str(theirs.fileno())],
+                [sys.executable, "-m", "services.node_agent.shim", "--zygote", str(theirs.fileno()), str(self.warm)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=shim_env(),
                 pass_fds=(theirs.fileno(),), start_new_session=True,
                 preexec_fn=die_with_parent if sys.platform == "linux" else None,
