@@ -37,6 +37,7 @@ assert sys.path[0] == os.path.dirname(os.path.realpath(__file__)), sys.path[:3]
 assert os.environ["GREETING"] == "hej" and os.environ["CADRE_RUN_ID"], "the run's variables are missing"
 assert sys.dont_write_bytecode == (os.environ.get("PYTHONDONTWRITEBYTECODE") == "1")
 assert pickle.loads(pickle.dumps(Point())).x == 1
+assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the rank runs at the idle priority its interpreter waited at"
 assert not [m for m in sys.modules if m.startswith("services")], "the agent's modules leaked into the rank"
 Run.get_context().log("started_s_ago", age)
 print(f"started {age:.3f} s ago", flush=True)

@@ -49,7 +49,7 @@ from services.node_agent.runtime import (
     Runtime,
     passthrough_env,
 )
-from services.node_agent.warm import WarmPool, startup_env
+from services.node_agent.warm import WarmPool, idle_reversible, startup_env
 from shared import schemas
 from shared.procs import is_alive, start_time
 
@@ -174,6 +174,7 @@ class ShimFiles:
 
 
 _WARM: WarmPool | None = None  # a spare shim's warm interpreters (warm.py), started before its run came
+_WARM_IDLE = False  # whether they start at SCHED_IDLE (warm.idle_reversible)
 
 
 def _runtime(spec: ShimSpec) -> Runtime:
@@ -363,6 +364,8 @@ def zygote(fd: int, warm: int = 0) -> None:
     time: the imports are paid once per agent, and the fork and the shim's event loop before the run asks. Its
     shims outlive it: they are sessions of their own. ``warm``: how many interpreters each spare starts ahead of
     its ranks (warm.py; 0 for none)."""
+    global _WARM_IDLE
+    _WARM_IDLE = warm > 0 and idle_reversible()  # once, before the spares that inherit it are forked
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited shims; the agent follows them by pid
     sock = socket.socket(fileno=fd)
     spare = _spare(sock, warm)
@@ -406,7 +409,8 @@ def _spare(agent: socket.socket, warm: int) -> tuple[int, socket.socket]:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own children (warm ranks, then ranks)
         if warm > 0 and PDEATHSIG_WRAPPER:  # (a warm rank must die with its shim, as a cold one does)
             try:
-                _WARM = WarmPool(sys.executable, startup_env(passthrough_env()), warm, PDEATHSIG_WRAPPER)
+                env = startup_env(passthrough_env())
+                _WARM = WarmPool(sys.executable, env, warm, PDEATHSIG_WRAPPER, idle=_WARM_IDLE)
             except OSError:  # out of processes or descriptors: its ranks start cold, as they would anyway
                 _WARM = None
         runner = asyncio.Runner()

@@ -75,6 +75,26 @@ _cadre_warm()
 """
 
 
+def idle_reversible() -> bool:
+    """Whether a process here may move a child of its own back from SCHED_IDLE to normal scheduling (root, or an
+    RLIMIT_NICE that allows it): then warm interpreters start in the CPU's idle time only, not in that of the run
+    that is starting as they do (measured: four started beside a 2x2 MPI job slowed its imports by ~100 ms). Tried
+    in a child, never in the caller: one that could not get back would stay idle."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            code = 0
+        except OSError:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
 def startup_env(base: dict[str, str]) -> dict[str, str]:
     """What a warm interpreter starts with: the variables every process rank gets (``base``: the runtime's
     pass-through ones), and unbuffered output as every rank has it."""
@@ -93,8 +113,9 @@ def starts_alike(warm: dict[str, str], rank: dict[str, str]) -> bool:
 class WarmRank:
     """One started interpreter, waiting for its script."""
 
-    def __init__(self, python: str, env: dict[str, str], wrapper: list[str]) -> None:
+    def __init__(self, python: str, env: dict[str, str], wrapper: list[str], idle: bool = False) -> None:
         read, self._ctl = os.pipe()
+        self.idle = idle
         try:
             self.proc = subprocess.Popen(
                 [*wrapper, python, "-c", LOADER, str(read)],
@@ -106,6 +127,22 @@ class WarmRank:
             raise
         finally:
             os.close(read)
+        if idle:  # (a lower priority is always allowed; the first microseconds of its start are not idle)
+            try:
+                os.sched_setscheduler(self.proc.pid, os.SCHED_IDLE, os.sched_param(0))
+            except OSError:
+                self.idle = False
+
+    def wake(self) -> bool:
+        """Back to normal scheduling, as a cold rank runs (before it is handed its script); False if refused."""
+        if not self.idle:
+            return True
+        try:
+            os.sched_setscheduler(self.proc.pid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            return False
+        self.idle = False
+        return True
 
     def release(self) -> None:
         """No run for it: it reads end-of-file and exits."""
@@ -126,10 +163,11 @@ class WarmRank:
 class WarmPool:
     """The spare shim's warm ranks, all of one interpreter and one start-up environment."""
 
-    def __init__(self, python: str, env: dict[str, str], count: int, wrapper: list[str]) -> None:
+    def __init__(self, python: str, env: dict[str, str], count: int, wrapper: list[str], idle: bool = False) -> None:
+        """``idle``: start them at SCHED_IDLE (see ``idle_reversible``)."""
         self.python = python
         self.env = env
-        self.ranks = [WarmRank(python, env, wrapper) for _ in range(min(count, WARM_MAX))]
+        self.ranks = [WarmRank(python, env, wrapper, idle) for _ in range(min(count, WARM_MAX))]
 
     def take(self, argv: list[str], cwd: str, env: dict[str, str]) -> WarmProcess | None:
         """A warm rank running ``argv`` (``python script args...``), or None: none is left, or this rank must start
@@ -139,7 +177,7 @@ class WarmPool:
         if not starts_alike(self.env, env):
             return None
         rank = self.ranks.pop()
-        if rank.proc.poll() is not None:  # killed while it waited: start cold, not with a dead process
+        if rank.proc.poll() is not None or not rank.wake():  # killed while it waited, or it would stay idle
             rank.release()
             return self.take(argv, cwd, env)
         rank.hand(argv[1:], cwd, env)
