@@ -25,7 +25,6 @@ from services.node_agent.runcontext import job_package
 from services.node_agent.runtime import ProcessRuntime, Runtime
 from services.node_agent.supervision import RunShim, ShimLauncher
 from services.node_agent.uploads import FINISH_PATIENCE
-from services.node_agent.warm import WARM_MAX
 from shared import bus, lifecycle, schemas, subjects
 from shared.environments import PULL_POLICIES
 from shared.errors import CadreError, NotFoundError, NotSupportedError, ValidationError
@@ -117,11 +116,12 @@ class NodeAgentService(Service):
         self.ctx: NodeContext  # what an execution may use of this agent
 
     def _warm_ranks(self) -> int:
-        """How many interpreters each spare shim starts ahead of its ranks (warm.py): none for containers."""
+        """How many interpreters each spare shim starts ahead of its ranks (warm.py caps them): none for
+        containers."""
         if self.runtime.kind != "process":
             return 0
         wanted = self.config.warm_ranks
-        return min(WARM_MAX, self.base_advert["slots"]) if wanted is None else max(0, wanted)
+        return self.base_advert["slots"] if wanted is None else max(0, wanted)
 
     async def setup(self) -> None:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)

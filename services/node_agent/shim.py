@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import os
 import signal
@@ -174,7 +175,6 @@ class ShimFiles:
 
 
 _WARM: WarmPool | None = None  # a spare shim's warm interpreters (warm.py), started before its run came
-_WARM_IDLE = False  # whether they start at SCHED_IDLE (warm.idle_reversible)
 
 
 def _runtime(spec: ShimSpec) -> Runtime:
@@ -364,11 +364,13 @@ def zygote(fd: int, warm: int = 0) -> None:
     time: the imports are paid once per agent, and the fork and the shim's event loop before the run asks. Its
     shims outlive it: they are sessions of their own. ``warm``: how many interpreters each spare starts ahead of
     its ranks (warm.py; 0 for none)."""
-    global _WARM_IDLE
-    _WARM_IDLE = warm > 0 and idle_reversible()  # once, before the spares that inherit it are forked
+    # Whether warm interpreters may start at SCHED_IDLE: tried once, not by every spare (and while a child of
+    # this process can still be waited for).
+    idle = warm > 0 and idle_reversible()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited shims; the agent follows them by pid
     sock = socket.socket(fileno=fd)
-    spare = _spare(sock, warm)
+    fork_spare = functools.partial(_spare, sock, warm, idle)
+    spare = fork_spare()
     try:
         while True:
             try:
@@ -382,20 +384,20 @@ def zygote(fd: int, warm: int = 0) -> None:
                 socket.send_fds(ctl, [data], fds)
             except OSError:  # the spare died (killed by hand, say): a fresh one takes the run
                 ctl.close()
-                pid, ctl = _spare(sock, warm)
+                pid, ctl = fork_spare()
                 socket.send_fds(ctl, [data], fds)
             ctl.close()
             for passed in fds:
                 os.close(passed)
             sock.sendall(f"{pid}\n".encode())
-            spare = _spare(sock, warm)  # ready for the next run
+            spare = fork_spare()  # ready for the next run
     finally:
         spare[1].close()  # a spare left waiting reads end-of-file and exits
 
 
-def _spare(agent: socket.socket, warm: int) -> tuple[int, socket.socket]:
-    """A shim forked now that waits for its run, with ``warm`` interpreters started for its ranks: (its pid, the
-    socket its run's folder comes through)."""
+def _spare(agent: socket.socket, warm: int, idle: bool) -> tuple[int, socket.socket]:
+    """A shim forked now that waits for its run, with ``warm`` interpreters started for its ranks (at SCHED_IDLE
+    if ``idle``): (its pid, the socket its run's folder comes through)."""
     global _WARM
     ours, theirs = socket.socketpair()
     pid = os.fork()
@@ -410,7 +412,7 @@ def _spare(agent: socket.socket, warm: int) -> tuple[int, socket.socket]:
         if warm > 0 and PDEATHSIG_WRAPPER:  # (a warm rank must die with its shim, as a cold one does)
             try:
                 env = startup_env(passthrough_env())
-                _WARM = WarmPool(sys.executable, env, warm, PDEATHSIG_WRAPPER, idle=_WARM_IDLE)
+                _WARM = WarmPool(sys.executable, env, warm, PDEATHSIG_WRAPPER, idle=idle)
             except OSError:  # out of processes or descriptors: its ranks start cold, as they would anyway
                 _WARM = None
         runner = asyncio.Runner()
