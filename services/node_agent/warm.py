@@ -15,6 +15,7 @@ rank is), so the shim follows it, stops it and reaps it like any other rank.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import marshal
 import os
 import subprocess
@@ -184,10 +185,14 @@ class WarmPool:
         return WarmProcess(rank.proc)
 
     async def release(self) -> None:
-        """The ranks no run took exit; they are reaped, not left as zombies for the run's whole length."""
+        """The ranks no run took are killed and reaped, not left as zombies for the run's whole length. Killed, not
+        told to exit: one still starting at SCHED_IDLE on a node the run keeps busy would take its time to get to
+        end-of-file, and the shim waits for it before it is done."""
         left, self.ranks = self.ranks, []
         for rank in left:
             rank.release()
+            with contextlib.suppress(ProcessLookupError):
+                rank.proc.kill()
         await asyncio.gather(*(WarmProcess(rank.proc).wait() for rank in left), return_exceptions=True)
 
 
