@@ -154,8 +154,9 @@ def test_an_upload_left_half_way_is_aborted_when_the_run_ends(
     assert [u.upload_id for u in s3._list_multipart_uploads("cadre", prefix=prefix).uploads] == [upload_id]
     (tmp_path / "go").touch()
     assert run.wait_for_completion(timeout=60)["status"] == "Completed"
-    assert not s3._list_multipart_uploads("cadre", prefix=prefix).uploads
     assert "outputs/half.bin" not in run.get_file_names()
+    # Looked for once the run has ended, off its end's path.
+    eventually(lambda: not s3._list_multipart_uploads("cadre", prefix=prefix).uploads, timeout=10)
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "a\0b", "", "a\\..\\b"])

@@ -388,6 +388,38 @@ def test_pipe_output_is_split_into_whole_lines_in_batches() -> None:
     assert split.rest() == ["xxxxx"] and split.rest() == []
 
 
+def test_a_flood_is_read_in_few_pieces_and_a_lone_line_at_once() -> None:
+    """A process printing without pause is read in pieces a few ms apart (each piece is a record, a write and a
+    wake-up for the agent), not a piece per write; every line comes, in order."""
+    import sys
+
+    from services.node_agent.runtime import LINE_LIMIT, merged_lines
+
+    flood = "import sys, time\nw = sys.stdout.write\nfor i in range(200000): w(f'line {i}\\n')\n"
+    flood += "time.sleep(0.5)\nprint('alone', time.time())\n"
+
+    async def read() -> tuple[list[str], int, float]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", flood, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, limit=LINE_LIMIT,
+        )  # fmt: skip
+        lines: list[str] = []
+        pieces, late = 0, 0.0
+        async for stream, got in merged_lines(proc.stdout, proc.stderr):
+            assert stream == "o"
+            pieces += 1
+            lines += got
+            if got[-1].startswith("alone"):
+                late = time.time() - float(got[-1].split()[1])
+        await proc.wait()
+        return lines, pieces, late
+
+    lines, pieces, late = asyncio.run(read())
+    assert lines[:-1] == [f"line {i}" for i in range(200000)]
+    assert pieces < 1500, pieces  # read as it came, a piece per write or few, it was 4,000-13,000 here
+    assert late < 0.1  # the line after a quiet spell is not held back
+
+
 def test_a_shims_rank_log_is_read_in_both_formats(tmp_path: Path) -> None:
     """A shim started by an older agent wrote a line per line; an upgraded agent reads it (and the new batches)."""
     from services.node_agent.shim import LineRecord

@@ -230,11 +230,17 @@ class ArtifactService(Service):
         return set()
 
     async def _placed_on(
-        self, run_id: str, node_id: str, attempt: int | None = None, what: str = "uploaded"
+        self,
+        run_id: str,
+        node_id: str,
+        attempt: int | None = None,
+        what: str = "uploaded",
+        history: list[schemas.RunEvent] | None = None,
     ) -> schemas.RunEvent:
         """The run's last event; ConflictError unless ``node_id`` holds ranks of the run, which is placed and
-        (given) at ``attempt``. ``what`` the node may do with the run's files then: they are no longer ``what``."""
-        history = await self._history(run_id)
+        (given) at ``attempt``. ``what`` the node may do with the run's files then: they are no longer ``what``.
+        ``history``: the run's, read just now (else it is read)."""
+        history = history if history is not None else await self._history(run_id)
         last = history[-1] if history else None
         if last is None or last.state not in PLACED_STATES:
             state = last.state.value if last else "unknown"
@@ -280,7 +286,7 @@ class ArtifactService(Service):
     async def commit(self, req: schemas.CommitRequest, subject: str) -> schemas.RunSummary:
         """Verify one node's files and record them; the last node's commit finalizes the run."""
         self._as_caller(req.node_id, subject)
-        record = await bus.get_record(self.runs_kv, req.run_id)
+        record, history = await asyncio.gather(bus.get_record(self.runs_kv, req.run_id), self._history(req.run_id))
         problems, overwritten = [], []
         for name, done in req.parts.items():
             check_file_name(name, record.spec)
@@ -292,7 +298,7 @@ class ArtifactService(Service):
         for f in req.files:
             check_file_name(f.name, record.spec)
         if req.inline:
-            await self._store_inline(req)
+            await self._store_inline(req, history)
         # Stored by the node through presigned URLs: look at each (side by side). An inline file was stored just
         # now by this service; another node's copy of the name, if any, is settled once all have committed.
         presigned = [f for f in req.files if f.name not in req.inline]
@@ -314,27 +320,25 @@ class ArtifactService(Service):
             lifecycle.undecided(req.attempt), schemas.NodeCommitted, req.run_id, node_id=req.node_id,
             files=list(req.files), error=error, overwritten=overwritten,
         )  # fmt: skip
-        if req.run_id not in self._read:  # (read once here, the history saves the append a read of the subject)
-            await self._history(req.run_id)
-        await self._append(req.run_id, build)
+        await self._append(req.run_id, build)  # (the history read above saves it a read of the subject)
         final = await self.finalize(req.run_id)
         if final is None:  # not ended here: what it is now
             final, _ = await self.events.last(req.run_id)
         assert final is not None
         return self._summary(record, final)
 
-    async def _store_inline(self, req: schemas.CommitRequest) -> None:
+    async def _store_inline(self, req: schemas.CommitRequest, history: list[schemas.RunEvent]) -> None:
         """Store the files a node sent whole with its commit, checked against their entries first. Not for a run
         that is decided or moved on to another attempt (a commit retried after its reply was lost): the files
         are stored already, and a stale attempt must not overwrite a newer one's. Each is one of ``files``,
-        whose names the commit checked."""
+        whose names the commit checked; ``history`` is the run's, read by the commit."""
         entries = {f.name: f for f in req.files}
         for name, data in req.inline.items():
             entry = entries.get(name)
             if entry is None or not _same(entry, files.digest_bytes(name, data)):
                 raise ValidationError(f"the inline file {name} does not match its entry in files")
         try:
-            await self._placed_on(req.run_id, req.node_id, req.attempt)
+            await self._placed_on(req.run_id, req.node_id, req.attempt, history=history)
         except ConflictError as exc:
             self.log.info("inline_files_not_stored", run_id=req.run_id, node_id=req.node_id, reason=str(exc))
             return
@@ -454,15 +458,9 @@ class ArtifactService(Service):
         Returns the end it stored (None: the run had ended already)."""
         events = lifecycle.current_attempt(events if events is not None else await self._history(run_id))
         held = held if held is not None else await self._held(run_id, events)
-        # Every node has committed or is lost: an upload still open under the run is one that failed or whose
-        # agent died half-way. Its parts would sit in the store, unlisted, forever.
-        aborting = asyncio.ensure_future(self._abort_incomplete(run_id))  # meanwhile, the logs are stored
         committed = [ev for ev in events if isinstance(ev, schemas.NodeCommitted)]
         stored = list(resolve(committed, held)[0].values())  # a name several nodes wrote: the copy the store holds
-        try:
-            logs = await self._read_logs(run_id, decided.log_lines)
-        finally:
-            await aborting
+        logs = await self._read_logs(run_id, decided.log_lines)
         stored += [entry for entry, _ in logs]
         unique = {f.name: f for f in stored}
         manifest = schemas.FilesList(
@@ -516,6 +514,10 @@ class ArtifactService(Service):
                     last, _ = await self.events.last(event.run_id)
                     if last is not None and last.state is RunState.FINALIZING:
                         await self._complete(event.run_id, event)
+                # Every node has committed or is lost: an upload still open under the run is one that failed or
+                # whose agent died half-way, and its parts would sit in the store, unlisted, forever. Looked for
+                # here, once the run has ended (its end does not wait for the listing), before the event is acked.
+                await self._abort_incomplete(event.run_id)
 
         await bus.consume(psub, handle, batch=256)  # every run event passes here: fewer, bigger fetches
 

@@ -53,15 +53,14 @@ class Uploads:
 
     async def hand_over(self, started_ns: int) -> None:
         """Upload what the run wrote here and ask the artifact service to commit it (once the ranks are done)."""
-        stored = await asyncio.to_thread(self._collect_files, started_ns)
+        started = time.monotonic()
+        stored, inline, unread = await asyncio.to_thread(self._collect_small, started_ns)  # one trip to a thread
         error = None
         parts: dict[str, schemas.MultipartDone] = {}
-        inline: dict[str, bytes] = {}
-        started = time.monotonic()
         try:
-            if stored and sum(f.size for f in stored) <= INLINE_MAX:
-                stored, inline = await asyncio.to_thread(self._read_whole, stored)
-            elif stored:
+            if unread is not None:
+                raise unread
+            if stored and not inline:
                 urls = await self._patiently(
                     subjects.of_node(subjects.AgentApi.UPLOAD_URLS, self.node_id),
                     schemas.UploadUrlsRequest(run_id=self.run_id, node_id=self.node_id, files=stored),
@@ -106,6 +105,17 @@ class Uploads:
             commit_s=round(time.monotonic() - uploaded, 3),
             mb_per_s=round(size / (1 << 20) / max(uploaded - started, 1e-6), 1),
         )
+
+    def _collect_small(self, started_ns: int) -> tuple[list[schemas.FileEntry], dict[str, bytes], OSError | None]:
+        """The files to upload; read whole, with their digests, when all together are small enough to go with the
+        commit (else none is read). The error reading them, if any, is returned for the caller to report."""
+        stored = self._collect_files(started_ns)
+        if not stored or sum(f.size for f in stored) > INLINE_MAX:
+            return stored, {}, None
+        try:
+            return *self._read_whole(stored), None
+        except OSError as exc:
+            return stored, {}, exc
 
     def _read_whole(self, entries: list[schemas.FileEntry]) -> tuple[list[schemas.FileEntry], dict[str, bytes]]:
         """The files as collected, read whole (exactly the size seen, like a presigned PUT), with their digests."""
