@@ -193,9 +193,9 @@ async def _linger(reader: asyncio.StreamReader) -> None:
     """READ_COALESCE with the pipe not read meanwhile: what the process writes piles up in the pipe, to be read in
     one go (the reader's transport would otherwise take each small write as it comes, which cost the shim ~1 s of
     CPU per million lines where it now costs ~0.15). The transport is the one StreamReader.set_transport was given;
-    a reader without one just waits."""
+    a reader without one, or one the reader's own flow control paused (its buffer is full), just waits."""
     transport = getattr(reader, "_transport", None)
-    if transport is None:
+    if transport is None or not transport.is_reading():
         await asyncio.sleep(READ_COALESCE)
         return
     transport.pause_reading()
