@@ -579,10 +579,13 @@ def _built(build: EventBuilder, last: schemas.RunEvent | None) -> schemas.RunEve
     return event
 
 
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"  # stored with the message: what it followed
+
+
 def _after_message(run_id: str, event: schemas.RunEvent, seq: int) -> tuple[str, bytes, dict[str, str]]:
     """The event as a publish that JetStream stores only right after stream sequence ``seq`` on the run's subject
     (and once: its message id)."""
-    headers = {"Nats-Expected-Last-Subject-Sequence": str(seq), "Nats-Msg-Id": event.event_id}
+    headers = {EXPECTED_LAST_SUBJECT_SEQ: str(seq), "Nats-Msg-Id": event.event_id}
     return subjects.run_events(run_id), schemas.encode(event), headers
 
 

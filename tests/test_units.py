@@ -594,3 +594,38 @@ def test_a_warm_interpreter_is_used_only_for_a_rank_that_python_would_start_the_
     assert not starts_alike(warm, {**rank, "LC_ALL": "de_DE.UTF-8"})  # the locale: stdio's encoding
     assert not starts_alike(warm, {k: v for k, v in rank.items() if k != "LANG"})
     assert not starts_alike(warm, {**rank, "PYTHONUNBUFFERED": ""})
+
+
+def test_the_artifact_service_remembers_a_history_only_while_its_chain_holds() -> None:
+    """Events its consumer brings extend a run's remembered history only when each is stored right after the last
+    one remembered (what its append said it must follow): one delivered elsewhere, late or twice is left to a read."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from services.artifact.service import ArtifactService
+    from shared import bus
+
+    svc = ArtifactService.__new__(ArtifactService)
+    svc._read = OrderedDict()
+
+    def deliver(event: schemas.RunEvent, seq: int, after: int | None) -> None:
+        headers = None if after is None else {bus.EXPECTED_LAST_SUBJECT_SEQ: str(after)}
+        svc._follow(
+            event, SimpleNamespace(headers=headers, metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq)))
+        )
+
+    submitted = lifecycle.event(schemas.Submitted, "r1", experiment="e", compute_target="local", entry_script="t.py")
+    queued = lifecycle.event(schemas.Queued, "r1")
+    deliver(queued, 12, 10)  # the run's first event went elsewhere: nothing to chain on
+    assert "r1" not in svc._read
+    deliver(submitted, 10, 0)
+    deliver(submitted, 10, 0)  # redelivered
+    deliver(queued, 12, 10)
+    assert svc._read["r1"] == ([submitted, queued], 12)
+    assigned = lifecycle.event(schemas.Assigned, "r1", placement=[])
+    deliver(assigned, 20, 15)  # something stored at 15 was not seen here
+    deliver(assigned, 20, None)  # and an event that says nothing of what it follows
+    assert svc._read["r1"] == ([submitted, queued], 12)
+    canceled = lifecycle.event(schemas.Canceled, "r1")
+    deliver(canceled, 13, 12)
+    assert "r1" not in svc._read  # ended: nothing more to read of it

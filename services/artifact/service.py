@@ -210,6 +210,25 @@ class ArtifactService(Service):
             self._read.popitem(last=False)
         return events
 
+    def _follow(self, event: schemas.RunEvent, msg: Any) -> None:
+        """Extend the run's remembered history with an event the consumer brought, when it is the very one stored
+        next: every append says which message it must follow on the run's subject (JetStream refused it
+        otherwise), so a chain that holds is the whole history, however the consumer's messages are shared out
+        among instances or redelivered. A later read then asks only for what came after (one request, not one per
+        event). An event that does not follow on is left to that read."""
+        after = (msg.headers or {}).get(bus.EXPECTED_LAST_SUBJECT_SEQ)
+        run_id = event.run_id
+        events, seq = self._read.get(run_id, ([], 0))
+        if after is None or int(after) != seq:
+            return
+        if event.state.is_terminal():
+            self._read.pop(run_id, None)  # nothing more to read of it here
+            return
+        self._read[run_id] = ([*events, event], msg.metadata.sequence.stream)
+        self._read.move_to_end(run_id)
+        while len(self._read) > HISTORIES_KEPT:
+            self._read.popitem(last=False)
+
     async def _append(self, run_id: str, build: bus.EventBuilder) -> schemas.RunEvent | None:
         """Append with the history read before as the known last event (no read of the subject first); the event,
         stored right after it, extends that history."""
@@ -507,6 +526,7 @@ class ArtifactService(Service):
 
         async def handle(msg) -> None:
             event = schemas.run_event_decoder.decode(msg.data)
+            self._follow(event, msg)
             if isinstance(event, schemas.NodeLost):
                 await self.finalize(event.run_id)
             elif isinstance(event, schemas.Finalizing):
