@@ -186,6 +186,7 @@ async def ensure_topology(js: JetStreamContext) -> None:
             num_replicas=replicas,
             duplicate_window=120,
             max_age=retention,
+            allow_direct=True,  # read with direct gets where that is consistent (see direct_reads)
         ),
         js_api.StreamConfig(
             name=subjects.LOGS_STREAM,
@@ -317,7 +318,7 @@ class RunEventLog:
 
     async def last(self, run_id: str) -> tuple[schemas.RunEvent | None, int]:
         try:
-            raw = await self._js.get_last_msg(subjects.EVENTS_STREAM, subjects.run_events(run_id))
+            raw = await get_msg(self._js, subjects.EVENTS_STREAM, subject=subjects.run_events(run_id))
         except JsNotFound:
             return None, 0
         assert raw.data is not None and raw.seq is not None
@@ -550,6 +551,40 @@ async def read_subject(js: JetStreamContext, stream: str, subject: str) -> tuple
     return [msg async for msg in replay(js, stream, subject, last.seq)], last.seq
 
 
+DIRECT_RECHECK = 60.0  # seconds: how long what a stream's config says of direct gets is taken as still true
+_direct: dict[tuple[int, str], tuple[bool, float]] = {}
+
+
+async def direct_reads(js: JetStreamContext, stream: str) -> bool:
+    """Whether ``stream`` (the events stream only: every role may ask for its info) is read with direct gets: the
+    server answers them from the store, without the API layer's JSON and base64, and so does the client. Only
+    where that is consistent: one replica, so the one server answering is the leader (a follower may not have
+    what the leader just stored). Asked of the stream itself, now and then, not of this process's settings."""
+    if stream != subjects.EVENTS_STREAM:
+        return False
+    key = (id(js), stream)
+    known = _direct.get(key)
+    now = time.monotonic()
+    if known is None or now - known[1] > DIRECT_RECHECK:
+        try:
+            cfg = (await js.stream_info(stream)).config
+            known = (bool(cfg.allow_direct) and (cfg.num_replicas or 1) == 1, now)
+        except (JsNotFound, *TRANSIENT_ERRORS):
+            known = (False, now)
+        _direct[key] = known
+    return known[0]
+
+
+async def get_msg(
+    js: JetStreamContext, stream: str, seq: int | None = None, subject: str | None = None, next: bool = False
+) -> js_api.RawStreamMsg:
+    """``js.get_msg``, direct where :func:`direct_reads` says so."""
+    direct = await direct_reads(js, stream)
+    if direct and subject is not None and seq is None:
+        return await js.get_last_msg(stream, subject, direct=True)
+    return await js.get_msg(stream, seq=seq, subject=subject, next=next, direct=direct)
+
+
 async def messages_after(
     js: JetStreamContext, stream: str, subject: str, seq: int, upto: int | None = None
 ) -> AsyncIterator[js_api.RawStreamMsg]:
@@ -558,7 +593,7 @@ async def messages_after(
     for thousands of readers at once, whose ephemeral consumers would pile up until the server refuses more."""
     while upto is None or seq < upto:
         try:
-            raw = await js.get_msg(stream, seq=seq + 1, subject=subject, next=True)
+            raw = await get_msg(js, stream, seq=seq + 1, subject=subject, next=True)
         except JsNotFound:
             return
         assert raw.data is not None and raw.seq is not None
