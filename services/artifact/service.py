@@ -405,9 +405,17 @@ class ArtifactService(Service):
                 warnings=decided.warnings,
             )  # fmt: skip
 
-            finalizing = await self._append(run_id, to_finalizing)
+            # Every node has committed or is lost: the logs are what they will be, whatever is decided. They are
+            # read while the decision is stored.
+            reading = asyncio.ensure_future(self._read_logs(run_id, decided.log_lines))
+            try:
+                finalizing = await self._append(run_id, to_finalizing)
+            except BaseException:
+                reading.cancel()
+                raise
             if isinstance(finalizing, schemas.Finalizing):
-                return await self._complete(run_id, finalizing, events, held)
+                return await self._complete(run_id, finalizing, events, held, reading)
+            reading.cancel()
             return None
 
     async def _held(self, run_id: str, events: list[schemas.RunEvent]) -> dict[str, schemas.FileEntry | None]:
@@ -472,14 +480,15 @@ class ArtifactService(Service):
         decided: schemas.Finalizing,
         events: list[schemas.RunEvent] | None = None,
         held: dict[str, schemas.FileEntry | None] | None = None,
+        reading: asyncio.Future[list[tuple[schemas.FileEntry, bytes | None]]] | None = None,
     ) -> schemas.RunEvent | None:
         """Store the logs and the manifest, then end the run. Idempotent: rerun after a crash, it writes the same.
-        Returns the end it stored (None: the run had ended already)."""
+        Returns the end it stored (None: the run had ended already). ``reading``: the logs, being read already."""
         events = lifecycle.current_attempt(events if events is not None else await self._history(run_id))
         held = held if held is not None else await self._held(run_id, events)
         committed = [ev for ev in events if isinstance(ev, schemas.NodeCommitted)]
         stored = list(resolve(committed, held)[0].values())  # a name several nodes wrote: the copy the store holds
-        logs = await self._read_logs(run_id, decided.log_lines)
+        logs = await (reading if reading is not None else self._read_logs(run_id, decided.log_lines))
         stored += [entry for entry, _ in logs]
         unique = {f.name: f for f in stored}
         manifest = schemas.FilesList(
@@ -597,9 +606,13 @@ class ArtifactService(Service):
             msgs = bus.replay(self.js, subjects.LOGS_STREAM, subject, last.seq or 0)
         chunks: list[str] = []
         cursor = runs.LogCursor()
+        read = 0
         async for msg in msgs:
             lines = cursor.take(schemas.log_batch_decoder.decode(msg.data))
             chunks.extend(line.text + "\n" for line in lines)
+            read += 1
+            if read == batches and batches <= FEW_BATCHES:  # all it held when counted: no request to learn that
+                break
         return f"{DRIVER_LOGS}rank_{rank}.log", "".join(chunks).encode()
 
     # --- client side ------------------------------------------------------------------------------------
