@@ -430,11 +430,8 @@ class RunEventLog:
             if event.attempt == 0:
                 event = msgspec.structs.replace(event, attempt=1)
             check_transition(last.state if last else None, event.state)
-            ack = await self._js.publish(
-                subjects.run_events(run_id),
-                schemas.encode(event),
-                headers={"Nats-Expected-Last-Subject-Sequence": str(seq), "Nats-Msg-Id": event.event_id},
-            )
+            subject, payload, headers = _after_message(run_id, event, seq)
+            ack = await self._js.publish(subject, payload, headers=headers)
             last, seq = event, ack.seq
 
     async def history(self, run_id: str) -> list[schemas.RunEvent]:

@@ -205,10 +205,15 @@ class ArtifactService(Service):
         async for raw in bus.messages_after(self.js, subjects.EVENTS_STREAM, subjects.run_events(run_id), seq):
             events.append(schemas.run_event_decoder.decode(raw.data))
             seq = raw.seq
+        self._remember(run_id, events, seq)
+        return events
+
+    def _remember(self, run_id: str, events: list[schemas.RunEvent], seq: int) -> None:
+        """The run's history up to stream sequence ``seq``, as the most recently used of at most HISTORIES_KEPT."""
         self._read[run_id] = (events, seq)
+        self._read.move_to_end(run_id)
         while len(self._read) > HISTORIES_KEPT:
             self._read.popitem(last=False)
-        return events
 
     def _follow(self, event: schemas.RunEvent, msg: Any) -> None:
         """Extend the run's remembered history with an event the consumer brought, when it is the very one stored
@@ -224,10 +229,7 @@ class ArtifactService(Service):
         if event.state.is_terminal():
             self._read.pop(run_id, None)  # nothing more to read of it here
             return
-        self._read[run_id] = ([*events, event], msg.metadata.sequence.stream)
-        self._read.move_to_end(run_id)
-        while len(self._read) > HISTORIES_KEPT:
-            self._read.popitem(last=False)
+        self._remember(run_id, [*events, event], msg.metadata.sequence.stream)
 
     async def _append(self, run_id: str, build: bus.EventBuilder) -> schemas.RunEvent | None:
         """Append with the history read before as the known last event (no read of the subject first); the event,
