@@ -5,12 +5,17 @@ cold. Through the session cluster (process runtime, two slots: two warm interpre
 from __future__ import annotations
 
 import io
+import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from cadre import Estimator, Experiment, Workspace
+from services.node_agent.warm import GROUP_NICE, WarmRank, group_nice_reversible, startup_env
 
 SCRIPT = """
 import os, pickle, sys, time
@@ -38,6 +43,8 @@ assert os.environ["GREETING"] == "hej" and os.environ["CADRE_RUN_ID"], "the run'
 assert sys.dont_write_bytecode == (os.environ.get("PYTHONDONTWRITEBYTECODE") == "1")
 assert pickle.loads(pickle.dumps(Point())).x == 1
 assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the rank runs at the idle priority its interpreter waited at"
+if os.path.exists("/proc/self/autogroup"):  # its session's group, niced while it waited, is back to 0
+    assert open("/proc/self/autogroup").read().split()[-1] == "0", open("/proc/self/autogroup").read()
 assert not [m for m in sys.modules if m.startswith("services")], "the agent's modules leaked into the rank"
 Run.get_context().log("started_s_ago", age)
 print(f"started {age:.3f} s ago", flush=True)
@@ -98,3 +105,21 @@ def test_a_rank_whose_variables_change_how_python_starts_is_started_cold(
     text, details, age = _run(ws, project, PYTHONDONTWRITEBYTECODE="1")
     assert details["status"] == "Completed", text
     assert age < 1.0, f"started {age:.3f} s before its script: a warm interpreter, with the wrong start-up"
+
+
+def _group_nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+@pytest.mark.skipif(not group_nice_reversible(), reason="no autogroups here, or no CAP_SYS_ADMIN to renice them")
+def test_a_waiting_interpreter_yields_its_session_group_until_its_rank_comes() -> None:
+    # SCHED_IDLE alone does not hold it back: its session is an autogroup the kernel weighs as one nice-0 task.
+    waiting = WarmRank(sys.executable, startup_env(dict(os.environ)), [], idle=True, group=True)
+    try:
+        assert os.sched_getscheduler(waiting.proc.pid) == os.SCHED_IDLE
+        assert waiting.grouped and _group_nice(waiting.proc.pid) == GROUP_NICE
+        assert waiting.wake()
+        assert _group_nice(waiting.proc.pid) == 0 and os.sched_getscheduler(waiting.proc.pid) == os.SCHED_OTHER
+    finally:
+        waiting.release()
+        assert waiting.proc.wait(timeout=10) == 0

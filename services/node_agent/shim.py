@@ -50,7 +50,7 @@ from services.node_agent.runtime import (
     Runtime,
     passthrough_env,
 )
-from services.node_agent.warm import WarmPool, idle_reversible, startup_env
+from services.node_agent.warm import WarmPool, group_nice_reversible, idle_reversible, startup_env
 from shared import schemas
 from shared.procs import is_alive, start_time
 
@@ -367,9 +367,10 @@ def zygote(fd: int, warm: int = 0) -> None:
     # Whether warm interpreters may start at SCHED_IDLE: tried once, not by every spare (and while a child of
     # this process can still be waited for).
     idle = warm > 0 and idle_reversible()
+    group = idle and group_nice_reversible()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps exited shims; the agent follows them by pid
     sock = socket.socket(fileno=fd)
-    fork_spare = functools.partial(_spare, sock, warm, idle)
+    fork_spare = functools.partial(_spare, sock, warm, idle, group)
     spare = fork_spare()
     try:
         while True:
@@ -395,9 +396,9 @@ def zygote(fd: int, warm: int = 0) -> None:
         spare[1].close()  # a spare left waiting reads end-of-file and exits
 
 
-def _spare(agent: socket.socket, warm: int, idle: bool) -> tuple[int, socket.socket]:
+def _spare(agent: socket.socket, warm: int, idle: bool, group: bool) -> tuple[int, socket.socket]:
     """A shim forked now that waits for its run, with ``warm`` interpreters started for its ranks (at SCHED_IDLE
-    if ``idle``): (its pid, the socket its run's folder comes through)."""
+    if ``idle``, in niced autogroups if ``group``): (its pid, the socket its run's folder comes through)."""
     global _WARM
     ours, theirs = socket.socketpair()
     pid = os.fork()
@@ -412,7 +413,7 @@ def _spare(agent: socket.socket, warm: int, idle: bool) -> tuple[int, socket.soc
         if warm > 0 and PDEATHSIG_WRAPPER:  # (a warm rank must die with its shim, as a cold one does)
             try:
                 env = startup_env(passthrough_env())
-                _WARM = WarmPool(sys.executable, env, warm, PDEATHSIG_WRAPPER, idle=idle)
+                _WARM = WarmPool(sys.executable, env, warm, PDEATHSIG_WRAPPER, idle=idle, group=group)
             except OSError:  # out of processes or descriptors: its ranks start cold, as they would anyway
                 _WARM = None
         runner = asyncio.Runner()
