@@ -123,3 +123,40 @@ def test_a_waiting_interpreter_yields_its_session_group_until_its_rank_comes() -
     finally:
         waiting.release()
         assert waiting.proc.wait(timeout=10) == 0
+
+
+SIBLINGS = """
+import os, time
+
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and parent(int(entry)) == pid:
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+time.sleep(0.3)  # (the spare forked as this run was handed out has had time to start interpreters, if it would)
+shim = os.getppid()
+spares = [c for c in children(parent(shim)) if c != shim]
+print(f"spares {len(spares)} warm {sum(len(children(s)) for s in spares)}", flush=True)
+"""
+
+
+def test_the_next_runs_interpreters_start_after_this_run_not_beside_it(
+    ws: Workspace, make_project: Callable[..., Path]
+) -> None:
+    _settle(ws, make_project)
+    run = Experiment(ws, "warm").submit(Estimator(make_project(**{"train.py": SIBLINGS}), "train.py"))
+    out = io.StringIO()
+    details = run.wait_for_completion(show_output=True, output=out, raise_on_error=False)
+    found = re.search(r"spares (\d+) warm (\d+)", out.getvalue())
+    assert details["status"] == "Completed" and found is not None, out.getvalue()
+    assert int(found.group(1)) >= 1, "no spare shim beside the run"
+    assert found.group(2) == "0", "the spare started its interpreters while this run's ranks were starting"

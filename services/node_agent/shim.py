@@ -31,6 +31,7 @@ import errno
 import functools
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -59,6 +60,8 @@ PMI_FD_ENV = "CADRE_SHIM_PMI_FD"  # the PMI server's listening socket, bound by 
 WATCH_INTERVAL = 0.5  # seconds between looks at ``alive`` and ``stop``
 PMI_LINGER = 60.0  # seconds the master's PMI server outlives its own ranks, for the others' MPI_Finalize
 EXIT_ROOM = 4096  # bytes allocated up front for each rank's exit file
+WARM_AFTER = 2.0  # seconds into the runs handed out before a spare starts its interpreters anyway
+WARM_NOW = b"warm"  # to a spare: start the interpreters (a run's folder is an absolute path)
 
 
 class PmiSpec(msgspec.Struct):
@@ -363,7 +366,11 @@ def zygote(fd: int, warm: int = 0) -> None:
     """Hand each request on the socket ``fd`` (a run's folder, with its notify pipe) to a shim forked ahead of
     time: the imports are paid once per agent, and the fork and the shim's event loop before the run asks. Its
     shims outlive it: they are sessions of their own. ``warm``: how many interpreters each spare starts ahead of
-    its ranks (warm.py; 0 for none)."""
+    its ranks (warm.py; 0 for none).
+
+    A spare forked as a run is handed out starts its interpreters once that run (and any other handed out) has
+    ended, or after ``WARM_AFTER`` seconds: started at once, their start-up (the next run's) would be paid inside
+    this run, whose ranks are starting on the same CPUs."""
     # Whether warm interpreters may start at SCHED_IDLE: tried once, not by every spare (and while a child of
     # this process can still be waited for).
     idle = warm > 0 and idle_reversible()
@@ -372,8 +379,21 @@ def zygote(fd: int, warm: int = 0) -> None:
     sock = socket.socket(fileno=fd)
     fork_spare = functools.partial(_spare, sock, warm, idle, group)
     spare = fork_spare()
+    cold = warm > 0  # the spare has not been told to start its interpreters
+    running: list[int] = []  # pidfds of the shims handed a run, until they exit
+    warm_by = 0.0
     try:
         while True:
+            if cold and (not running or time.monotonic() >= warm_by):
+                _tell(spare[1], WARM_NOW)
+                cold = False
+            timeout = max(0.0, warm_by - time.monotonic()) if cold else None
+            ready, _, _ = select.select([sock, *running], [], [], timeout)
+            for ended in [r for r in ready if r in running]:
+                running.remove(ended)
+                os.close(ended)
+            if sock not in ready:
+                continue
             try:
                 data, fds, _, _ = socket.recv_fds(sock, 4096, 2)
             except OSError:
@@ -391,16 +411,26 @@ def zygote(fd: int, warm: int = 0) -> None:
             for passed in fds:
                 os.close(passed)
             sock.sendall(f"{pid}\n".encode())
+            with contextlib.suppress(OSError):  # (gone already: it ended)
+                running.append(os.pidfd_open(pid))
             spare = fork_spare()  # ready for the next run
+            cold, warm_by = warm > 0, time.monotonic() + WARM_AFTER
     finally:
         spare[1].close()  # a spare left waiting reads end-of-file and exits
+        for ended in running:
+            os.close(ended)
+
+
+def _tell(spare: socket.socket, message: bytes) -> None:
+    with contextlib.suppress(OSError):  # it died: the run it would have had goes to a fresh one
+        spare.send(message)
 
 
 def _spare(agent: socket.socket, warm: int, idle: bool, group: bool) -> tuple[int, socket.socket]:
     """A shim forked now that waits for its run, with ``warm`` interpreters started for its ranks (at SCHED_IDLE
     if ``idle``, in niced autogroups if ``group``): (its pid, the socket its run's folder comes through)."""
     global _WARM
-    ours, theirs = socket.socketpair()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # WARM_NOW is a message of its own
     pid = os.fork()
     if pid != 0:
         theirs.close()
@@ -410,15 +440,17 @@ def _spare(agent: socket.socket, warm: int, idle: bool, group: bool) -> tuple[in
         agent.close()
         ours.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own children (warm ranks, then ranks)
-        if warm > 0 and PDEATHSIG_WRAPPER:  # (a warm rank must die with its shim, as a cold one does)
-            try:
-                env = startup_env(passthrough_env())
-                _WARM = WarmPool(sys.executable, env, warm, PDEATHSIG_WRAPPER, idle=idle, group=group)
-            except OSError:  # out of processes or descriptors: its ranks start cold, as they would anyway
-                _WARM = None
         runner = asyncio.Runner()
         runner.get_loop()  # made while waiting, not once the run is here
         data, fds, _, _ = socket.recv_fds(theirs, 4096, 2)
+        if data == WARM_NOW:  # (a run that comes first starts its ranks cold)
+            if warm > 0 and PDEATHSIG_WRAPPER:  # (a warm rank must die with its shim, as a cold one does)
+                try:
+                    env = startup_env(passthrough_env())
+                    _WARM = WarmPool(sys.executable, env, warm, PDEATHSIG_WRAPPER, idle=idle, group=group)
+                except OSError:  # out of processes or descriptors: its ranks start cold, as they would anyway
+                    _WARM = None
+            data, fds, _, _ = socket.recv_fds(theirs, 4096, 2)
         theirs.close()
         if data:
             os.setsid()
